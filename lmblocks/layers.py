@@ -1,0 +1,228 @@
+"""The building blocks that lmblocks' model families share: normalisation, rotary position embeddings, the
+SwiGLU feed-forward and multi-head attention.
+
+Each family keeps its own checkpoint names (`c_attn` for GPT-2, `query`/`key`/`value` for BERT, `q_proj`... for
+LLaMA) by owning its projections; everything after the projections — splitting heads, rotary embeddings, the KV
+cache, the attention kernel, merging heads — is written once here. The attention kernel is picked per call from
+transformers' registry (`config._attn_implementation`: eager, sdpa, flash_attention_2, flex_attention, ...), with
+`eager_attention_forward` below as the reference implementation.
+
+Shapes in comments: B batch, T query length, S key length (cache included), nh heads, nkv key-value heads,
+hs head size, C model width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers import PreTrainedConfig
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation (Zhang & Sennrich 2019): x / rms(x) · gain (+ bias, off by default).
+
+    Computed in float32 whatever the input dtype: the mean of squares overflows or loses precision in fp16/bf16.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        hidden_states = self.weight * hidden_states.to(input_dtype)
+        return hidden_states if self.bias is None else hidden_states + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, bias={self.bias is not None}"
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embeddings (Su et al. 2021): returns the (cos, sin) tables for the given positions.
+
+    The base model computes them once per forward and hands them to every layer. `config.rope_parameters` selects
+    the variant (`default`, `linear`, `dynamic`, `yarn`, `llama3`, ... — whatever transformers' `ROPE_INIT_FUNCTIONS`
+    provides); `dynamic_rope_update` recomputes the frequencies when a dynamic variant sees longer sequences.
+    """
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: PreTrainedConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn = (
+            self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        )
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        # Not persistent: derived from the config, so checkpoints do not carry it.
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: PreTrainedConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        """inv_freq[i] = theta^(-2i / head_dim), the frequencies of the original RoPE."""
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Angles in float32: positions times frequencies lose precision in half types for long sequences.
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)  # (B, T, hs/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hs)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotates query (B, nh, T, hs) and key (B, nkv, T, hs) by the angles of their positions; cos/sin are (B, T, hs)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+
+
+class SwiGLUMLP(nn.Module):
+    """Gated feed-forward (Shazeer 2020): down(act(gate(x)) · up(x)), with act = SiLU for SwiGLU."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, act: str = "silu") -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act_fn = ACT2FN[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, nkv, S, hs) -> (B, nkv·n_rep, S, hs): each key-value head serves n_rep query heads (grouped-query attention)."""
+    if n_rep == 1:
+        return hidden_states
+    batch, num_key_value_heads, seq_len, head_dim = hidden_states.shape
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, seq_len, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, seq_len, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q·kᵀ·scaling + mask) · v, written out. Returns the output as (B, T, nh, hs) and the weights."""
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, T, S)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask  # additive: 0 where allowed, dtype-min where masked
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value)  # (B, nh, T, hs)
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
+
+
+class MultiHeadAttention(nn.Module):
+    """Attention after the projections, shared by every family.
+
+    A family's attention module subclasses this, creates its projections under its checkpoint's names, and calls
+    `attend(q, k, v, ...)` with the projected (B, T, heads·hs) tensors. The attributes set here are the ones
+    transformers' attention kernels read from `module` (`is_causal`, `num_key_value_groups`, `scaling`, ...).
+    """
+
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        layer_idx: int,
+        num_heads: int,
+        num_key_value_heads: int,
+        head_dim: int,
+        dropout: float,
+        is_causal: bool,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = num_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.num_key_value_groups = num_heads // num_key_value_heads
+        self.head_dim = head_dim
+        self.scaling = head_dim**-0.5
+        self.attention_dropout = dropout
+        self.is_causal = is_causal
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """q: (B, T, nh·hs), k and v: (B, T, nkv·hs) -> output (B, T, nh·hs) and attention weights (eager only)."""
+        batch, seq_len = query.shape[:2]
+        query = query.view(batch, seq_len, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        key = key.view(batch, seq_len, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        value = value.view(batch, seq_len, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+
+        if position_embeddings is not None:
+            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)  # (B, nkv, S, hs)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return attn_output.reshape(batch, seq_len, -1).contiguous(), attn_weights
+
+
+__all__ = [
+    "RMSNorm",
+    "RotaryEmbedding",
+    "rotate_half",
+    "apply_rotary_pos_emb",
+    "SwiGLUMLP",
+    "repeat_kv",
+    "eager_attention_forward",
+    "MultiHeadAttention",
+]

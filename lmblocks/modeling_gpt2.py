@@ -1,0 +1,339 @@
+"""GPT-2 (Radford et al. 2019) as a Hugging Face model.
+
+Pre-LayerNorm decoder blocks with learned absolute positions; the attention math, KV cache and kernels come from
+`layers.py`. Parameter names are those of the official checkpoints (`transformer.h.0.attn.c_attn.weight`, ...). The
+official checkpoints store their projections in `Conv1D` layout, (in, out), where lmblocks uses `nn.Linear`,
+(out, in): the conversion registered below transposes them on load and back on save, so lmblocks' checkpoints keep
+the official layout and transformers' own GPT-2 checkpoints load directly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.core_model_loading import Transpose, WeightConverter
+from transformers.generation import GenerationMixin
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_gpt2 import LmbGPT2Config
+from .integrations import register_lora_target_modules, register_weight_conversions
+from .layers import MultiHeadAttention
+
+# Conv1D (in, out) <-> nn.Linear (out, in) for every projection of the official checkpoints.
+register_weight_conversions(
+    LmbGPT2Config.model_type,
+    [
+        WeightConverter(source_patterns=pattern, target_patterns=pattern, operations=[Transpose(0, 1)])
+        for pattern in ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    ],
+)
+register_lora_target_modules(LmbGPT2Config.model_type, ["c_attn", "c_proj", "c_fc"])
+
+
+class LmbGPT2Attention(MultiHeadAttention):
+    """Causal self-attention with one fused projection to queries, keys and values (`c_attn`)."""
+
+    def __init__(self, config: LmbGPT2Config, layer_idx: int) -> None:
+        head_dim = config.n_embd // config.n_head
+        super().__init__(config, layer_idx, config.n_head, config.n_head, head_dim, config.attn_pdrop, is_causal=True)
+        self.split_size = config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        query, key, value = self.c_attn(hidden_states).split(self.split_size, dim=2)  # 3 × (B, T, C)
+        attn_output, attn_weights = self.attend(query, key, value, attention_mask, past_key_values, **kwargs)
+        return self.resid_dropout(self.c_proj(attn_output)), attn_weights
+
+
+class LmbGPT2MLP(nn.Module):
+    """Position-wise feed-forward: C -> n_inner -> C with GELU."""
+
+    def __init__(self, config: LmbGPT2Config) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
+        self.act = ACT2FN[config.activation_function]
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(hidden_states))))
+
+
+class LmbGPT2Block(GradientCheckpointingLayer):
+    """x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: LmbGPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = LmbGPT2Attention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = LmbGPT2MLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn_output, _ = self.attn(self.ln_1(hidden_states), attention_mask, past_key_values, **kwargs)
+        hidden_states = hidden_states + attn_output
+        return hidden_states + self.mlp(self.ln_2(hidden_states))
+
+
+class LmbGPT2PreTrainedModel(PreTrainedModel):
+    config: LmbGPT2Config
+    config_class = LmbGPT2Config
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LmbGPT2Block"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _can_record_outputs = {"hidden_states": LmbGPT2Block, "attentions": LmbGPT2Attention}
+    # Causal-mask buffers that old GPT-2 checkpoints carry; masks are built per forward now.
+    _keys_to_ignore_on_load_unexpected = [r"attn\.bias$", r"attn\.masked_bias$"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        # GPT-2 paper: scale the init of the projections that write into the residual stream by 1/√N, N = 2·n_layer
+        # residual additions, so the stream's variance does not grow with depth.
+        if isinstance(module, (LmbGPT2Attention, LmbGPT2MLP)):
+            std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
+            init.normal_(module.c_proj.weight, mean=0.0, std=std)
+
+
+class LmbGPT2Model(LmbGPT2PreTrainedModel):
+    """The GPT-2 transformer: token + position embeddings, `n_layer` blocks, final LayerNorm."""
+
+    def __init__(self, config: LmbGPT2Config) -> None:
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([LmbGPT2Block(config, layer_idx=i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.wte = new_embeddings
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}.")
+        if inputs_embeds is not None and inputs_embeds.dim() != 3:
+            raise ValueError(f"inputs_embeds must have shape (batch, sequence, n_embd), got {tuple(inputs_embeds.shape)}.")
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+
+        seq_len = inputs_embeds.shape[1]
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            if isinstance(past_seen, int) and past_seen + seq_len > self.config.n_positions:
+                raise ValueError(
+                    f"Sequence length {past_seen + seq_len} (cached {past_seen} + new {seq_len}) exceeds "
+                    f"n_positions={self.config.n_positions}, the number of learned positions."
+                )
+            position_ids = (torch.arange(seq_len, device=inputs_embeds.device) + past_seen).unsqueeze(0)
+        elif seq_len > self.config.n_positions:
+            raise ValueError(f"Sequence length {seq_len} exceeds n_positions={self.config.n_positions}.")
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+
+        hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))  # (B, T, C)
+        for block in self.h:
+            hidden_states = block(hidden_states, causal_mask, past_key_values, position_ids=position_ids, **kwargs)
+        hidden_states = self.ln_f(hidden_states)
+
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+class LmbGPT2LMHeadModel(LmbGPT2PreTrainedModel, GenerationMixin):
+    """GPT-2 with the language-modelling head (tied to the token embeddings). `labels` gives the causal-LM loss,
+    shifted inside; `-100` labels are ignored."""
+
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: LmbGPT2Config) -> None:
+        super().__init__(config)
+        self.transformer = LmbGPT2Model(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """`logits_to_keep`: compute logits for only the last N positions (0 = all), which saves memory in generation.
+        `num_items_in_batch` in kwargs (passed by Trainer) makes the loss exact under gradient accumulation."""
+        outputs: BaseModelOutputWithPast = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class LmbGPT2ForSequenceClassification(LmbGPT2PreTrainedModel):
+    """GPT-2 with a classification head on the last non-padding token (GPT paper, section 3.2).
+
+    With `labels`, the loss is L = L_task + λ·L_LM where λ = `config.lm_loss_weight` and L_LM is the causal-LM loss
+    of the input itself (through the tied LM head, padding ignored): the auxiliary objective of GPT fine-tuning.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: LmbGPT2Config) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = LmbGPT2Model(config)
+        self.score = nn.Linear(config.n_embd, self.num_labels, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        outputs: BaseModelOutputWithPast = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state  # (B, T, C)
+        batch_size = hidden_states.shape[0]
+        last_index = self._last_token_index(input_ids, attention_mask, hidden_states.device)
+        pooled_logits = self.score(hidden_states[torch.arange(batch_size, device=hidden_states.device), last_index])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=pooled_logits, labels=labels, pooled_logits=pooled_logits,
+                                      config=self.config)
+            if self.config.lm_loss_weight and input_ids is not None:
+                lm_labels = input_ids.masked_fill(attention_mask == 0, -100) if attention_mask is not None else input_ids
+                lm_loss = ForCausalLMLoss(self.lm_head(hidden_states), lm_labels, self.config.vocab_size)
+                loss = loss + self.config.lm_loss_weight * lm_loss
+
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled_logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def _last_token_index(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, device: torch.device
+    ) -> torch.Tensor | int:
+        """Index of each row's last real token: from the attention mask if given, else the last non-pad token."""
+        if attention_mask is not None and attention_mask.dim() == 2:
+            positions = torch.arange(attention_mask.shape[-1], device=device)
+            return (positions * attention_mask.to(device, torch.long)).argmax(-1)
+        if input_ids is not None and self.config.pad_token_id is not None:
+            positions = torch.arange(input_ids.shape[-1], device=device)
+            return (positions * (input_ids != self.config.pad_token_id).to(device, torch.long)).argmax(-1)
+        # Neither a mask nor a pad token: every row is taken as full length, right for unpadded batches.
+        return -1
+
+
+__all__ = [
+    "LmbGPT2PreTrainedModel",
+    "LmbGPT2Model",
+    "LmbGPT2LMHeadModel",
+    "LmbGPT2ForSequenceClassification",
+]
