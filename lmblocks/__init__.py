@@ -47,3 +47,52 @@ __all__ = [
     "LmbGPT2LMHeadModel",
     "LmbGPT2ForSequenceClassification",
 ]
+
+# BERT family (issue #6).
+from transformers import (  # noqa: E402
+    AutoModelForMaskedLM,
+    AutoModelForMultipleChoice,
+    AutoModelForNextSentencePrediction,
+    AutoModelForPreTraining,
+    AutoModelForQuestionAnswering,
+    AutoModelForTokenClassification,
+)
+
+from .configuration_bert import LmbBertConfig  # noqa: E402
+from .modeling_bert import (  # noqa: E402
+    LmbBertForMaskedLM,
+    LmbBertForMultipleChoice,
+    LmbBertForNextSentencePrediction,
+    LmbBertForPreTraining,
+    LmbBertForQuestionAnswering,
+    LmbBertForSequenceClassification,
+    LmbBertForTokenClassification,
+    LmbBertModel,
+    LmbBertPreTrainedModel,
+)
+
+_register(
+    LmbBertConfig,
+    {
+        AutoModel: LmbBertModel,
+        AutoModelForPreTraining: LmbBertForPreTraining,
+        AutoModelForMaskedLM: LmbBertForMaskedLM,
+        AutoModelForNextSentencePrediction: LmbBertForNextSentencePrediction,
+        AutoModelForSequenceClassification: LmbBertForSequenceClassification,
+        AutoModelForTokenClassification: LmbBertForTokenClassification,
+        AutoModelForQuestionAnswering: LmbBertForQuestionAnswering,
+        AutoModelForMultipleChoice: LmbBertForMultipleChoice,
+    },
+)
+__all__ += [
+    "LmbBertConfig",
+    "LmbBertPreTrainedModel",
+    "LmbBertModel",
+    "LmbBertForPreTraining",
+    "LmbBertForMaskedLM",
+    "LmbBertForNextSentencePrediction",
+    "LmbBertForSequenceClassification",
+    "LmbBertForTokenClassification",
+    "LmbBertForQuestionAnswering",
+    "LmbBertForMultipleChoice",
+]

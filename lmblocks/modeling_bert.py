@@ -1,0 +1,656 @@
+"""BERT (Devlin et al. 2019) as a Hugging Face model.
+
+Post-LayerNorm encoder blocks with learned absolute position and token-type embeddings and bidirectional attention;
+the attention math and kernels come from `layers.py` (`is_causal=False`, padding masks from transformers'
+`create_bidirectional_mask`). Parameter names are those of transformers' BERT and so of the original checkpoints
+(`bert.encoder.layer.0.attention.self.query.weight`, `cls.predictions.transform.LayerNorm.weight`, ...): a folder
+written by `BertForPreTraining.save_pretrained` loads with no renaming, and checkpoints with the TensorFlow-era
+`LayerNorm.gamma` / `LayerNorm.beta` names load through transformers' built-in legacy renaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MaskedLMOutput,
+    MultipleChoiceModelOutput,
+    NextSentencePredictorOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_bert import LmbBertConfig
+from .integrations import register_lora_target_modules
+from .layers import MultiHeadAttention
+
+register_lora_target_modules(LmbBertConfig.model_type, ["query", "key", "value", "dense"])
+
+
+def _is_tracing() -> bool:
+    """True under torch.compile / torch.export, where data-dependent checks (a `.item()`) would break the graph."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+class LmbBertEmbeddings(nn.Module):
+    """word + position + token-type embeddings, then LayerNorm and dropout."""
+
+    def __init__(self, config: LmbBertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        batch, seq_len = inputs_embeds.shape[:2]
+        max_positions = self.config.max_position_embeddings
+        if position_ids is None:
+            if seq_len > max_positions:
+                raise ValueError(
+                    f"Sequence length {seq_len} exceeds max_position_embeddings={max_positions}, the number of "
+                    f"learned positions: truncate the input (e.g. tokenizer(..., truncation=True, "
+                    f"max_length={max_positions}))."
+                )
+            position_ids = torch.arange(seq_len, device=inputs_embeds.device).unsqueeze(0)  # (1, T)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros((batch, seq_len), dtype=torch.long, device=inputs_embeds.device)
+        elif not _is_tracing() and token_type_ids.numel() > 0:
+            low, high = int(token_type_ids.min()), int(token_type_ids.max())
+            if low < 0 or high >= self.config.type_vocab_size:
+                raise ValueError(
+                    f"token_type_ids must be in [0, type_vocab_size={self.config.type_vocab_size}), got values in "
+                    f"[{low}, {high}]."
+                )
+        embeddings = inputs_embeds + self.token_type_embeddings(token_type_ids) + self.position_embeddings(position_ids)
+        return self.dropout(self.LayerNorm(embeddings))  # (B, T, C)
+
+
+class LmbBertSelfAttention(MultiHeadAttention):
+    """Bidirectional self-attention with separate query / key / value projections (the checkpoint's names)."""
+
+    def __init__(self, config: LmbBertConfig, layer_idx: int) -> None:
+        head_dim = config.hidden_size // config.num_attention_heads
+        super().__init__(
+            config,
+            layer_idx,
+            config.num_attention_heads,
+            config.num_attention_heads,
+            head_dim,
+            config.attention_probs_dropout_prob,
+            is_causal=False,
+        )
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.attend(
+            self.query(hidden_states), self.key(hidden_states), self.value(hidden_states), attention_mask, **kwargs
+        )
+
+
+class LmbBertSelfOutput(nn.Module):
+    """Post-LN residual: LayerNorm(x + dropout(dense(h)))."""
+
+    def __init__(self, config: LmbBertConfig, in_features: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(in_features, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(residual + self.dropout(self.dense(hidden_states)))
+
+
+class LmbBertAttention(nn.Module):
+    """`self` (the attention) and `output` (projection + residual + LayerNorm), as the checkpoints nest them."""
+
+    def __init__(self, config: LmbBertConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self = LmbBertSelfAttention(config, layer_idx)
+        self.output = LmbBertSelfOutput(config, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        attn_output, _ = self.self(hidden_states, attention_mask, **kwargs)
+        return self.output(attn_output, hidden_states)
+
+
+class LmbBertIntermediate(nn.Module):
+    """The first half of the feed-forward: C -> intermediate_size with the activation."""
+
+    def __init__(self, config: LmbBertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class LmbBertLayer(GradientCheckpointingLayer):
+    """x = LN(x + attn(x)), then x = LN(x + mlp(x)): the post-LayerNorm block of the original Transformer."""
+
+    def __init__(self, config: LmbBertConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attention = LmbBertAttention(config, layer_idx)
+        self.intermediate = LmbBertIntermediate(config)
+        self.output = LmbBertSelfOutput(config, config.intermediate_size)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        attention_output = self.attention(hidden_states, attention_mask, **kwargs)
+        return self.output(self.intermediate(attention_output), attention_output)
+
+
+class LmbBertEncoder(nn.Module):
+    """The stack of layers (its own module so that checkpoint keys read `encoder.layer.N`)."""
+
+    def __init__(self, config: LmbBertConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList([LmbBertLayer(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        for layer in self.layer:
+            hidden_states = layer(hidden_states, attention_mask, **kwargs)
+        return hidden_states
+
+
+class LmbBertPooler(nn.Module):
+    """tanh(dense(h[CLS])): the sentence representation the NSP and classification heads read."""
+
+    def __init__(self, config: LmbBertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(hidden_states[:, 0]))  # (B, C)
+
+
+class LmbBertPredictionHeadTransform(nn.Module):
+    """dense -> activation -> LayerNorm, applied before the MLM decoder."""
+
+    def __init__(self, config: LmbBertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_act_fn = ACT2FN[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.transform_act_fn(self.dense(hidden_states)))
+
+
+class LmbBertLMPredictionHead(nn.Module):
+    """The MLM head: transform, then the decoder whose weight is tied to the word embeddings and whose bias is the
+    output-only `bias` (`cls.predictions.bias` in the checkpoints; `decoder.bias` is tied to it)."""
+
+    def __init__(self, config: LmbBertConfig) -> None:
+        super().__init__()
+        self.transform = LmbBertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden_states))  # (B, T, vocab)
+
+
+class LmbBertHeads(nn.Module):
+    """The `cls` module of the checkpoints: `predictions` (MLM) and/or `seq_relationship` (NSP, IsNext = 0)."""
+
+    def __init__(self, config: LmbBertConfig, mlm: bool, nsp: bool) -> None:
+        super().__init__()
+        if mlm:
+            self.predictions = LmbBertLMPredictionHead(config)
+        if nsp:
+            self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+
+class LmbBertPreTrainedModel(PreTrainedModel):
+    config: LmbBertConfig
+    config_class = LmbBertConfig
+    base_model_prefix = "bert"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LmbBertEmbeddings", "LmbBertLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {"hidden_states": LmbBertLayer, "attentions": LmbBertSelfAttention}
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Linear / Embedding ~ N(0, initializer_range), biases and the padding row zero, LayerNorm 1 / 0.
+        super()._init_weights(module)
+        if isinstance(module, LmbBertLMPredictionHead):
+            init.zeros_(module.bias)
+
+
+_TIED_MLM_DECODER = {
+    "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+    "cls.predictions.decoder.bias": "cls.predictions.bias",
+}
+
+
+class LmbBertModel(LmbBertPreTrainedModel):
+    """The BERT encoder: embeddings, `num_hidden_layers` post-LN blocks, and (unless `add_pooling_layer=False`) the
+    pooler. Returns `last_hidden_state` (B, T, C) and `pooler_output` (B, C)."""
+
+    def __init__(self, config: LmbBertConfig, add_pooling_layer: bool = True) -> None:
+        super().__init__(config)
+        self.embeddings = LmbBertEmbeddings(config)
+        self.encoder = LmbBertEncoder(config)
+        self.pooler = LmbBertPooler(config) if add_pooling_layer else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = new_embeddings
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """`attention_mask`: (B, T) with 1 for real tokens and 0 for padding (or a prepared 4D mask);
+        `token_type_ids`: (B, T) segment ids in [0, type_vocab_size), 0 by default."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}.")
+        if inputs_embeds is not None and inputs_embeds.dim() != 3:
+            raise ValueError(
+                f"inputs_embeds must have shape (batch, sequence, hidden_size), got {tuple(inputs_embeds.shape)}."
+            )
+
+        hidden_states = self.embeddings(
+            input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
+        )
+        # Padding mask in the form the attention kernel wants (additive for eager, boolean or None for sdpa, ...).
+        attention_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+        )
+        hidden_states = self.encoder(hidden_states, attention_mask, position_ids=position_ids, **kwargs)
+        pooled_output = self.pooler(hidden_states) if self.pooler is not None else None
+        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=pooled_output)
+
+
+@dataclass
+class LmbBertForPreTrainingOutput(ModelOutput):
+    """Output of `LmbBertForPreTraining`.
+
+    loss: MLM loss + NSP loss when both `labels` and `next_sentence_label` are given.
+    prediction_logits: (B, T, vocab) MLM scores. seq_relationship_logits: (B, 2) NSP scores (0 = IsNext).
+    mlm_loss / nsp_loss: the two terms, for logging.
+    """
+
+    loss: torch.Tensor | None = None
+    prediction_logits: torch.Tensor | None = None
+    seq_relationship_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    mlm_loss: torch.Tensor | None = None
+    nsp_loss: torch.Tensor | None = None
+
+
+class _LmbBertMLMMixin:
+    """Output-embedding accessors shared by the two classes with an MLM decoder."""
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.cls.predictions.decoder = new_embeddings
+        self.cls.predictions.bias = new_embeddings.bias
+
+
+def _nsp_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, mlm_labels=None) -> torch.Tensor:
+    """Mean cross-entropy of the NSP head. Under gradient accumulation Trainer passes `num_items_in_batch` (the masked
+    tokens of the whole accumulated batch) and sums the micro-batch losses without averaging them; weighting each
+    micro-batch's mean by its share of those items keeps the NSP term an average instead of a sum."""
+    loss = nn.functional.cross_entropy(logits.view(-1, 2).float(), labels.view(-1).to(logits.device))
+    if num_items_in_batch is not None and mlm_labels is not None:
+        loss = loss * (mlm_labels != -100).sum().to(loss.device) / num_items_in_batch
+    return loss
+
+
+class LmbBertForPreTraining(_LmbBertMLMMixin, LmbBertPreTrainedModel):
+    """BERT with both pretraining heads: masked LM (tied decoder) and next-sentence prediction on the pooled [CLS].
+
+    `labels` (B, T): the original ids at masked positions, -100 elsewhere. `next_sentence_label` (B,): 0 if segment B
+    follows A in the document, 1 if it is a random segment. The loss is MLM loss + NSP loss, computed when both are
+    given; `num_items_in_batch` (passed by Trainer) keeps it exact under gradient accumulation.
+    """
+
+    _tied_weights_keys = _TIED_MLM_DECODER
+
+    def __init__(self, config: LmbBertConfig) -> None:
+        super().__init__(config)
+        self.bert = LmbBertModel(config)
+        self.cls = LmbBertHeads(config, mlm=True, nsp=True)
+        self.post_init()
+        # The class name matches no entry of transformers' loss registry; the MLM term is a masked-LM loss.
+        self.loss_type = "ForMaskedLM"
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        next_sentence_label: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> LmbBertForPreTrainingOutput:
+        outputs: BaseModelOutputWithPooling = self.bert(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        prediction_logits = self.cls.predictions(outputs.last_hidden_state)
+        seq_relationship_logits = self.cls.seq_relationship(outputs.pooler_output)
+
+        loss = mlm_loss = nsp_loss = None
+        if labels is not None:
+            mlm_loss = self.loss_function(prediction_logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        if next_sentence_label is not None:
+            nsp_loss = _nsp_loss(seq_relationship_logits, next_sentence_label, kwargs.get("num_items_in_batch"), labels)
+        if mlm_loss is not None and nsp_loss is not None:
+            loss = mlm_loss + nsp_loss
+
+        return LmbBertForPreTrainingOutput(
+            loss=loss,
+            prediction_logits=prediction_logits,
+            seq_relationship_logits=seq_relationship_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            mlm_loss=mlm_loss,
+            nsp_loss=nsp_loss,
+        )
+
+
+class LmbBertForMaskedLM(_LmbBertMLMMixin, LmbBertPreTrainedModel):
+    """BERT with the masked-LM head (decoder tied to the word embeddings); `labels` -100 are ignored."""
+
+    _tied_weights_keys = _TIED_MLM_DECODER
+
+    def __init__(self, config: LmbBertConfig) -> None:
+        super().__init__(config)
+        self.bert = LmbBertModel(config, add_pooling_layer=False)
+        self.cls = LmbBertHeads(config, mlm=True, nsp=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> MaskedLMOutput:
+        outputs: BaseModelOutputWithPooling = self.bert(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        logits = self.cls.predictions(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                              attentions=outputs.attentions)
+
+
+class LmbBertForNextSentencePrediction(LmbBertPreTrainedModel):
+    """BERT with the next-sentence head on the pooled [CLS]; `labels` (B,): 0 = IsNext, 1 = random segment."""
+
+    def __init__(self, config: LmbBertConfig) -> None:
+        super().__init__(config)
+        self.bert = LmbBertModel(config)
+        self.cls = LmbBertHeads(config, mlm=False, nsp=True)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> NextSentencePredictorOutput:
+        outputs: BaseModelOutputWithPooling = self.bert(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        logits = self.cls.seq_relationship(outputs.pooler_output)
+        loss = _nsp_loss(logits, labels) if labels is not None else None
+        return NextSentencePredictorOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                           attentions=outputs.attentions)
+
+
+class LmbBertForSequenceClassification(LmbBertPreTrainedModel):
+    """BERT with a linear classifier (or regressor, `num_labels=1`) on the pooled [CLS]."""
+
+    def __init__(self, config: LmbBertConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = LmbBertModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput:
+        outputs: BaseModelOutputWithPooling = self.bert(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        logits = self.classifier(self.dropout(outputs.pooler_output))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                        attentions=outputs.attentions)
+
+
+class LmbBertForTokenClassification(LmbBertPreTrainedModel):
+    """BERT with a per-token linear classifier (NER, POS tagging); `labels` -100 are ignored."""
+
+    def __init__(self, config: LmbBertConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = LmbBertModel(config, add_pooling_layer=False)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> TokenClassifierOutput:
+        outputs: BaseModelOutputWithPooling = self.bert(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config, **kwargs)
+        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                     attentions=outputs.attentions)
+
+
+class LmbBertForQuestionAnswering(LmbBertPreTrainedModel):
+    """BERT with a span head (SQuAD): start and end logits per token; the loss averages the two cross-entropies."""
+
+    def __init__(self, config: LmbBertConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = LmbBertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.LongTensor | None = None,
+        end_positions: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> QuestionAnsweringModelOutput:
+        outputs: BaseModelOutputWithPooling = self.bert(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        logits = self.qa_outputs(outputs.last_hidden_state)  # (B, T, 2)
+        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions, **kwargs)
+        return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                            hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+class LmbBertForMultipleChoice(LmbBertPreTrainedModel):
+    """BERT scoring each of `num_choices` candidate sequences (SWAG): inputs (B, num_choices, T) -> logits
+    (B, num_choices), one score per choice from the pooled [CLS]."""
+
+    def __init__(self, config: LmbBertConfig) -> None:
+        super().__init__(config)
+        self.bert = LmbBertModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> MultipleChoiceModelOutput:
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if reference is None or reference.dim() < 3:
+            raise ValueError("LmbBertForMultipleChoice expects inputs of shape (batch, num_choices, sequence).")
+        num_choices = reference.shape[1]
+
+        def flat(t: torch.Tensor | None, dims: int = 2) -> torch.Tensor | None:  # (B, N, T, ...) -> (B·N, T, ...)
+            return t.reshape(-1, *t.shape[-(dims - 1):]) if t is not None else None
+
+        outputs: BaseModelOutputWithPooling = self.bert(
+            flat(input_ids),
+            attention_mask=flat(attention_mask),
+            token_type_ids=flat(token_type_ids),
+            position_ids=flat(position_ids),
+            inputs_embeds=flat(inputs_embeds, dims=3),
+            **kwargs,
+        )
+        logits = self.classifier(self.dropout(outputs.pooler_output)).view(-1, num_choices)  # (B, N)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits, labels.to(logits.device))
+        return MultipleChoiceModelOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                         attentions=outputs.attentions)
+
+
+__all__ = [
+    "LmbBertPreTrainedModel",
+    "LmbBertModel",
+    "LmbBertForPreTrainingOutput",
+    "LmbBertForPreTraining",
+    "LmbBertForMaskedLM",
+    "LmbBertForNextSentencePrediction",
+    "LmbBertForSequenceClassification",
+    "LmbBertForTokenClassification",
+    "LmbBertForQuestionAnswering",
+    "LmbBertForMultipleChoice",
+]
