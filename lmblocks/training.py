@@ -1,0 +1,271 @@
+"""What the training scripts share: the model families by name, configs from presets, staged checkpoint writes,
+credential checks and Trainer callbacks for a live loss and a time budget.
+
+The scripts in `scripts/` are thin: argument dataclasses and a `run_*` function each. Anything two of them need, or
+that a user may want from Python, lives here.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmblocks
+
+
+class UsageError(ValueError):
+    """An input the scripts cannot honour; the scripts print its message and exit with status 2."""
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """A model family as the scripts see it. Class names are looked up on `lmblocks` when used, so a family whose
+    modules are not installed gives one clear error instead of an import failure at start-up."""
+
+    name: str
+    config_class_name: str
+    pretraining_class_name: str  # the head trained by pretrain.py
+    objective: str  # "causal_lm" or "mlm_nsp"
+    causal_lm_class_name: str | None = None
+    seq_cls_class_name: str | None = None
+
+    def _get(self, class_name: str | None, what: str):
+        if class_name is None:
+            raise UsageError(f"The {self.name} family has no {what} model.")
+        cls = getattr(lmblocks, class_name, None)
+        if cls is None:
+            raise UsageError(
+                f"The {self.name} family is not available in this lmblocks install: lmblocks.{class_name} is missing."
+            )
+        return cls
+
+    @property
+    def config_class(self):
+        return self._get(self.config_class_name, "config")
+
+    @property
+    def pretraining_class(self):
+        return self._get(self.pretraining_class_name, "pretraining")
+
+    @property
+    def causal_lm_class(self):
+        return self._get(self.causal_lm_class_name, "causal-LM")
+
+    @property
+    def seq_cls_class(self):
+        return self._get(self.seq_cls_class_name, "sequence-classification")
+
+    @property
+    def is_decoder(self) -> bool:
+        return self.objective == "causal_lm"
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    "gpt2": FamilySpec("gpt2", "LmbGPT2Config", "LmbGPT2LMHeadModel", "causal_lm",
+                       causal_lm_class_name="LmbGPT2LMHeadModel",
+                       seq_cls_class_name="LmbGPT2ForSequenceClassification"),
+    "llama": FamilySpec("llama", "LmbLlamaConfig", "LmbLlamaForCausalLM", "causal_lm",
+                        causal_lm_class_name="LmbLlamaForCausalLM",
+                        seq_cls_class_name="LmbLlamaForSequenceClassification"),
+    "bert": FamilySpec("bert", "LmbBertConfig", "LmbBertForPreTraining", "mlm_nsp",
+                       seq_cls_class_name="LmbBertForSequenceClassification"),
+}
+# model_type written in config.json -> family name
+MODEL_TYPES = {"lmb_gpt2": "gpt2", "lmb_llama": "llama", "lmb_bert": "bert"}
+
+
+def get_family(name: str) -> FamilySpec:
+    if name not in FAMILIES:
+        raise UsageError(f"Unknown model family {name!r}. Available families: {', '.join(FAMILIES)}.")
+    return FAMILIES[name]
+
+
+def family_of_config(config) -> FamilySpec:
+    if config.model_type not in MODEL_TYPES:
+        raise UsageError(
+            f"model_type {config.model_type!r} is not an lmblocks family ({', '.join(MODEL_TYPES)})."
+        )
+    return FAMILIES[MODEL_TYPES[config.model_type]]
+
+
+def parse_config_overrides(text: str | None) -> dict[str, Any]:
+    """`"n_layer=2,n_embd=64,qkv_bias=False"` -> `{"n_layer": 2, "n_embd": 64, "qkv_bias": False}` (values are Python
+    literals; anything else stays a string)."""
+    overrides: dict[str, Any] = {}
+    if not text:
+        return overrides
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise UsageError(f"--config_overrides expects key=value pairs separated by commas, got {item!r}.")
+        key, value = (part.strip() for part in item.split("=", 1))
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    return overrides
+
+
+def build_config(
+    family: FamilySpec, preset: str | None = None, config_path: str | None = None, **overrides: Any
+):
+    """A family's config from a preset name or a config.json (file or folder), with field overrides. Errors from
+    the config (unknown option, unknown preset, inconsistent shapes) become `UsageError`s."""
+    config_class = family.config_class
+    try:
+        if config_path:
+            path = Path(config_path)
+            if path.is_dir():
+                path = path / "config.json"
+            if not path.is_file():
+                raise UsageError(f"Config file not found: {path}")
+            config_dict = json.loads(path.read_text())
+            config_dict.pop("auto_map", None)
+            config_dict.pop("architectures", None)
+            config_dict.update(overrides)
+            return config_class.from_dict(config_dict)
+        if preset is None:
+            raise UsageError(f"Give --preset or --config_name. {family.name} presets: {', '.join(config_class.presets)}.")
+        return config_class.from_preset(preset, **overrides)
+    except UsageError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise UsageError(str(error)) from error
+
+
+def check_hub_credentials(push_to_hub: bool, hub_token: str | None) -> None:
+    """Fail before any training when `--push_to_hub` cannot succeed for lack of a token."""
+    if not push_to_hub:
+        return
+    from huggingface_hub import get_token
+
+    if not (hub_token or get_token()):
+        raise UsageError(
+            "--push_to_hub needs Hugging Face credentials: log in with `hf auth login`, or set HF_TOKEN, or pass "
+            "--hub_token. Nothing was trained or written."
+        )
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextmanager
+def staged_directory(final_dir: str | os.PathLike):
+    """Yield a staging folder next to `final_dir`; on success its files are moved into `final_dir` with
+    `config.json` moved last, so a folder with a config.json always holds a complete checkpoint. On failure the
+    staging folder is removed and `final_dir` keeps what it had (for example the Trainer's `checkpoint-N` folders)."""
+    final_dir = Path(final_dir)
+    final_dir.mkdir(parents=True, exist_ok=True)
+    staging = final_dir / f".staging-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        yield staging
+        # A previous complete checkpoint is invalidated first: its config.json goes before any new file lands.
+        (final_dir / "config.json").unlink(missing_ok=True)
+        entries = sorted(staging.iterdir(), key=lambda p: p.name == "config.json")
+        for entry in entries:
+            target = final_dir / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run a script's `main`, turning `UsageError`s and corpus errors into one clear line and exit status 2."""
+    from .data import CorpusError
+
+    try:
+        main()
+    except (UsageError, CorpusError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+# --- Trainer callbacks --------------------------------------------------------------------------------------------
+
+def _callbacks():
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ProgressCallback
+
+    class LiveLossProgressCallback(ProgressCallback):
+        """Trainer's progress bar with the latest training loss (and eval perplexity) shown on the bar itself,
+        instead of one printed dict per logging step."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or self.training_bar is None or not logs:
+                return
+            postfix = {}
+            if "loss" in logs:
+                postfix["loss"] = f"{logs['loss']:.3f}"
+            if "eval_loss" in logs:
+                import math
+
+                postfix["eval_ppl"] = f"{math.exp(min(logs['eval_loss'], 50)):.1f}"
+            if postfix:
+                self.training_bar.set_postfix(postfix, refresh=True)
+
+    class TimeBudgetCallback(TrainerCallback):
+        """Stop training once `seconds` have passed (checked after each optimiser step)."""
+
+        def __init__(self, seconds: float) -> None:
+            self.seconds = seconds
+            self.start = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.start is not None and time.monotonic() - self.start > self.seconds:
+                control.should_training_stop = True
+                control.should_save = True
+            return control
+
+    return LiveLossProgressCallback, TimeBudgetCallback
+
+
+def use_live_loss_bar(trainer) -> None:
+    """Swap the Trainer's progress callback for one that shows the live loss on the bar."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    live_cls, _ = _callbacks()
+    if trainer.args.disable_tqdm:
+        return
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(live_cls())
+
+
+def time_budget_callback(seconds: float):
+    _, budget_cls = _callbacks()
+    return budget_cls(seconds)
+
+
+__all__ = [
+    "UsageError",
+    "FamilySpec",
+    "FAMILIES",
+    "get_family",
+    "family_of_config",
+    "parse_config_overrides",
+    "build_config",
+    "check_hub_credentials",
+    "staged_directory",
+    "run_cli",
+    "use_live_loss_bar",
+    "time_budget_callback",
+]

@@ -1,0 +1,284 @@
+#!/usr/bin/env python
+"""Pretrain an lmblocks model from scratch (or continue from a checkpoint) on text files or a `datasets` dataset.
+
+GPT-2 and LLaMA train as causal language models on the corpus packed into blocks of `--block_size` tokens; BERT
+trains with masked-LM + next-sentence prediction. The held-out end of the corpus gives the evaluation perplexity.
+Everything `TrainingArguments` offers works as in transformers' example scripts (`--output_dir`,
+`--per_device_train_batch_size`, `--gradient_accumulation_steps`, `--gradient_checkpointing`, `--bf16`,
+`--report_to`, `--resume_from_checkpoint`, `--push_to_hub`, ...), and so does `accelerate launch` / `torchrun`.
+
+Examples:
+    python scripts/pretrain.py --model_family gpt2 --preset small --train_files .cache/corpus/*.txt \\
+        --output_dir outputs/gpt2 --max_steps 500 --per_device_train_batch_size 16
+    python scripts/pretrain.py --model_family llama --preset tiny --dataset_name my_dataset_dir --text_column text \\
+        --tokenizer_name_or_path outputs/gpt2 --output_dir outputs/llama
+    accelerate launch --num_processes 2 scripts/pretrain.py --model_family gpt2 --preset tiny ...
+
+The finished folder holds the model (safetensors), its code (`auto_map`, loads with `trust_remote_code=True` where
+lmblocks is not installed), the tokenizer, a model card (README.md) and `all_results.json`. It is written to a
+staging folder first and its config.json lands last, so an interrupted run never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from transformers import HfArgumentParser, TrainingArguments  # noqa: E402
+
+from lmblocks.data import CorpusError, load_corpus, pack_causal_lm  # noqa: E402
+from lmblocks.training import UsageError, run_cli  # noqa: E402
+
+
+@dataclass
+class ModelArguments:
+    model_family: str | None = field(default=None, metadata={"help": "gpt2, llama or bert (read from the "
+                                                                     "checkpoint with --model_name_or_path)."})
+    preset: str | None = field(default=None, metadata={"help": "A named preset of the family, e.g. tiny, small, 124M."})
+    config_name: str | None = field(default=None, metadata={"help": "A config.json (or folder) instead of a preset."})
+    config_overrides: str | None = field(default=None, metadata={"help": "Field overrides: 'n_layer=2,n_embd=64'."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Continue pretraining this checkpoint."})
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "A tokenizer folder; when absent a tokenizer is trained on the corpus."}
+    )
+    tokenizer_vocab_size: int = field(default=4096, metadata={"help": "Vocabulary of the trained tokenizer."})
+    tokenizer_min_frequency: int = field(default=2, metadata={"help": "min_frequency of the trained tokenizer."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2, ..."})
+    time_budget_seconds: float | None = field(default=None, metadata={"help": "Stop training after this long."})
+    license: str = field(default="apache-2.0", metadata={"help": "License written into the model card."})
+
+
+@dataclass
+class DataArguments:
+    train_files: list[str] = field(default_factory=list, metadata={"help": "Plain-text files, one document each."})
+    dataset_name: str | None = field(default=None, metadata={"help": "A datasets name, or a save_to_disk folder."})
+    dataset_config_name: str | None = field(default=None)
+    dataset_split: str = field(default="train")
+    text_column: str = field(default="text")
+    block_size: int = field(default=128, metadata={"help": "Tokens per training example."})
+    eval_fraction: float = field(default=0.05, metadata={"help": "Held-out share of the corpus (0 = no eval)."})
+    mlm_probability: float = field(default=0.15, metadata={"help": "BERT: share of tokens masked."})
+    nsp_probability: float = field(default=0.5, metadata={"help": "BERT: share of random (not next) sentence B."})
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
+        path = os.path.abspath(sys.argv[1])
+        loader = parser.parse_json_file if path.endswith(".json") else parser.parse_yaml_file
+        return loader(path)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def validate_inputs(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
+    """Everything that can be checked before a tokenizer or model is built. Returns (family, texts)."""
+    from lmblocks.training import check_hub_credentials, family_of_config, get_family
+
+    check_hub_credentials(training_args.push_to_hub, training_args.hub_token)
+    if model_args.model_name_or_path:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(model_args.model_name_or_path)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"Cannot read the checkpoint {model_args.model_name_or_path}: {error}") from error
+        family = family_of_config(config)
+        if model_args.model_family and model_args.model_family != family.name:
+            raise UsageError(f"--model_family {model_args.model_family} but the checkpoint is {family.name}.")
+    else:
+        if not model_args.model_family:
+            raise UsageError("Give --model_family (gpt2, llama, bert) or --model_name_or_path.")
+        family = get_family(model_args.model_family)
+        if model_args.preset is None and model_args.config_name is None:
+            raise UsageError(f"Give --preset or --config_name for {family.name}; presets: "
+                             f"{', '.join(family.config_class.presets)}.")
+        if model_args.preset is not None and model_args.preset not in family.config_class.presets:
+            raise UsageError(f"Unknown {family.name} preset {model_args.preset!r}. Available presets: "
+                             f"{', '.join(family.config_class.presets)}.")
+    if data_args.block_size < 8:
+        raise UsageError(f"--block_size must be at least 8, got {data_args.block_size}.")
+    if not 0.0 <= data_args.eval_fraction < 1.0:
+        raise UsageError(f"--eval_fraction must be in [0, 1), got {data_args.eval_fraction}.")
+    texts = load_corpus(data_args.train_files, data_args.dataset_name, data_args.dataset_config_name,
+                        data_args.dataset_split, data_args.text_column)
+    return family, texts
+
+
+def get_tokenizer(model_args: ModelArguments, family, texts: list[str]):
+    from transformers import AutoTokenizer
+
+    source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    if source:
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"Cannot load a tokenizer from {source}: {error}") from error
+    try:
+        from lmblocks.tokenization_trainer import train_tokenizer
+    except ImportError as error:
+        raise UsageError(
+            "This lmblocks install has no tokenizer trainer (lmblocks.tokenization_trainer); pass "
+            "--tokenizer_name_or_path."
+        ) from error
+    return train_tokenizer(texts, kind=family.name, vocab_size=model_args.tokenizer_vocab_size,
+                           min_frequency=model_args.tokenizer_min_frequency)
+
+
+def tokenizer_config_kwargs(tokenizer) -> dict:
+    """vocab_size and special-token ids for the model config, from the tokenizer."""
+    try:
+        from lmblocks.tokenization_trainer import config_kwargs_from_tokenizer
+
+        return config_kwargs_from_tokenizer(tokenizer)
+    except ImportError:
+        kwargs = {"vocab_size": len(tokenizer)}
+        for name in ("pad", "bos", "eos"):
+            token_id = getattr(tokenizer, f"{name}_token_id")
+            if token_id is not None:
+                kwargs[f"{name}_token_id"] = token_id
+        return kwargs
+
+
+def build_model(model_args: ModelArguments, family, tokenizer, block_size: int):
+    from lmblocks.training import build_config, parse_config_overrides
+
+    load_kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    if model_args.model_name_or_path:
+        model = family.pretraining_class.from_pretrained(model_args.model_name_or_path, **load_kwargs)
+        if len(tokenizer) > model.config.vocab_size:
+            raise UsageError(f"The tokenizer has {len(tokenizer)} tokens, the model only {model.config.vocab_size}.")
+    else:
+        overrides = tokenizer_config_kwargs(tokenizer)
+        fields = family.config_class.__dataclass_fields__
+        overrides = {k: v for k, v in overrides.items() if k in fields or k in family.config_class.attribute_map}
+        overrides.update(parse_config_overrides(model_args.config_overrides))
+        config = build_config(family, model_args.preset, model_args.config_name, **overrides)
+        model = family.pretraining_class(config)
+        if model_args.attn_implementation:
+            model.set_attn_implementation(model_args.attn_implementation)
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and block_size > max_positions:
+        raise UsageError(f"--block_size {block_size} exceeds the model's {max_positions} positions.")
+    return model
+
+
+def build_datasets(family, texts: list[str], tokenizer, data_args: DataArguments, seed: int):
+    """(train_dataset, eval_dataset, data_collator) for the family's objective."""
+    if family.objective == "causal_lm":
+        from transformers import default_data_collator
+
+        train, held_out = pack_causal_lm(texts, tokenizer, data_args.block_size, data_args.eval_fraction)
+        return train, held_out, default_data_collator
+    return build_bert_datasets(texts, tokenizer, data_args, seed)
+
+
+def build_bert_datasets(texts, tokenizer, data_args: DataArguments, seed: int):
+    try:
+        from lmblocks.data_bert import build_nsp_examples, DataCollatorForMLMAndNSP  # noqa: F401
+    except ImportError as error:
+        raise UsageError(
+            "BERT pretraining data (NSP pairs + MLM collator) is not available in this lmblocks install."
+        ) from error
+    raise UsageError("BERT pretraining data module has an unexpected interface.")
+
+
+def run_pretraining(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+                    datasets_name: str | None = None) -> dict:
+    """Train, evaluate and save; returns the metrics (also written to `output_dir/all_results.json`)."""
+    import torch
+    from transformers import Trainer, set_seed
+
+    from lmblocks.hub import push_folder, write_model_card
+    from lmblocks.training import is_main_process, staged_directory, time_budget_callback, use_live_loss_bar
+
+    family, texts = validate_inputs(model_args, data_args, training_args)
+    set_seed(training_args.seed)
+    tokenizer = get_tokenizer(model_args, family, texts)
+    train_dataset, eval_dataset, collator = build_datasets(family, texts, tokenizer, data_args, training_args.seed)
+    model = build_model(model_args, family, tokenizer, data_args.block_size)
+
+    push_to_hub = training_args.push_to_hub
+    training_args.push_to_hub = False  # lmblocks pushes the finished folder itself, with its own model card
+    if eval_dataset is None:
+        training_args.eval_strategy = "no"
+    callbacks = [time_budget_callback(model_args.time_budget_seconds)] if model_args.time_budget_seconds else []
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                      data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
+    use_live_loss_bar(trainer)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    if is_main_process():
+        print(f"[pretrain] {family.name}: {n_params / 1e6:.2f}M parameters, {len(train_dataset)} training examples "
+              f"of {data_args.block_size} tokens" + (f", {len(eval_dataset)} held out" if eval_dataset else ""),
+              flush=True)
+
+    start = time.time()
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_seconds = time.time() - start
+    metrics = dict(train_result.metrics)
+    tokens_trained = trainer.state.global_step * training_args.train_batch_size * \
+        training_args.gradient_accumulation_steps * training_args.world_size * data_args.block_size
+    metrics["tokens_per_second"] = tokens_trained / max(metrics.get("train_runtime", train_seconds), 1e-9)
+    metrics["train_steps"] = trainer.state.global_step
+    metrics["n_parameters"] = n_params
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    if losses:
+        metrics["final_train_loss"] = losses[-1]
+    if eval_dataset is not None:
+        eval_metrics = trainer.evaluate()
+        metrics.update(eval_metrics)
+        metrics["perplexity"] = math.exp(min(eval_metrics["eval_loss"], 50.0))
+
+    if trainer.is_world_process_zero():
+        output_dir = Path(training_args.output_dir)
+        with staged_directory(output_dir) as staging:
+            trainer.model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            trainer.state.save_to_json(str(staging / "trainer_state.json"))
+            import json
+
+            (staging / "all_results.json").write_text(json.dumps(metrics, indent=2))
+            card_results = {k: metrics[k] for k in ("final_train_loss", "eval_loss", "perplexity",
+                                                    "tokens_per_second", "train_steps") if k in metrics}
+            write_model_card(
+                staging,
+                model_name=training_args.hub_model_id or output_dir.name,
+                family=family.name,
+                task=family.objective,
+                license=model_args.license,
+                datasets=[datasets_name or data_args.dataset_name] if (datasets_name or data_args.dataset_name)
+                else [],
+                base_model=model_args.model_name_or_path if model_args.model_name_or_path and
+                not Path(model_args.model_name_or_path).exists() else None,
+                results=card_results,
+                training_args={k: getattr(training_args, k) for k in (
+                    "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
+                    "num_train_epochs", "lr_scheduler_type", "warmup_steps", "weight_decay", "seed")}
+                | {"block_size": data_args.block_size, "world_size": training_args.world_size},
+            )
+        print(f"[pretrain] saved {family.name} to {output_dir}" +
+              (f" (perplexity {metrics['perplexity']:.2f})" if "perplexity" in metrics else ""), flush=True)
+        if push_to_hub:
+            repo_id = training_args.hub_model_id or output_dir.name
+            url = push_folder(output_dir, repo_id, token=training_args.hub_token,
+                              private=training_args.hub_private_repo, revision=training_args.hub_revision)
+            print(f"[pretrain] pushed to {repo_id}: {url}", flush=True)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    metrics["output_dir"] = str(training_args.output_dir)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_args(argv)
+    return run_pretraining(model_args, data_args, training_args)
+
+
+if __name__ == "__main__":
+    run_cli(main)
