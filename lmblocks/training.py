@@ -160,10 +160,14 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+# Files whose presence makes a folder loadable: a model's config.json, an adapter's adapter_config.json.
+COMPLETION_MARKERS = ("config.json", "adapter_config.json")
+
+
 @contextmanager
 def staged_directory(final_dir: str | os.PathLike):
     """Yield a staging folder next to `final_dir`; on success its files are moved into `final_dir` with
-    `config.json` moved last, so a folder with a config.json always holds a complete checkpoint. On failure the
+    `config.json` (or `adapter_config.json`) moved last, so a folder with one always holds a complete checkpoint. On failure the
     staging folder is removed and `final_dir` keeps what it had (for example the Trainer's `checkpoint-N` folders)."""
     final_dir = Path(final_dir)
     final_dir.mkdir(parents=True, exist_ok=True)
@@ -174,8 +178,9 @@ def staged_directory(final_dir: str | os.PathLike):
     try:
         yield staging
         # A previous complete checkpoint is invalidated first: its config.json goes before any new file lands.
-        (final_dir / "config.json").unlink(missing_ok=True)
-        entries = sorted(staging.iterdir(), key=lambda p: p.name == "config.json")
+        for marker in COMPLETION_MARKERS:
+            (final_dir / marker).unlink(missing_ok=True)
+        entries = sorted(staging.iterdir(), key=lambda p: p.name in COMPLETION_MARKERS)
         for entry in entries:
             target = final_dir / entry.name
             if target.is_dir():
@@ -213,9 +218,9 @@ def _callbacks():
             if "loss" in logs:
                 postfix["loss"] = f"{logs['loss']:.3f}"
             if "eval_loss" in logs:
-                import math
-
-                postfix["eval_ppl"] = f"{math.exp(min(logs['eval_loss'], 50)):.1f}"
+                postfix["eval_loss"] = f"{logs['eval_loss']:.3f}"
+            if "eval_accuracy" in logs:
+                postfix["eval_acc"] = f"{logs['eval_accuracy']:.3f}"
             if postfix:
                 self.training_bar.set_postfix(postfix, refresh=True)
 
