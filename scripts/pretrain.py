@@ -50,7 +50,9 @@ class ModelArguments:
     tokenizer_vocab_size: int = field(default=4096, metadata={"help": "Vocabulary of the trained tokenizer."})
     tokenizer_min_frequency: int = field(default=2, metadata={"help": "min_frequency of the trained tokenizer."})
     attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2, ..."})
-    time_budget_seconds: float | None = field(default=None, metadata={"help": "Stop training after this long."})
+    time_budget_seconds: float | None = field(default=None, metadata={
+        "help": "Stop training after this many seconds. With --max_steps unset (-1) and one epoch not fitting, "
+                "max_steps is also set from a short timing of the model, so the LR schedule ends with the budget."})
     license: str = field(default="apache-2.0", metadata={"help": "License written into the model card."})
 
 
@@ -126,8 +128,12 @@ def get_tokenizer(model_args: ModelArguments, family, texts: list[str]):
             "This lmblocks install has no tokenizer trainer (lmblocks.tokenization_trainer); pass "
             "--tokenizer_name_or_path."
         ) from error
-    return train_tokenizer(texts, kind=family.name, vocab_size=model_args.tokenizer_vocab_size,
-                           min_frequency=model_args.tokenizer_min_frequency)
+    # A list would be read as file paths: pass the documents as an iterator.
+    try:
+        return train_tokenizer(iter(texts), kind=family.name, vocab_size=model_args.tokenizer_vocab_size,
+                               min_frequency=model_args.tokenizer_min_frequency)
+    except ValueError as error:
+        raise UsageError(f"Tokenizer training failed: {error}") from error
 
 
 def tokenizer_config_kwargs(tokenizer) -> dict:
@@ -188,6 +194,30 @@ def build_bert_datasets(texts, tokenizer, data_args: DataArguments, seed: int):
     raise UsageError("BERT pretraining data module has an unexpected interface.")
 
 
+def fit_steps_to_budget(model, train_dataset, collator, training_args: TrainingArguments, seconds: float) -> int | None:
+    """Time two optimiser-free training steps and return how many fit in `seconds` (None when the epochs asked for
+    fit anyway). Rough by design: the time-budget callback still stops the run on time."""
+    import torch
+
+    batch_size = training_args.per_device_train_batch_size
+    batch = collator([train_dataset[i] for i in range(min(batch_size, len(train_dataset)))])
+    model.train()
+    timings = []
+    for _ in range(3):
+        start = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        timings.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    step_seconds = min(timings[1:]) * training_args.gradient_accumulation_steps * 1.15  # + optimiser and logging
+    budget_steps = max(1, int(seconds / step_seconds))
+    steps_per_epoch = math.ceil(len(train_dataset) / (batch_size * training_args.gradient_accumulation_steps *
+                                                      training_args.world_size))
+    if budget_steps >= steps_per_epoch * training_args.num_train_epochs:
+        return None
+    return budget_steps
+
+
 def run_pretraining(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
                     datasets_name: str | None = None) -> dict:
     """Train, evaluate and save; returns the metrics (also written to `output_dir/all_results.json`)."""
@@ -203,6 +233,10 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, traini
     train_dataset, eval_dataset, collator = build_datasets(family, texts, tokenizer, data_args, training_args.seed)
     model = build_model(model_args, family, tokenizer, data_args.block_size)
 
+    if model_args.time_budget_seconds and training_args.max_steps <= 0:
+        steps = fit_steps_to_budget(model, train_dataset, collator, training_args, model_args.time_budget_seconds)
+        if steps is not None:
+            training_args.max_steps = steps
     push_to_hub = training_args.push_to_hub
     training_args.push_to_hub = False  # lmblocks pushes the finished folder itself, with its own model card
     if eval_dataset is None:
