@@ -561,9 +561,9 @@ class LmbBertForQuestionAnswering(LmbBertPreTrainedModel):
 
     def __init__(self, config: LmbBertConfig) -> None:
         super().__init__(config)
-        self.num_labels = config.num_labels
         self.bert = LmbBertModel(config, add_pooling_layer=False)
-        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        # Two outputs whatever num_labels says: a span has a start and an end.
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
         self.post_init()
 
     @can_return_tuple
