@@ -11,6 +11,9 @@ import dataclasses
 from typing import Any, ClassVar
 
 from transformers import GenerationConfig, PreTrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # Keys that transformers writes into config.json or passes while loading, consumed by `PreTrainedConfig.__post_init__`.
 _TRANSFORMERS_KEYS = frozenset(
@@ -26,6 +29,7 @@ _TRANSFORMERS_KEYS = frozenset(
         "attn_implementation",
         "experts_implementation",
         "per_layer_config",
+        "quantization_config",
         "transformers_version",
     }
 )
@@ -42,18 +46,35 @@ class LmbPretrainedConfig(PreTrainedConfig):
     extra_accepted_keys: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self, **kwargs):
-        generation_keys = GenerationConfig._get_default_generation_params().keys()
-        unknown = sorted(
-            key
-            for key in kwargs
-            if key not in _TRANSFORMERS_KEYS and key not in generation_keys and key not in self.extra_accepted_keys
-        )
+        unknown = sorted(key for key in kwargs if not self._is_known_key(key))
         if unknown:
             known = sorted(f.name for f in dataclasses.fields(self) if not f.name.startswith("_"))
             raise ValueError(
                 f"{type(self).__name__} got unknown option(s) {unknown}. Known options: {', '.join(known)}."
             )
         super().__post_init__(**kwargs)
+
+    def _is_known_key(self, key: str) -> bool:
+        return (
+            key in _TRANSFORMERS_KEYS
+            or key in self.extra_accepted_keys
+            or key in GenerationConfig._get_default_generation_params()
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._drop_non_options(super().to_dict())
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self._drop_non_options(super().to_diff_dict())
+
+    def _drop_non_options(self, config_dict: dict[str, Any]) -> dict[str, Any]:
+        """Leaves attributes set after construction that are not options (e.g. `config.foo = 1`) out of
+        `config.json`: this config would refuse them when loading, and a config that saves must load again."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        unsaved = sorted(key for key in config_dict if key not in fields and not self._is_known_key(key))
+        if unsaved:
+            logger.warning_once(f"{type(self).__name__}: attributes {unsaved} are not options and are not saved.")
+        return {key: value for key, value in config_dict.items() if key not in unsaved}
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "LmbPretrainedConfig":

@@ -7,8 +7,6 @@ official checkpoints store their projections in `Conv1D` layout, (in, out), wher
 the official layout and transformers' own GPT-2 checkpoints load directly.
 """
 
-from __future__ import annotations
-
 import math
 
 import torch
@@ -27,7 +25,8 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutputWithPast,
 )
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import can_return_tuple
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -62,7 +61,7 @@ class LmbGPT2Attention(MultiHeadAttention):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         query, key, value = self.c_attn(hidden_states).split(self.split_size, dim=2)  # 3 × (B, T, C)
         attn_output, attn_weights = self.attend(query, key, value, attention_mask, past_key_values, **kwargs)
@@ -98,7 +97,7 @@ class LmbGPT2Block(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         attn_output, _ = self.attn(self.ln_1(hidden_states), attention_mask, past_key_values, **kwargs)
         hidden_states = hidden_states + attn_output
@@ -160,7 +159,7 @@ class LmbGPT2Model(LmbGPT2PreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -227,7 +226,7 @@ class LmbGPT2LMHeadModel(LmbGPT2PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         """`logits_to_keep`: compute logits for only the last N positions (0 = all), which saves memory in generation.
         `num_items_in_batch` in kwargs (passed by Trainer) makes the loss exact under gradient accumulation."""
@@ -284,7 +283,7 @@ class LmbGPT2ForSequenceClassification(LmbGPT2PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutputWithPast:
         outputs: BaseModelOutputWithPast = self.transformer(
             input_ids=input_ids,

@@ -1,0 +1,194 @@
+"""transformers' own common tests run against every lmblocks GPT-2 class: the contract for "behaves like any model
+on the Hub".
+
+`ModelTesterMixin`, `ConfigTester` and `TrainingTesterMixin` come from the sdist of the installed transformers
+(fetched by `scripts/fetch_assets.py` into `.cache/hf_tests/hf_common_tests`). Every test we skip names its reason in
+`_SKIPS` below; tests that transformers itself gates (GPU, multi-GPU, flash-attention, deepspeed, slow) skip with
+transformers' own reason.
+"""
+
+from __future__ import annotations
+
+import unittest
+
+import pytest
+import torch
+
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    MODEL_MAPPING_NAMES,
+)
+
+from hf_common_tests.generation.test_utils import GenerationTesterMixin
+from hf_common_tests.test_configuration_common import ConfigTester
+from hf_common_tests.test_modeling_common import ModelTesterMixin, ids_tensor, random_attention_mask
+from hf_common_tests.test_training_mixin import TrainingTesterMixin
+from lmblocks import LmbGPT2Config, LmbGPT2ForSequenceClassification, LmbGPT2LMHeadModel, LmbGPT2Model
+
+
+class LmbGPT2ModelTester:
+    """Builds the tiny configs and inputs the mixins ask for (the attribute names are the ones they read)."""
+
+    def __init__(
+        self,
+        parent: unittest.TestCase,
+        batch_size: int = 13,
+        seq_length: int = 7,
+        is_training: bool = True,
+        use_attention_mask: bool = True,
+        use_labels: bool = True,
+        vocab_size: int = 99,
+        hidden_size: int = 32,
+        num_hidden_layers: int = 2,
+        num_attention_heads: int = 4,
+        intermediate_size: int = 37,
+        max_position_embeddings: int = 512,
+        num_labels: int = 3,
+        pad_token_id: int = 0,
+        bos_token_id: int = 98,
+        eos_token_id: int = 98,
+    ) -> None:
+        self.parent = parent
+        self.batch_size = batch_size
+        self.seq_length = seq_length
+        self.is_training = is_training
+        self.use_attention_mask = use_attention_mask
+        self.use_labels = use_labels
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.max_position_embeddings = max_position_embeddings
+        self.num_labels = num_labels
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        # The classes TrainingTesterMixin trains.
+        self.causal_lm_class = LmbGPT2LMHeadModel
+        self.sequence_classification_class = LmbGPT2ForSequenceClassification
+        self.base_model_class = LmbGPT2Model
+
+    def get_config(self) -> LmbGPT2Config:
+        return LmbGPT2Config(
+            vocab_size=self.vocab_size,
+            n_embd=self.hidden_size,
+            n_layer=self.num_hidden_layers,
+            n_head=self.num_attention_heads,
+            n_inner=self.intermediate_size,
+            n_positions=self.max_position_embeddings,
+            # Dropout off: several common tests compare two forward passes of a model in train mode.
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            num_labels=self.num_labels,
+            pad_token_id=self.pad_token_id,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+        )
+
+    def prepare_config_and_inputs(self):
+        # Tokens avoid the pad id, so sequence classification pools the true last token.
+        input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size - 1) + 1
+        attention_mask = random_attention_mask([self.batch_size, self.seq_length]) if self.use_attention_mask else None
+        labels = ids_tensor([self.batch_size], self.num_labels) if self.use_labels else None
+        return self.get_config(), input_ids, attention_mask, labels
+
+    def prepare_config_and_inputs_for_common(self):
+        config, input_ids, attention_mask, _ = self.prepare_config_and_inputs()
+        inputs = {"input_ids": input_ids}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
+        return config, inputs
+
+
+# Common tests that do not apply to lmblocks' GPT-2, each with the reason.
+_MODEL_LAYOUT_STATE_DICT = (
+    "lmblocks' GPT-2 keeps nn.Linear (out, in) weights in memory and the official Conv1D (in, out) layout on disk, "
+    "under the same key names; the registered Transpose conversion therefore cannot recognise a state dict that is "
+    "already in memory layout (attn.c_proj is square, so its shape does not tell either). Loading one fails with a "
+    "shape-mismatch error on c_attn instead (tests/test_gpt2.py::test_model_layout_state_dict_is_refused)."
+)
+_SKIPS: dict[str, str] = {
+    "test_from_pretrained_no_checkpoint": _MODEL_LAYOUT_STATE_DICT,
+    "test_can_load_from_already_mapped_keys": _MODEL_LAYOUT_STATE_DICT,
+}
+
+
+# The common tests tell a class's role (base model, causal LM, classifier) by looking its name up in transformers'
+# `*_MAPPING_NAMES` tables: whether to add labels, whether a loss is expected, which class holds the base weights.
+# Our classes are registered with the Auto classes (looked up before these tables), so adding their names here, for
+# the duration of the test class, changes no lookup; it only lets the common tests treat them as transformers' own.
+_ROLE_TABLES = [
+    (MODEL_MAPPING_NAMES, LmbGPT2Model),
+    (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, LmbGPT2LMHeadModel),
+    (MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, LmbGPT2ForSequenceClassification),
+]
+
+
+# GenerationTesterMixin is the stand-in (tests/hf_standins/generation/test_utils.py): the generation suite itself is
+# tests/test_generation.py; inheriting it tells `test_generation_tester_mixin_inheritance` that generation is tested.
+class LmbGPT2ModelTest(ModelTesterMixin, GenerationTesterMixin, TrainingTesterMixin, unittest.TestCase):
+    all_model_classes = (LmbGPT2Model, LmbGPT2LMHeadModel, LmbGPT2ForSequenceClassification)
+    # transformers gates this test on the copyright year at the top of the config file (ours has none); run it.
+    test_can_init_all_missing_weights_before_2023 = True
+    # Learned absolute positions: transformers' resize_position_embeddings is not implemented for them.
+    test_resize_position_embeddings = False
+    # The embeddings are a small part of the tiny model; these splits leave whole blocks on each side of the cut.
+    model_split_percents = [0.5, 0.8, 0.9]
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()
+        for table, model_class in _ROLE_TABLES:
+            assert LmbGPT2Config.model_type not in table
+            table[LmbGPT2Config.model_type] = model_class.__name__
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        for table, _ in _ROLE_TABLES:
+            table.pop(LmbGPT2Config.model_type, None)
+        super().tearDownClass()
+
+    def setUp(self) -> None:
+        self.model_tester = LmbGPT2ModelTester(self)
+        if self._testMethodName in _SKIPS:
+            self.skipTest(_SKIPS[self._testMethodName])
+
+    def test_reverse_loading_mapping(self) -> None:
+        # Our conversion transposes Conv1D <-> nn.Linear weights and keeps their names, the case transformers' flag
+        # is for ("models [that] do not change keys but their weights, e.g. via transpose").
+        super().test_reverse_loading_mapping(check_keys_were_modified=False)
+
+
+class LmbGPT2ConfigTest(unittest.TestCase):
+    """`ConfigTester`'s checks, one test each so that the counts say which one fails."""
+
+    def setUp(self) -> None:
+        self.config_tester = ConfigTester(
+            self, config_class=LmbGPT2Config, n_embd=37, n_head=1, vocab_size=99, bos_token_id=98, eos_token_id=98
+        )
+
+    @staticmethod
+    def _check_names() -> list[str]:
+        return [
+            "create_and_test_config_common_properties",
+            "create_and_test_config_to_json_string",
+            "create_and_test_config_to_json_file",
+            "create_and_test_config_from_and_save_pretrained",
+            "create_and_test_config_from_and_save_pretrained_subfolder",
+            "create_and_test_config_from_and_save_pretrained_composite",
+            "create_and_test_config_with_num_labels",
+            "check_config_arguments_init",
+            "create_and_test_config_from_pretrained_custom_kwargs",
+            "check_config_can_be_init_without_params",
+        ]
+
+    def test_config_common(self) -> None:
+        for name in self._check_names():
+            with self.subTest(name):
+                getattr(self.config_tester, name)()
+
+    def test_run_common_tests(self) -> None:
+        self.config_tester.run_common_tests()
