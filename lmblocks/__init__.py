@@ -48,6 +48,31 @@ __all__ = [
     "LmbGPT2ForSequenceClassification",
 ]
 
+# LLaMA family (issue #5).
+from .configuration_llama import LmbLlamaConfig  # noqa: E402
+from .modeling_llama import (  # noqa: E402
+    LmbLlamaForCausalLM,
+    LmbLlamaForSequenceClassification,
+    LmbLlamaModel,
+    LmbLlamaPreTrainedModel,
+)
+
+_register(
+    LmbLlamaConfig,
+    {
+        AutoModel: LmbLlamaModel,
+        AutoModelForCausalLM: LmbLlamaForCausalLM,
+        AutoModelForSequenceClassification: LmbLlamaForSequenceClassification,
+    },
+)
+__all__ += [
+    "LmbLlamaConfig",
+    "LmbLlamaPreTrainedModel",
+    "LmbLlamaModel",
+    "LmbLlamaForCausalLM",
+    "LmbLlamaForSequenceClassification",
+]
+
 # BERT family (issue #6).
 from transformers import (  # noqa: E402
     AutoModelForMaskedLM,

@@ -216,7 +216,29 @@ class MultiHeadAttention(nn.Module):
         return attn_output.reshape(batch, seq_len, -1).contiguous(), attn_weights
 
 
+def check_cache_capacity(past_key_values: Cache | None, new_tokens: int) -> None:
+    """Raises a clear error when `new_tokens` more tokens do not fit a fixed-size cache (`StaticCache`).
+
+    A static cache writes each token at its position in a preallocated buffer; past its end the write fails deep in
+    `index_copy_` on CPU and as a device-side assert on GPU. Skipped while compiling: the check reads the cache's
+    position counter, a tensor, which would break the graph (compiled decoding sizes the cache from `max_length`).
+    """
+    if past_key_values is None or torch.compiler.is_compiling():
+        return
+    max_length = past_key_values.get_max_length(0)  # -1 for caches that grow
+    if max_length < 0:
+        return
+    cached = int(past_key_values.get_seq_length())
+    if cached + new_tokens > max_length:
+        raise ValueError(
+            f"The sequence does not fit the {type(past_key_values).__name__}: {cached} cached + {new_tokens} new "
+            f"tokens = {cached + new_tokens} > max_cache_len={max_length}. Create the cache with a larger "
+            f"max_cache_len (or generate with a larger max_length)."
+        )
+
+
 __all__ = [
+    "check_cache_capacity",
     "RMSNorm",
     "RotaryEmbedding",
     "rotate_half",

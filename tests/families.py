@@ -44,5 +44,22 @@ GPT2 = Family(
     extra_classes=(lmblocks.LmbGPT2ForSequenceClassification,),
 )
 
-FAMILIES: list[Family] = [GPT2]
+
+def _llama_tiny(**overrides):
+    # Grouped-query attention (4 query heads, 2 key-value heads), so the shared tests exercise it too.
+    return lmblocks.LmbLlamaConfig.from_preset(
+        "tiny", **{"vocab_size": 99, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **overrides}
+    )
+
+
+LLAMA = Family(
+    name="llama",
+    config_class=lmblocks.LmbLlamaConfig,
+    tiny_config=_llama_tiny,
+    base_class=lmblocks.LmbLlamaModel,
+    causal_lm_class=lmblocks.LmbLlamaForCausalLM,
+    extra_classes=(lmblocks.LmbLlamaForSequenceClassification,),
+)
+
+FAMILIES: list[Family] = [GPT2, LLAMA]
 DECODERS: list[Family] = [f for f in FAMILIES if f.causal_lm_class is not None]

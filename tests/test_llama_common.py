@@ -1,0 +1,177 @@
+"""transformers' own common tests run against every lmblocks LLaMA class: the contract for "behaves like any model on
+the Hub".
+
+`ModelTesterMixin`, `ConfigTester` and `TrainingTesterMixin` come from the sdist of the installed transformers
+(fetched by `scripts/fetch_assets.py` into `.cache/hf_tests/hf_common_tests`). Every test we skip names its reason in
+`_SKIPS` below; tests that transformers itself gates (GPU, multi-GPU, flash-attention, deepspeed, slow) skip with
+transformers' own reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import unittest
+
+from hf_common_tests.generation.test_utils import GenerationTesterMixin
+from hf_common_tests.test_configuration_common import ConfigTester
+from hf_common_tests.test_modeling_common import ModelTesterMixin, ids_tensor, random_attention_mask
+from hf_common_tests.test_training_mixin import TrainingTesterMixin
+import torch
+
+from lmblocks import LmbLlamaConfig, LmbLlamaForCausalLM, LmbLlamaForSequenceClassification, LmbLlamaModel
+
+
+class LmbLlamaModelTester:
+    """Builds the tiny configs and inputs the mixins ask for (the attribute names are the ones they read).
+
+    Grouped-query attention on (4 query heads, 2 key-value heads), so every common test exercises `repeat_kv`.
+    """
+
+    def __init__(
+        self,
+        parent: unittest.TestCase,
+        batch_size: int = 13,
+        seq_length: int = 7,
+        is_training: bool = True,
+        use_attention_mask: bool = True,
+        use_labels: bool = True,
+        vocab_size: int = 99,
+        hidden_size: int = 32,
+        num_hidden_layers: int = 2,
+        num_attention_heads: int = 4,
+        num_key_value_heads: int = 2,
+        intermediate_size: int = 37,
+        max_position_embeddings: int = 512,
+        num_labels: int = 3,
+        pad_token_id: int = 0,
+        bos_token_id: int = 1,
+        eos_token_id: int = 2,
+    ) -> None:
+        self.parent = parent
+        self.batch_size = batch_size
+        self.seq_length = seq_length
+        self.is_training = is_training
+        self.use_attention_mask = use_attention_mask
+        self.use_labels = use_labels
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.intermediate_size = intermediate_size
+        self.max_position_embeddings = max_position_embeddings
+        self.num_labels = num_labels
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        # The classes TrainingTesterMixin trains.
+        self.causal_lm_class = LmbLlamaForCausalLM
+        self.sequence_classification_class = LmbLlamaForSequenceClassification
+        self.base_model_class = LmbLlamaModel
+
+    def get_config(self) -> LmbLlamaConfig:
+        return LmbLlamaConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            intermediate_size=self.intermediate_size,
+            max_position_embeddings=self.max_position_embeddings,
+            num_labels=self.num_labels,
+            pad_token_id=self.pad_token_id,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+        )
+
+    def prepare_config_and_inputs(self):
+        # Tokens avoid the pad id, so sequence classification pools the true last token.
+        input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size - 1) + 1
+        attention_mask = random_attention_mask([self.batch_size, self.seq_length]) if self.use_attention_mask else None
+        labels = ids_tensor([self.batch_size], self.num_labels) if self.use_labels else None
+        return self.get_config(), input_ids, attention_mask, labels
+
+    def prepare_config_and_inputs_for_common(self):
+        config, input_ids, attention_mask, _ = self.prepare_config_and_inputs()
+        inputs = {"input_ids": input_ids}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
+        return config, inputs
+
+
+# Common tests that do not apply to lmblocks' LLaMA, each with the reason.
+_SKIPS: dict[str, str] = {}
+
+
+class LmbLlamaModelTest(ModelTesterMixin, GenerationTesterMixin, TrainingTesterMixin, unittest.TestCase):
+    """The common model tests. `GenerationTesterMixin` is the stand-in of `tests/hf_standins`: the generation suite
+    runs for LLaMA through the shared tests/test_generation.py (LLaMA is in tests/families.py) and tests/test_llama.py
+    (parity of greedy decoding with transformers' LlamaForCausalLM, dynamic and static cache)."""
+
+    all_model_classes = (LmbLlamaModel, LmbLlamaForCausalLM, LmbLlamaForSequenceClassification)
+    # The embeddings are a small part of the tiny model; these splits leave whole blocks on each side of the cut.
+    model_split_percents = [0.5, 0.8, 0.9]
+
+    def setUp(self) -> None:
+        self.model_tester = LmbLlamaModelTester(self)
+        if self._testMethodName in _SKIPS:
+            self.skipTest(_SKIPS[self._testMethodName])
+
+    def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
+        # transformers adds labels by looking the class name up in its own Auto mappings, which list only its own
+        # classes; give lmblocks' heads the labels it would give LlamaForCausalLM / LlamaForSequenceClassification.
+        inputs_dict = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
+        if return_labels and "labels" not in inputs_dict:
+            tester = self.model_tester
+            if model_class is LmbLlamaForCausalLM:
+                inputs_dict["labels"] = torch.zeros((tester.batch_size, tester.seq_length), dtype=torch.long)
+            elif model_class is LmbLlamaForSequenceClassification:
+                inputs_dict["labels"] = torch.zeros(tester.batch_size, dtype=torch.long)
+        return inputs_dict
+
+    @contextlib.contextmanager
+    def _heads_only(self):
+        # The training tests skip base models by looking their names up in transformers' MODEL_MAPPING_NAMES, which
+        # lists only transformers' own classes; LmbLlamaModel has no loss to train, so leave it out the same way.
+        self.all_model_classes = (LmbLlamaForCausalLM, LmbLlamaForSequenceClassification)
+        try:
+            yield
+        finally:
+            del self.all_model_classes
+
+    def test_training(self):
+        with self._heads_only():
+            super().test_training()
+
+    def check_training_gradient_checkpointing(self, gradient_checkpointing_kwargs=None):
+        with self._heads_only():
+            super().check_training_gradient_checkpointing(gradient_checkpointing_kwargs)
+
+
+class LmbLlamaConfigTest(unittest.TestCase):
+    """`ConfigTester`'s checks, one subtest each so that a failure says which one."""
+
+    def setUp(self) -> None:
+        self.config_tester = ConfigTester(
+            self, config_class=LmbLlamaConfig, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=99,
+        )
+
+    def test_config_common(self) -> None:
+        for name in (
+            "create_and_test_config_common_properties",
+            "create_and_test_config_to_json_string",
+            "create_and_test_config_to_json_file",
+            "create_and_test_config_from_and_save_pretrained",
+            "create_and_test_config_from_and_save_pretrained_subfolder",
+            "create_and_test_config_from_and_save_pretrained_composite",
+            "create_and_test_config_with_num_labels",
+            "check_config_arguments_init",
+            "create_and_test_config_from_pretrained_custom_kwargs",
+            "check_config_can_be_init_without_params",
+        ):
+            with self.subTest(name):
+                getattr(self.config_tester, name)()
+
+    def test_run_common_tests(self) -> None:
+        self.config_tester.run_common_tests()
