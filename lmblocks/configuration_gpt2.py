@@ -8,11 +8,15 @@ implementation does not have (cross-attention, layer-index attention scaling, ..
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from huggingface_hub.dataclasses import strict
 
 from .configuration_common import LmbPretrainedConfig
+
+if TYPE_CHECKING:
+    from transformers import GPT2Config
 
 # Keys of transformers' GPT2Config that only its double-heads model uses; lmblocks has no such head.
 _HF_GPT2_UNUSED_KEYS = ("summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
@@ -99,6 +103,21 @@ class LmbGPT2Config(LmbPretrainedConfig):
         if config_dict.get("model_type") == "gpt2":
             config_dict = _from_transformers_gpt2(config_dict)
         return super().from_dict(config_dict, **kwargs)
+
+    def to_transformers_gpt2(self) -> "GPT2Config":
+        """The equivalent config of transformers' built-in GPT-2, for exporting to its format.
+
+        `lm_loss_weight` has no counterpart there (transformers' GPT-2 has no auxiliary LM loss) and is left out;
+        `qkv_bias=False` cannot be expressed, so it is refused.
+        """
+        from transformers import GPT2Config
+
+        if not self.qkv_bias:
+            raise ValueError("transformers' GPT-2 always has a bias on c_attn; a model with qkv_bias=False cannot be "
+                             "exported to its format.")
+        shared = {f.name for f in dataclasses.fields(GPT2Config)} & {f.name for f in dataclasses.fields(self)}
+        values = {name: getattr(self, name) for name in shared if name not in ("transformers_version", "architectures")}
+        return GPT2Config(**values, **_HF_GPT2_FIXED_KEYS)
 
 
 def _from_transformers_gpt2(config_dict: dict[str, Any]) -> dict[str, Any]:

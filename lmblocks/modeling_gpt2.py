@@ -8,13 +8,15 @@ the official layout and transformers' own GPT-2 checkpoints load directly.
 """
 
 import math
+import os
 
 import torch
+from huggingface_hub import save_torch_state_dict
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.core_model_loading import Transpose, WeightConverter
+from transformers.core_model_loading import Transpose, WeightConverter, revert_weight_conversion
 from transformers.generation import GenerationMixin
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.masking_utils import create_causal_mask
@@ -24,7 +26,7 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
-from transformers.modeling_utils import PreTrainedModel
+from transformers.modeling_utils import PreTrainedModel, remove_tied_weights_from_state_dict
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
@@ -174,16 +176,10 @@ class LmbGPT2Model(LmbGPT2PreTrainedModel):
             past_key_values = DynamicCache(config=self.config)
 
         seq_len = inputs_embeds.shape[1]
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-            if isinstance(past_seen, int) and past_seen + seq_len > self.config.n_positions:
-                raise ValueError(
-                    f"Sequence length {past_seen + seq_len} (cached {past_seen} + new {seq_len}) exceeds "
-                    f"n_positions={self.config.n_positions}, the number of learned positions."
-                )
             position_ids = (torch.arange(seq_len, device=inputs_embeds.device) + past_seen).unsqueeze(0)
-        elif seq_len > self.config.n_positions:
-            raise ValueError(f"Sequence length {seq_len} exceeds n_positions={self.config.n_positions}.")
+        self._check_positions(position_ids, past_seen, seq_len)
 
         causal_mask = create_causal_mask(
             config=self.config,
@@ -199,6 +195,20 @@ class LmbGPT2Model(LmbGPT2PreTrainedModel):
         hidden_states = self.ln_f(hidden_states)
 
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+    def _check_positions(self, position_ids: torch.Tensor, past_seen: int, seq_len: int) -> None:
+        """GPT-2 learned `n_positions` position embeddings; a position past them would fail inside `wpe` with an
+        opaque IndexError (a device-side assert on GPU). Checked on the values, so left-padded generation (positions
+        smaller than the cache length) is not refused early. Skipped under torch.compile, where reading a tensor's
+        value would break the graph."""
+        if torch.compiler.is_compiling() or position_ids.numel() == 0:
+            return
+        last_position = int(position_ids.max())
+        if last_position >= self.config.n_positions:
+            raise ValueError(
+                f"Sequence length {last_position + 1} (cached {past_seen} + new {seq_len}) exceeds "
+                f"n_positions={self.config.n_positions}, the number of learned positions."
+            )
 
 
 class LmbGPT2LMHeadModel(LmbGPT2PreTrainedModel, GenerationMixin):
@@ -330,7 +340,45 @@ class LmbGPT2ForSequenceClassification(LmbGPT2PreTrainedModel):
         return -1
 
 
+def export_to_transformers_gpt2(
+    model: LmbGPT2PreTrainedModel, save_directory: str | os.PathLike, max_shard_size: str = "5GB"
+) -> None:
+    """Save `model` in the format of transformers' built-in GPT-2 (the format of the official `gpt2` checkpoints):
+    a `GPT2Config` (`model_type: "gpt2"`) and safetensors weights with Conv1D-layout projections, which
+    `GPT2Model` / `GPT2LMHeadModel` / `GPT2ForSequenceClassification.from_pretrained` load without lmblocks.
+
+    The weights go through the same reverse conversion as `save_pretrained` (nn.Linear -> Conv1D layout); only the
+    config and the absence of lmblocks' code files differ. `scripts/export_gpt2.py` is the command-line front end.
+    """
+    architecture = TRANSFORMERS_GPT2_ARCHITECTURES[type(model)]
+    hf_config = model.config.to_transformers_gpt2()
+    hf_config.architectures = [architecture]
+    # save_pretrained's order: drop tied copies (lm_head) first, then revert the conversions on what is left.
+    state_dict = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    state_dict = revert_weight_conversion(model, state_dict)
+    os.makedirs(save_directory, exist_ok=True)
+    save_torch_state_dict(
+        {name: tensor.contiguous() for name, tensor in state_dict.items()},
+        save_directory,
+        max_shard_size=max_shard_size,
+        metadata={"format": "pt"},
+    )
+    hf_config.save_pretrained(save_directory)
+    if model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(save_directory)
+
+
+# The transformers class each lmblocks GPT-2 class exports to.
+TRANSFORMERS_GPT2_ARCHITECTURES: dict[type[LmbGPT2PreTrainedModel], str] = {
+    LmbGPT2Model: "GPT2Model",
+    LmbGPT2LMHeadModel: "GPT2LMHeadModel",
+    LmbGPT2ForSequenceClassification: "GPT2ForSequenceClassification",
+}
+
+
 __all__ = [
+    "export_to_transformers_gpt2",
+    "TRANSFORMERS_GPT2_ARCHITECTURES",
     "LmbGPT2PreTrainedModel",
     "LmbGPT2Model",
     "LmbGPT2LMHeadModel",
