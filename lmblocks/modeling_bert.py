@@ -8,7 +8,6 @@ written by `BertForPreTraining.save_pretrained` loads with no renaming, and chec
 `LayerNorm.gamma` / `LayerNorm.beta` names load through transformers' built-in legacy renaming.
 """
 
-from __future__ import annotations
 
 from dataclasses import dataclass
 
@@ -28,7 +27,8 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import ModelOutput, can_return_tuple
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -127,7 +127,10 @@ class LmbBertSelfOutput(nn.Module):
         return self.LayerNorm(residual + self.dropout(self.dense(hidden_states)))
 
 
-class LmbBertAttention(nn.Module):
+# Spelled `torch.nn.Module`: transformers' `_can_set_attn_implementation` scans a modeling file's source for
+# `class ...Attention...(nn.Module)` and, finding one, expects the kernel dispatch in the same file (it is in
+# `layers.py`), which would refuse `set_attn_implementation` for BERT.
+class LmbBertAttention(torch.nn.Module):
     """`self` (the attention) and `output` (projection + residual + LayerNorm), as the checkpoints nest them."""
 
     def __init__(self, config: LmbBertConfig, layer_idx: int) -> None:
@@ -282,7 +285,7 @@ class LmbBertModel(LmbBertPreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
         """`attention_mask`: (B, T) with 1 for real tokens and 0 for padding (or a prepared 4D mask);
         `token_type_ids`: (B, T) segment ids in [0, type_vocab_size), 0 by default."""
@@ -374,7 +377,7 @@ class LmbBertForPreTraining(_LmbBertMLMMixin, LmbBertPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         next_sentence_label: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> LmbBertForPreTrainingOutput:
         outputs: BaseModelOutputWithPooling = self.bert(
             input_ids,
@@ -426,7 +429,7 @@ class LmbBertForMaskedLM(_LmbBertMLMMixin, LmbBertPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MaskedLMOutput:
         outputs: BaseModelOutputWithPooling = self.bert(
             input_ids,
@@ -462,7 +465,7 @@ class LmbBertForNextSentencePrediction(LmbBertPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> NextSentencePredictorOutput:
         outputs: BaseModelOutputWithPooling = self.bert(
             input_ids,
@@ -499,7 +502,7 @@ class LmbBertForSequenceClassification(LmbBertPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutput:
         outputs: BaseModelOutputWithPooling = self.bert(
             input_ids,
@@ -538,7 +541,7 @@ class LmbBertForTokenClassification(LmbBertPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> TokenClassifierOutput:
         outputs: BaseModelOutputWithPooling = self.bert(
             input_ids,
@@ -576,7 +579,7 @@ class LmbBertForQuestionAnswering(LmbBertPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         start_positions: torch.LongTensor | None = None,
         end_positions: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> QuestionAnsweringModelOutput:
         outputs: BaseModelOutputWithPooling = self.bert(
             input_ids,
@@ -616,7 +619,7 @@ class LmbBertForMultipleChoice(LmbBertPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MultipleChoiceModelOutput:
         reference = input_ids if input_ids is not None else inputs_embeds
         if reference is None or reference.dim() < 3:
