@@ -219,8 +219,9 @@ def fit_steps_to_budget(model, train_dataset, collator, training_args: TrainingA
 
 
 def run_pretraining(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
-                    datasets_name: str | None = None) -> dict:
-    """Train, evaluate and save; returns the metrics (also written to `output_dir/all_results.json`)."""
+                    datasets_name: str | None = None, callbacks: list | None = None) -> dict:
+    """Train, evaluate and save; returns the metrics (also written to `output_dir/all_results.json`).
+    `callbacks`: extra `TrainerCallback`s (for example to inspect every rank's weights in a distributed run)."""
     import torch
     from transformers import Trainer, set_seed
 
@@ -241,7 +242,9 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, traini
     training_args.push_to_hub = False  # lmblocks pushes the finished folder itself, with its own model card
     if eval_dataset is None:
         training_args.eval_strategy = "no"
-    callbacks = [time_budget_callback(model_args.time_budget_seconds)] if model_args.time_budget_seconds else []
+    callbacks = list(callbacks or [])
+    if model_args.time_budget_seconds:
+        callbacks.append(time_budget_callback(model_args.time_budget_seconds))
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                       data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
     use_live_loss_bar(trainer)
@@ -269,10 +272,14 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, traini
         metrics.update(eval_metrics)
         metrics["perplexity"] = math.exp(min(eval_metrics["eval_loss"], 50.0))
 
+    # Under FSDP / DeepSpeed ZeRO-3 the weights are sharded: gathering them is a collective every rank joins.
+    state_dict = None
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
     if trainer.is_world_process_zero():
         output_dir = Path(training_args.output_dir)
         with staged_directory(output_dir) as staging:
-            trainer.model.save_pretrained(staging)
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(staging, state_dict=state_dict)
             tokenizer.save_pretrained(staging)
             trainer.state.save_to_json(str(staging / "trainer_state.json"))
             import json
