@@ -185,13 +185,30 @@ def build_datasets(family, texts: list[str], tokenizer, data_args: DataArguments
 
 
 def build_bert_datasets(texts, tokenizer, data_args: DataArguments, seed: int):
+    """BERT's recipe: documents of sentences (lines; a blank line or a new file/row starts a document), NSP sentence
+    pairs, dynamic MLM masking in the collator. The last `eval_fraction` of the (shuffled) pairs is held out."""
+    import datasets
+    from lmblocks.data_bert import (BertDataError, DataCollatorForBertPretraining, create_nsp_examples,
+                                    documents_from_dataset)
+
+    lines: list[str] = []
+    for text in texts:
+        lines.extend(text.splitlines())
+        lines.append("")  # a document never spans two files or rows
     try:
-        from lmblocks.data_bert import build_nsp_examples, DataCollatorForMLMAndNSP  # noqa: F401
-    except ImportError as error:
-        raise UsageError(
-            "BERT pretraining data (NSP pairs + MLM collator) is not available in this lmblocks install."
-        ) from error
-    raise UsageError("BERT pretraining data module has an unexpected interface.")
+        documents = documents_from_dataset(datasets.Dataset.from_dict({"text": lines}))
+        examples = create_nsp_examples(documents, tokenizer, max_seq_length=data_args.block_size,
+                                       nsp_probability=data_args.nsp_probability, seed=seed)
+        collator = DataCollatorForBertPretraining(tokenizer, mlm_probability=data_args.mlm_probability, seed=seed)
+    except BertDataError as error:
+        raise CorpusError(str(error)) from error
+    n_eval = max(1, int(round(len(examples) * data_args.eval_fraction))) if data_args.eval_fraction > 0 else 0
+    if len(examples) - n_eval < 1:
+        raise CorpusError(f"The corpus gives {len(examples)} sentence pair(s), too few for training"
+                          f"{' and a held-out pair' if n_eval else ''}. Give more text.")
+    train = datasets.Dataset.from_list(examples[: len(examples) - n_eval])
+    held_out = datasets.Dataset.from_list(examples[len(examples) - n_eval:]) if n_eval else None
+    return train, held_out, collator
 
 
 def fit_steps_to_budget(model, train_dataset, collator, training_args: TrainingArguments, seconds: float) -> int | None:
