@@ -7,8 +7,6 @@ on the Hub, so those folders load as they are. Meta's original layout (`params.j
 converted by `scripts/convert_llama_meta.py`.
 """
 
-from __future__ import annotations
-
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
@@ -21,7 +19,8 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutputWithPast,
 )
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import can_return_tuple
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -60,7 +59,7 @@ class LmbLlamaAttention(MultiHeadAttention):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attn_output, attn_weights = self.attend(
             self.q_proj(hidden_states),  # (B, T, nh·hs)
@@ -90,7 +89,7 @@ class LmbLlamaDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_key_values: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         attn_output, _ = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values, **kwargs
@@ -147,7 +146,7 @@ class LmbLlamaModel(LmbLlamaPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -218,7 +217,7 @@ class LmbLlamaForCausalLM(LmbLlamaPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         """`logits_to_keep`: compute logits for only the last N positions (0 = all), which saves memory in generation.
         `num_items_in_batch` in kwargs (passed by Trainer) makes the loss exact under gradient accumulation."""
@@ -269,7 +268,7 @@ class LmbLlamaForSequenceClassification(LmbLlamaPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutputWithPast:
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,

@@ -9,14 +9,17 @@ transformers' own reason.
 
 from __future__ import annotations
 
-import contextlib
 import unittest
 
 from hf_common_tests.generation.test_utils import GenerationTesterMixin
 from hf_common_tests.test_configuration_common import ConfigTester
 from hf_common_tests.test_modeling_common import ModelTesterMixin, ids_tensor, random_attention_mask
 from hf_common_tests.test_training_mixin import TrainingTesterMixin
-import torch
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    MODEL_MAPPING_NAMES,
+)
 
 from lmblocks import LmbLlamaConfig, LmbLlamaForCausalLM, LmbLlamaForSequenceClassification, LmbLlamaModel
 
@@ -102,50 +105,45 @@ class LmbLlamaModelTester:
 # Common tests that do not apply to lmblocks' LLaMA, each with the reason.
 _SKIPS: dict[str, str] = {}
 
+# The common tests tell a class's role (base model, causal LM, classifier) by looking its name up in transformers'
+# `*_MAPPING_NAMES` tables: whether to add labels, whether a loss is expected, which class holds the base weights (the
+# RoPE-scaling tests need that one). Our classes are registered with the Auto classes (looked up before these tables),
+# so adding their names here, for the duration of the test class, changes no lookup; it only lets the common tests
+# treat them as transformers' own. The same as tests/test_gpt2_common.py and tests/test_bert_common.py do.
+_ROLE_TABLES = [
+    (MODEL_MAPPING_NAMES, LmbLlamaModel),
+    (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, LmbLlamaForCausalLM),
+    (MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, LmbLlamaForSequenceClassification),
+]
 
+
+# GenerationTesterMixin is the stand-in (tests/hf_standins/generation/test_utils.py): the generation suite runs for
+# LLaMA in tests/test_generation.py (LLaMA is in tests/families.py), and greedy decoding with dynamic and static caches
+# is compared with transformers' LlamaForCausalLM in tests/test_llama.py.
 class LmbLlamaModelTest(ModelTesterMixin, GenerationTesterMixin, TrainingTesterMixin, unittest.TestCase):
-    """The common model tests. `GenerationTesterMixin` is the stand-in of `tests/hf_standins`: the generation suite
-    runs for LLaMA through the shared tests/test_generation.py (LLaMA is in tests/families.py) and tests/test_llama.py
-    (parity of greedy decoding with transformers' LlamaForCausalLM, dynamic and static cache)."""
-
     all_model_classes = (LmbLlamaModel, LmbLlamaForCausalLM, LmbLlamaForSequenceClassification)
+    # transformers gates this test on the copyright year at the top of the config file (ours has none); run it.
+    test_can_init_all_missing_weights_before_2023 = True
     # The embeddings are a small part of the tiny model; these splits leave whole blocks on each side of the cut.
     model_split_percents = [0.5, 0.8, 0.9]
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()
+        for table, model_class in _ROLE_TABLES:
+            assert LmbLlamaConfig.model_type not in table
+            table[LmbLlamaConfig.model_type] = model_class.__name__
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        for table, _ in _ROLE_TABLES:
+            table.pop(LmbLlamaConfig.model_type, None)
+        super().tearDownClass()
 
     def setUp(self) -> None:
         self.model_tester = LmbLlamaModelTester(self)
         if self._testMethodName in _SKIPS:
             self.skipTest(_SKIPS[self._testMethodName])
-
-    def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
-        # transformers adds labels by looking the class name up in its own Auto mappings, which list only its own
-        # classes; give lmblocks' heads the labels it would give LlamaForCausalLM / LlamaForSequenceClassification.
-        inputs_dict = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
-        if return_labels and "labels" not in inputs_dict:
-            tester = self.model_tester
-            if model_class is LmbLlamaForCausalLM:
-                inputs_dict["labels"] = torch.zeros((tester.batch_size, tester.seq_length), dtype=torch.long)
-            elif model_class is LmbLlamaForSequenceClassification:
-                inputs_dict["labels"] = torch.zeros(tester.batch_size, dtype=torch.long)
-        return inputs_dict
-
-    @contextlib.contextmanager
-    def _heads_only(self):
-        # The training tests skip base models by looking their names up in transformers' MODEL_MAPPING_NAMES, which
-        # lists only transformers' own classes; LmbLlamaModel has no loss to train, so leave it out the same way.
-        self.all_model_classes = (LmbLlamaForCausalLM, LmbLlamaForSequenceClassification)
-        try:
-            yield
-        finally:
-            del self.all_model_classes
-
-    def test_training(self):
-        with self._heads_only():
-            super().test_training()
-
-    def check_training_gradient_checkpointing(self, gradient_checkpointing_kwargs=None):
-        with self._heads_only():
-            super().check_training_gradient_checkpointing(gradient_checkpointing_kwargs)
 
 
 class LmbLlamaConfigTest(unittest.TestCase):
