@@ -131,6 +131,22 @@ class LmbGPT2PreTrainedModel(PreTrainedModel):
             std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
             init.normal_(module.c_proj.weight, mean=0.0, std=std)
 
+    def get_position_embeddings(self) -> nn.Embedding:
+        return self.base_model.wpe
+
+    def resize_position_embeddings(self, new_num_position_embeddings: int) -> None:
+        """Change the number of learned positions (`n_positions`): existing rows are kept, new rows are initialised
+        like at construction, so a model can be fine-tuned on longer contexts than it was trained on."""
+        old = self.base_model.wpe
+        new = nn.Embedding(new_num_position_embeddings, old.embedding_dim, device=old.weight.device,
+                           dtype=old.weight.dtype)
+        self._init_weights(new)
+        kept = min(old.num_embeddings, new_num_position_embeddings)
+        with torch.no_grad():
+            new.weight[:kept] = old.weight[:kept]
+        self.base_model.wpe = new
+        self.config.n_positions = new_num_position_embeddings
+
 
 class LmbGPT2Model(LmbGPT2PreTrainedModel):
     """The GPT-2 transformer: token + position embeddings, `n_layer` blocks, final LayerNorm."""

@@ -282,3 +282,14 @@ def test_sequence_classification_auxiliary_lm_loss(lm_loss_weight):
     # The classifier pools the last real token of each row (the rows are left-padded here, so the last column).
     torch.testing.assert_close(out.logits, model.score(hidden[:, -1]))
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_resize_position_embeddings_allows_longer_sequences():
+    model = LmbGPT2LMHeadModel(LmbGPT2Config.from_preset("tiny", n_positions=16)).eval()
+    old_rows = model.get_position_embeddings().weight.detach().clone()
+    model.resize_position_embeddings(24)
+    new_rows = model.get_position_embeddings().weight
+    assert model.config.n_positions == 24 and new_rows.shape == (24, 64)
+    assert torch.equal(new_rows[:16], old_rows)
+    assert 0.5 * 0.02 < new_rows[16:].std() < 2 * 0.02  # initialised like at construction, not zeros
+    assert model(torch.ones(1, 24, dtype=torch.long)).logits.shape == (1, 24, 1024)

@@ -9,10 +9,11 @@ transformers' own reason.
 
 from __future__ import annotations
 
+import inspect
+import re
 import unittest
 
-import pytest
-import torch
+from parameterized import parameterized
 
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -133,8 +134,8 @@ class LmbGPT2ModelTest(ModelTesterMixin, GenerationTesterMixin, TrainingTesterMi
     all_model_classes = (LmbGPT2Model, LmbGPT2LMHeadModel, LmbGPT2ForSequenceClassification)
     # transformers gates this test on the copyright year at the top of the config file (ours has none); run it.
     test_can_init_all_missing_weights_before_2023 = True
-    # Learned absolute positions: transformers' resize_position_embeddings is not implemented for them.
-    test_resize_position_embeddings = False
+    # Learned absolute positions (wpe), resizable like the token embeddings.
+    test_resize_position_embeddings = True
     # The embeddings are a small part of the tiny model; these splits leave whole blocks on each side of the cut.
     model_split_percents = [0.5, 0.8, 0.9]
 
@@ -162,33 +163,34 @@ class LmbGPT2ModelTest(ModelTesterMixin, GenerationTesterMixin, TrainingTesterMi
         super().test_reverse_loading_mapping(check_keys_were_modified=False)
 
 
+# What `ConfigTester.run_common_tests` runs (with can_init_without_params=True), one test each below.
+_CONFIG_CHECKS = [
+    "create_and_test_config_common_properties",
+    "create_and_test_config_to_json_string",
+    "create_and_test_config_to_json_file",
+    "create_and_test_config_from_and_save_pretrained",
+    "create_and_test_config_from_and_save_pretrained_subfolder",
+    "create_and_test_config_from_and_save_pretrained_composite",
+    "create_and_test_config_with_num_labels",
+    "check_config_arguments_init",
+    "create_and_test_config_from_pretrained_custom_kwargs",
+    "check_config_can_be_init_without_params",
+]
+
+
 class LmbGPT2ConfigTest(unittest.TestCase):
-    """`ConfigTester`'s checks, one test each so that the counts say which one fails."""
+    """`ConfigTester`'s checks, one test per check so that the counts say which one fails."""
 
     def setUp(self) -> None:
         self.config_tester = ConfigTester(
             self, config_class=LmbGPT2Config, n_embd=37, n_head=1, vocab_size=99, bos_token_id=98, eos_token_id=98
         )
 
-    @staticmethod
-    def _check_names() -> list[str]:
-        return [
-            "create_and_test_config_common_properties",
-            "create_and_test_config_to_json_string",
-            "create_and_test_config_to_json_file",
-            "create_and_test_config_from_and_save_pretrained",
-            "create_and_test_config_from_and_save_pretrained_subfolder",
-            "create_and_test_config_from_and_save_pretrained_composite",
-            "create_and_test_config_with_num_labels",
-            "check_config_arguments_init",
-            "create_and_test_config_from_pretrained_custom_kwargs",
-            "check_config_can_be_init_without_params",
-        ]
+    @parameterized.expand(_CONFIG_CHECKS)
+    def test_config(self, check: str) -> None:
+        getattr(self.config_tester, check)()
 
-    def test_config_common(self) -> None:
-        for name in self._check_names():
-            with self.subTest(name):
-                getattr(self.config_tester, name)()
-
-    def test_run_common_tests(self) -> None:
-        self.config_tester.run_common_tests()
+    def test_checks_match_run_common_tests(self) -> None:
+        """Guards `_CONFIG_CHECKS` against checks a later transformers adds to `run_common_tests`."""
+        called = re.findall(r"self\.(\w+)\(", inspect.getsource(ConfigTester.run_common_tests))
+        self.assertEqual(sorted(called), sorted(_CONFIG_CHECKS))
