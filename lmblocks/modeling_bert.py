@@ -8,7 +8,6 @@ written by `BertForPreTraining.save_pretrained` loads with no renaming, and chec
 `LayerNorm.gamma` / `LayerNorm.beta` names load through transformers' built-in legacy renaming.
 """
 
-
 from dataclasses import dataclass
 
 import torch
