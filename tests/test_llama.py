@@ -481,3 +481,15 @@ def test_compiled_static_cache_decoding_with_inductor():
             token = step(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
             tokens.append(token)
     assert torch.cat([input_ids, *tokens], dim=1).tolist() == expected.tolist()
+
+
+@slow
+def test_flex_attention_matches_transformers_and_eager():
+    """flex_attention runs on CPU too, but compiles its kernel first (about 50 s on 2 cores), hence RUN_SLOW=1."""
+    hf, ours = make_pair("flex_attention", "gqa")
+    _, eager = make_pair("eager", "gqa")
+    input_ids, _ = batch(pad=0)
+    with torch.no_grad():
+        actual = ours(input_ids).logits
+        assert max_diff(actual, hf(input_ids).logits) <= 1e-4
+        assert max_diff(actual, eager(input_ids).logits) <= 1e-4
