@@ -61,5 +61,25 @@ LLAMA = Family(
     extra_classes=(lmblocks.LmbLlamaForSequenceClassification,),
 )
 
-FAMILIES: list[Family] = [GPT2, LLAMA]
+def _bert_tiny(**overrides):
+    return lmblocks.LmbBertConfig.from_preset("tiny", **{"vocab_size": 99, "pad_token_id": 0, **overrides})
+
+
+BERT = Family(
+    name="bert",
+    config_class=lmblocks.LmbBertConfig,
+    tiny_config=_bert_tiny,
+    base_class=lmblocks.LmbBertModel,
+    masked_lm_class=lmblocks.LmbBertForMaskedLM,
+    extra_classes=(
+        lmblocks.LmbBertForPreTraining,
+        lmblocks.LmbBertForNextSentencePrediction,
+        lmblocks.LmbBertForSequenceClassification,
+        lmblocks.LmbBertForTokenClassification,
+        lmblocks.LmbBertForQuestionAnswering,
+        lmblocks.LmbBertForMultipleChoice,
+    ),
+)
+
+FAMILIES: list[Family] = [GPT2, LLAMA, BERT]
 DECODERS: list[Family] = [f for f in FAMILIES if f.causal_lm_class is not None]
