@@ -105,12 +105,15 @@ def train(name: str, corpus: str, vocab_size: int) -> None:
         train_tokenizer(corpus, kind, vocab_size=vocab_size, wordpiece_criterion=criterion or None, show_progress=False)
         return
     if name == "sentencepiece-bpe":
+        import tempfile
+
         import sentencepiece as spm
 
-        spm.SentencePieceTrainer.train(
-            input=corpus, model_prefix=str(RESULTS / "spm_bench"), model_type="bpe", vocab_size=vocab_size,
-            byte_fallback=True, character_coverage=1.0, num_threads=os.cpu_count(), minloglevel=2,
-        )
+        with tempfile.TemporaryDirectory() as scratch:
+            spm.SentencePieceTrainer.train(
+                input=corpus, model_prefix=os.path.join(scratch, "spm"), model_type="bpe", vocab_size=vocab_size,
+                byte_fallback=True, character_coverage=1.0, num_threads=os.cpu_count(), minloglevel=2,
+            )
         return
 
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -151,8 +154,10 @@ def worker(args: argparse.Namespace) -> None:
                         show_progress=False)
         corpus_mb = args.stream_mb
     else:
-        import tokenizers  # noqa: F401  (imports are not part of the timing)
-        import transformers  # noqa: F401
+        # Imports are not part of the timing: lmblocks pulls in torch and transformers.
+        if args.worker.startswith("lmb-"):
+            import lmblocks.tokenization_trainer  # noqa: F401
+        import tokenizers  # noqa: F401
 
         rss_before = peak_rss_mb()
         start = time.perf_counter()
@@ -171,8 +176,8 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_worker(name: str, args: argparse.Namespace, corpus: Path) -> dict:
-    command = [sys.executable, __file__, "--worker", name, "--corpus", str(corpus), "--vocab_size", str(args.vocab_size),
-               "--stream_mb", str(args.stream_mb)]
+    command = [sys.executable, __file__, "--worker", name, "--corpus", str(corpus),
+               "--vocab_size", str(args.vocab_size), "--stream_mb", str(args.stream_mb)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{done.stderr}")
@@ -185,8 +190,9 @@ def run_worker(name: str, args: argparse.Namespace, corpus: Path) -> dict:
 def markdown(results: list[dict], machine: str) -> str:
     by_name = {r["trainer"]: r for r in results}
     rows = [
-        "| trainer | what | corpus (MB) | time (s) | MB/s | vs bare | peak RSS (MB) | RSS after imports (MB) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| trainer | what | corpus (MB) | time (s) | MB/s | vs bare | peak RSS (MB) | after imports (MB) "
+        "| training (MB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in results:
         name = result["trainer"]
@@ -197,9 +203,14 @@ def markdown(results: list[dict], machine: str) -> str:
             versus = f"{result['seconds'] / by_name['lmb-bert-frequency']['seconds']:.1f}× frequency"
         rows.append(
             f"| {name} | {what} | {result['corpus_mb']} | {result['seconds']} | {result['mb_per_s']} | {versus} | "
-            f"{result['peak_rss_mb']} | {result['rss_after_imports_mb']} |"
+            f"{result['peak_rss_mb']} | {result['rss_after_imports_mb']} | "
+            f"{result['peak_rss_mb'] - result['rss_after_imports_mb']} |"
         )
-    return f"Machine: {machine}. vocab_size {results[0]['vocab_size']}, min_frequency 2.\n\n" + "\n".join(rows) + "\n"
+    header = (
+        f"Machine: {machine}; load average {os.getloadavg()[0]:.1f} at the end. "
+        f"vocab_size {results[0]['vocab_size']}, min_frequency 2."
+    )
+    return header + "\n\n" + "\n".join(rows) + "\n"
 
 
 def main() -> None:
@@ -218,15 +229,17 @@ def main() -> None:
         args.corpus_mb, args.stream_mb = 4, 64
 
     corpus = build_corpus(args.corpus_mb)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     print(f"corpus {corpus} ({os.path.getsize(corpus) / 1e6:.1f} MB); {machine}", flush=True)
     names = args.only or [*TRAINERS, "stream-gpt2"]
-    results = [run_worker(name, args, corpus) for name in names]
-
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "tokenizers_quick" if args.quick else "tokenizers"
+    results = []
     with open(RESULTS / f"{stem}.jsonl", "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps({**result, "machine": machine}) + "\n" for result in results)
+        for name in names:  # written as they come, so an interrupted run keeps what it measured
+            results.append(run_worker(name, args, corpus))
+            handle.write(json.dumps({**results[-1], "machine": machine}) + "\n")
+            handle.flush()
     (RESULTS / f"{stem}.md").write_text(markdown(results, machine), encoding="utf-8")
     print(markdown(results, machine))
 

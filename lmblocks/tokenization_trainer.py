@@ -5,14 +5,14 @@ rebuilds itself when it loads (transformers 5 tokenizer classes build their own 
 and take only the vocabulary, merges and post-processor from ``tokenizer.json``), so the tokenizer you train is the
 tokenizer you load:
 
-========  ===================================================================  ======================  =================
-kind      model                                                                special tokens          loads as
-========  ===================================================================  ======================  =================
-gpt2      byte-level BPE, GPT-2's pre-tokenisation regex; lossless             ``<|endoftext|>``       GPT2TokenizerFast
-llama     BPE on ``▁``-marked words (SentencePiece style) with byte fallback   ``<unk> <s> </s>``      LlamaTokenizerFast
-bert      WordPiece (``##``), BERT normalisation, ``[CLS] A [SEP] B [SEP]``     ``[PAD] [UNK] [CLS]``   BertTokenizerFast
-                                                                               ``[SEP] [MASK]``
-========  ===================================================================  ======================  =================
+=====  ==============================================================  =====================  ==================
+kind   model                                                           special tokens         loads as
+=====  ==============================================================  =====================  ==================
+gpt2   byte-level BPE, GPT-2's pre-tokenisation regex; lossless        ``<|endoftext|>``      GPT2TokenizerFast
+llama  BPE on ``▁``-marked words (SentencePiece style), byte fallback  ``<unk> <s> </s>``     LlamaTokenizerFast
+bert   WordPiece (``##``), BERT normalisation, ``[CLS] A [SEP] B``     ``[PAD] [UNK] [CLS]``  BertTokenizerFast
+                                                                       ``[SEP] [MASK]``
+=====  ==============================================================  =====================  ==================
 
 The corpus is streamed: files are read by Rust, and iterators and ``datasets`` datasets are consumed once, so a corpus
 larger than memory trains in bounded memory (only the word counts are held).
@@ -265,7 +265,8 @@ def _train_llama(corpus: _Corpus, options: _Options) -> Tokenizer:
     trainer = _bpe_trainer(options, options.vocab_size - len(LLAMA_BYTE_TOKENS))
     _train_rust(backend, trainer, corpus)
     trained, merges = _bpe_vocab_and_merges(backend)
-    _check_size("llama", options.vocab_size, len(trained) + len(LLAMA_BYTE_TOKENS), "the special, byte and alphabet tokens")
+    size = len(trained) + len(LLAMA_BYTE_TOKENS)
+    _check_size("llama", options.vocab_size, size, "the special, byte and alphabet tokens")
 
     # LLaMA's layout: special tokens, the 256 byte tokens, then the learnt pieces.
     vocab: dict[str, int] = {}
@@ -375,7 +376,8 @@ def _check_options(
     """Validate the options for ``kind``; return the effective (lowercase, strip_accents, wordpiece_criterion)."""
     if kind not in KINDS:
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(map(repr, KINDS))}")
-    for name, value in [("vocab_size", vocab_size), ("limit_alphabet", limit_alphabet), ("max_token_length", max_token_length)]:
+    sizes = {"vocab_size": vocab_size, "limit_alphabet": limit_alphabet, "max_token_length": max_token_length}
+    for name, value in sizes.items():
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not isinstance(min_frequency, int) or min_frequency < 0:

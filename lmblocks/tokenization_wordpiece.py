@@ -91,8 +91,8 @@ def train_wordpiece_likelihood(
 
     The vocabulary is the special tokens, then the alphabet (each character, and ``prefix`` + each character that
     continues a word, sorted), then the merged symbols in the order they were learnt. Merging stops at
-    ``vocab_size`` tokens or when no pair occurs at least ``min_frequency`` times. With ``limit_alphabet``, only the most
-    frequent characters are kept, and words with other characters are left out (WordPiece encodes them as unknown).
+    ``vocab_size`` tokens or when no pair occurs at least ``min_frequency`` times. With ``limit_alphabet``, only the
+    most frequent characters are kept, and words with other characters are left out (WordPiece encodes them as unknown).
     ``max_token_length`` bounds the length of a merged symbol in characters, not counting ``prefix``. Ties in score go
     to the pair whose symbols sort first, so the result is deterministic.
 

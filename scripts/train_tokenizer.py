@@ -1,7 +1,7 @@
 """Train a gpt2 / llama / bert tokenizer and save it where AutoTokenizer loads it.
 
     python scripts/train_tokenizer.py --kind gpt2 --vocab_size 32000 --output_dir out/tok "data/*.txt"
-    python scripts/train_tokenizer.py --kind bert --dataset path/to/saved_dataset --text_column text --output_dir out/tok
+    python scripts/train_tokenizer.py --kind bert --dataset path/to/saved_dataset --text_column body --output_dir tok
 
 Files are UTF-8 text, one text per line; quote globs so that the script expands them. ``--dataset`` takes a folder
 written by ``Dataset.save_to_disk`` or a name for ``datasets.load_dataset`` (streamed). Bad input exits with status 2
