@@ -8,16 +8,42 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForMultipleChoice,
+    AutoModelForNextSentencePrediction,
+    AutoModelForPreTraining,
+    AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
 )
 
+from .configuration_bert import LmbBertConfig
 from .configuration_gpt2 import LmbGPT2Config
+from .configuration_llama import LmbLlamaConfig
+from .modeling_bert import (
+    LmbBertForMaskedLM,
+    LmbBertForMultipleChoice,
+    LmbBertForNextSentencePrediction,
+    LmbBertForPreTraining,
+    LmbBertForQuestionAnswering,
+    LmbBertForSequenceClassification,
+    LmbBertForTokenClassification,
+    LmbBertModel,
+    LmbBertPreTrainedModel,
+)
 from .modeling_gpt2 import (
     LmbGPT2ForSequenceClassification,
     LmbGPT2LMHeadModel,
     LmbGPT2Model,
     LmbGPT2PreTrainedModel,
 )
+from .modeling_llama import (
+    LmbLlamaForCausalLM,
+    LmbLlamaForSequenceClassification,
+    LmbLlamaModel,
+    LmbLlamaPreTrainedModel,
+)
+from .tokenization_trainer import config_kwargs_from_tokenizer, save_tokenizer, train_tokenizer
 
 __version__ = "0.1.0"
 
@@ -39,24 +65,6 @@ _register(
         AutoModelForSequenceClassification: LmbGPT2ForSequenceClassification,
     },
 )
-
-__all__ = [
-    "LmbGPT2Config",
-    "LmbGPT2PreTrainedModel",
-    "LmbGPT2Model",
-    "LmbGPT2LMHeadModel",
-    "LmbGPT2ForSequenceClassification",
-]
-
-# LLaMA family (issue #5).
-from .configuration_llama import LmbLlamaConfig  # noqa: E402
-from .modeling_llama import (  # noqa: E402
-    LmbLlamaForCausalLM,
-    LmbLlamaForSequenceClassification,
-    LmbLlamaModel,
-    LmbLlamaPreTrainedModel,
-)
-
 _register(
     LmbLlamaConfig,
     {
@@ -65,37 +73,6 @@ _register(
         AutoModelForSequenceClassification: LmbLlamaForSequenceClassification,
     },
 )
-__all__ += [
-    "LmbLlamaConfig",
-    "LmbLlamaPreTrainedModel",
-    "LmbLlamaModel",
-    "LmbLlamaForCausalLM",
-    "LmbLlamaForSequenceClassification",
-]
-
-# BERT family (issue #6).
-from transformers import (  # noqa: E402
-    AutoModelForMaskedLM,
-    AutoModelForMultipleChoice,
-    AutoModelForNextSentencePrediction,
-    AutoModelForPreTraining,
-    AutoModelForQuestionAnswering,
-    AutoModelForTokenClassification,
-)
-
-from .configuration_bert import LmbBertConfig  # noqa: E402
-from .modeling_bert import (  # noqa: E402
-    LmbBertForMaskedLM,
-    LmbBertForMultipleChoice,
-    LmbBertForNextSentencePrediction,
-    LmbBertForPreTraining,
-    LmbBertForQuestionAnswering,
-    LmbBertForSequenceClassification,
-    LmbBertForTokenClassification,
-    LmbBertModel,
-    LmbBertPreTrainedModel,
-)
-
 _register(
     LmbBertConfig,
     {
@@ -109,7 +86,18 @@ _register(
         AutoModelForMultipleChoice: LmbBertForMultipleChoice,
     },
 )
-__all__ += [
+
+__all__ = [
+    "LmbGPT2Config",
+    "LmbGPT2PreTrainedModel",
+    "LmbGPT2Model",
+    "LmbGPT2LMHeadModel",
+    "LmbGPT2ForSequenceClassification",
+    "LmbLlamaConfig",
+    "LmbLlamaPreTrainedModel",
+    "LmbLlamaModel",
+    "LmbLlamaForCausalLM",
+    "LmbLlamaForSequenceClassification",
     "LmbBertConfig",
     "LmbBertPreTrainedModel",
     "LmbBertModel",
@@ -120,4 +108,7 @@ __all__ += [
     "LmbBertForTokenClassification",
     "LmbBertForQuestionAnswering",
     "LmbBertForMultipleChoice",
+    "train_tokenizer",
+    "save_tokenizer",
+    "config_kwargs_from_tokenizer",
 ]
