@@ -27,7 +27,8 @@ Example:
     >>> documents = read_bert_documents(["wiki.txt"])                                   # doctest: +SKIP
     >>> examples = create_nsp_examples(documents, tokenizer, max_seq_length=128)        # doctest: +SKIP
     >>> collator = DataCollatorForBertPretraining(tokenizer)                            # doctest: +SKIP
-    >>> Trainer(model=LmbBertForPreTraining(config), train_dataset=examples, data_collator=collator, ...)  # doctest: +SKIP
+    >>> model = LmbBertForPreTraining(config)                                            # doctest: +SKIP
+    >>> Trainer(model=model, train_dataset=examples, data_collator=collator, args=...)   # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -77,7 +78,7 @@ class LmbBertEmbeddings(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros((batch, seq_len), dtype=torch.long, device=inputs_embeds.device)
         elif not _is_tracing() and token_type_ids.numel() > 0:
-            low, high = int(token_type_ids.min()), int(token_type_ids.max())
+            low, high = (int(v) for v in torch.aminmax(token_type_ids))
             if low < 0 or high >= self.config.type_vocab_size:
                 raise ValueError(
                     f"token_type_ids must be in [0, type_vocab_size={self.config.type_vocab_size}), got values in "
@@ -137,7 +138,9 @@ class LmbBertAttention(torch.nn.Module):
         self.self = LmbBertSelfAttention(config, layer_idx)
         self.output = LmbBertSelfOutput(config, config.hidden_size)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
         attn_output, _ = self.self(hidden_states, attention_mask, **kwargs)
         return self.output(attn_output, hidden_states)
 
@@ -163,7 +166,9 @@ class LmbBertLayer(GradientCheckpointingLayer):
         self.intermediate = LmbBertIntermediate(config)
         self.output = LmbBertSelfOutput(config, config.intermediate_size)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
         attention_output = self.attention(hidden_states, attention_mask, **kwargs)
         return self.output(self.intermediate(attention_output), attention_output)
 
@@ -175,7 +180,9 @@ class LmbBertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList([LmbBertLayer(config, layer_idx=i) for i in range(config.num_hidden_layers)])
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
         for layer in self.layer:
             hidden_states = layer(hidden_states, attention_mask, **kwargs)
         return hidden_states
@@ -338,11 +345,14 @@ class _LmbBertMLMMixin:
         self.cls.predictions.bias = new_embeddings.bias
 
 
-def _nsp_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, mlm_labels=None) -> torch.Tensor:
-    """Mean cross-entropy of the NSP head. Under gradient accumulation Trainer passes `num_items_in_batch` (the masked
-    tokens of the whole accumulated batch) and sums the micro-batch losses without averaging them; weighting each
-    micro-batch's mean by its share of those items keeps the NSP term an average instead of a sum."""
-    loss = nn.functional.cross_entropy(logits.view(-1, 2).float(), labels.view(-1).to(logits.device))
+def _pretraining_nsp_loss(
+    logits: torch.Tensor, labels: torch.Tensor, mlm_labels: torch.Tensor | None, num_items_in_batch=None
+) -> torch.Tensor:
+    """Mean cross-entropy of the NSP head inside the pretraining loss. Under gradient accumulation Trainer passes
+    `num_items_in_batch` — the masked tokens of the whole accumulated batch, counted from `labels` — and sums the
+    micro-batch losses without averaging them; weighting each micro-batch's mean by its share of those items keeps the
+    NSP term an average instead of a sum."""
+    loss = fixed_cross_entropy(logits.view(-1, 2).float(), labels.view(-1).to(logits.device))
     if num_items_in_batch is not None and mlm_labels is not None:
         loss = loss * (mlm_labels != -100).sum().to(loss.device) / num_items_in_batch
     return loss
@@ -393,7 +403,9 @@ class LmbBertForPreTraining(_LmbBertMLMMixin, LmbBertPreTrainedModel):
         if labels is not None:
             mlm_loss = self.loss_function(prediction_logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         if next_sentence_label is not None:
-            nsp_loss = _nsp_loss(seq_relationship_logits, next_sentence_label, kwargs.get("num_items_in_batch"), labels)
+            nsp_loss = _pretraining_nsp_loss(
+                seq_relationship_logits, next_sentence_label, labels, kwargs.get("num_items_in_batch")
+            )
         if mlm_loss is not None and nsp_loss is not None:
             loss = mlm_loss + nsp_loss
 
@@ -475,7 +487,10 @@ class LmbBertForNextSentencePrediction(LmbBertPreTrainedModel):
             **kwargs,
         )
         logits = self.cls.seq_relationship(outputs.pooler_output)
-        loss = _nsp_loss(logits, labels) if labels is not None else None
+        loss = None
+        if labels is not None:  # one label per sequence: Trainer's num_items_in_batch counts sequences
+            loss = fixed_cross_entropy(logits.float(), labels.view(-1).to(logits.device),
+                                       num_items_in_batch=kwargs.get("num_items_in_batch"))
         return NextSentencePredictorOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                            attentions=outputs.attentions)
 
@@ -514,7 +529,7 @@ class LmbBertForSequenceClassification(LmbBertPreTrainedModel):
         logits = self.classifier(self.dropout(outputs.pooler_output))
         loss = None
         if labels is not None:
-            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config, **kwargs)
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                         attentions=outputs.attentions)
 
@@ -639,7 +654,8 @@ class LmbBertForMultipleChoice(LmbBertPreTrainedModel):
         logits = self.classifier(self.dropout(outputs.pooler_output)).view(-1, num_choices)  # (B, N)
         loss = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(logits, labels.to(logits.device))
+            loss = fixed_cross_entropy(logits.float(), labels.view(-1).to(logits.device),
+                                       num_items_in_batch=kwargs.get("num_items_in_batch"))
         return MultipleChoiceModelOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                          attentions=outputs.attentions)
 

@@ -4,6 +4,10 @@ old `LayerNorm.gamma` / `beta` names); configs; LoRA defaults; and a clear error
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import sysconfig
 
 import pytest
 import torch
@@ -80,7 +84,8 @@ def test_parity_with_transformers(hf_folder, ours_class, hf_name, fields, attn_i
     diffs = {field: _max_diff(getattr(actual, field), getattr(expected, field)) for field in fields}
     diffs["hidden_states"] = max(_max_diff(a, e) for a, e in zip(actual.hidden_states, expected.hidden_states))
     assert len(actual.hidden_states) == TINY["num_hidden_layers"] + 1
-    print(f"parity {ours_class.__name__} [{attn_implementation}]: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    figures = ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
+    print(f"parity {ours_class.__name__} [{attn_implementation}]: {figures}")
     assert max(diffs.values()) <= ATOL, diffs
 
 
@@ -212,7 +217,8 @@ def test_reads_transformers_bert_config(tmp_path):
     assert config.model_type == "lmb_bert"
     assert (config.hidden_size, config.intermediate_size, config.hidden_act, config.layer_norm_eps) == (
         32, 37, "gelu_new", 1e-7)
-    for key, value in (("is_decoder", True), ("add_cross_attention", True), ("position_embedding_type", "relative_key")):
+    unsupported = (("is_decoder", True), ("add_cross_attention", True), ("position_embedding_type", "relative_key"))
+    for key, value in unsupported:
         with pytest.raises(ValueError, match=f"{key}={value!r}"):
             LmbBertConfig.from_dict({**data, key: value})
 
@@ -281,7 +287,8 @@ def test_resized_vocabulary_keeps_old_logits():
         mask = torch.ones_like(grown)
         mask[:, -1] = 0
         after = model(grown, attention_mask=mask).logits
-    assert model.cls.predictions.bias.shape == (104,) and model.cls.predictions.decoder.bias is model.cls.predictions.bias
+    predictions = model.cls.predictions
+    assert predictions.bias.shape == (104,) and predictions.decoder.bias is predictions.bias
     assert _max_diff(after[:, :-1, :99], before) <= 1e-6
 
 
@@ -305,3 +312,44 @@ def test_loss_is_exact_under_gradient_accumulation():
     torch.testing.assert_close(halves[0].mlm_loss + halves[1].mlm_loss, full.mlm_loss)
     nsp_sum = halves[0].nsp_loss + halves[1].nsp_loss
     assert nsp_sum < 1.5 * full.nsp_loss  # an average of the halves' means, not their sum
+
+
+# --- remote code -----------------------------------------------------------------------------------------------------
+
+_REMOTE_LOAD = """
+import sys
+sys.path.append({site_packages!r})  # without its .pth files, so lmblocks' editable install is not active
+try:
+    import lmblocks
+except ModuleNotFoundError:
+    pass
+else:
+    raise SystemExit("lmblocks is importable; the test would prove nothing")
+import torch
+from transformers import AutoModelForPreTraining
+
+model = AutoModelForPreTraining.from_pretrained({folder!r}, trust_remote_code=True).eval()
+with torch.no_grad():
+    out = model(**torch.load({inputs!r}))
+torch.save({{"logits": out.prediction_logits, "module": type(model).__module__, "class": type(model).__name__}},
+           {out!r})
+"""
+
+
+def test_remote_code_loads_without_lmblocks(hf_folder, tmp_path):
+    model = LmbBertForPreTraining.from_pretrained(hf_folder).eval()
+    model.save_pretrained(tmp_path / "model")
+    saved_code = {path.name for path in (tmp_path / "model").glob("*.py")}
+    assert {"modeling_bert.py", "configuration_bert.py", "layers.py", "integrations.py"} <= saved_code
+    inputs = _inputs()
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = _REMOTE_LOAD.format(site_packages=sysconfig.get_paths()["purelib"], folder=str(tmp_path / "model"),
+                                 inputs=str(tmp_path / "inputs.pt"), out=str(tmp_path / "out.pt"))
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-I", "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    assert out["class"] == "LmbBertForPreTraining" and out["module"].startswith("transformers_modules")
+    with torch.no_grad():
+        assert torch.equal(out["logits"], model(**inputs).prediction_logits)

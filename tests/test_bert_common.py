@@ -153,7 +153,7 @@ class LmbBertModelTest(ModelTesterMixin, TrainingTesterMixin, unittest.TestCase)
         return inputs_dict
 
     def _get_trainable_model_class(self):
-        # TrainingTesterMixin's batch has token-level labels (labels = input_ids): BERT's token-level LM is the MLM head.
+        # TrainingTesterMixin's batch has token-level labels (labels = input_ids): for BERT, that is the MLM head.
         return LmbBertForMaskedLM
 
 

@@ -300,8 +300,8 @@ def test_trainer_pretraining_both_losses_fall(tokenizer, tmp_path):
 
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=200, per_device_train_batch_size=32, learning_rate=3e-3,
-        lr_scheduler_type="constant", weight_decay=0.0, logging_steps=25, save_strategy="no", report_to=[], use_cpu=True,
-        seed=0, disable_tqdm=True, dataloader_num_workers=0,
+        lr_scheduler_type="constant", weight_decay=0.0, logging_steps=25, save_strategy="no", report_to=[],
+        use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
     trainer.train()
