@@ -48,6 +48,7 @@ class ModelArguments:
     merge_lora: bool = field(default=False, metadata={"help": "Merge the adapter into the weights when saving."})
     trust_remote_code: bool = field(default=False)
     license: str = field(default="apache-2.0")
+    time_budget_seconds: float | None = field(default=None, metadata={"help": "Stop training after this long."})
 
 
 @dataclass
@@ -183,7 +184,7 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, trainin
 
     from lmblocks.hub import push_folder, write_model_card
     from lmblocks.training import (check_hub_credentials, family_of_config, staged_directory,
-                                   use_live_loss_bar)
+                                   time_budget_callback, use_live_loss_bar)
 
     if model_args.task not in TASKS:
         raise UsageError(f"Unknown --task {model_args.task!r}; choose one of {', '.join(TASKS)}.")
@@ -238,8 +239,10 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, trainin
     training_args.push_to_hub = False  # lmblocks pushes the finished folder itself, with its own card
     if eval_dataset is None:
         training_args.eval_strategy = "no"
+    callbacks = [time_budget_callback(model_args.time_budget_seconds)] if model_args.time_budget_seconds else []
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                      data_collator=collator, processing_class=tokenizer, compute_metrics=compute_metrics)
+                      data_collator=collator, processing_class=tokenizer, compute_metrics=compute_metrics,
+                      callbacks=callbacks)
     use_live_loss_bar(trainer)
     if trainer.is_world_process_zero():
         print(f"[finetune] {family.name} {model_args.task}: {n_trainable / 1e6:.3f}M of {n_total / 1e6:.2f}M "

@@ -193,8 +193,9 @@ def lora_finetune(args, texts: list[str], names: list[str], base: Path, out: Pat
         "--lm_loss_weight", "0.5", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.05", "--merge_lora",
         "--output_dir", str(out / "gpt2-books-lora"), "--max_length", "64", "--learning_rate", "2e-3",
         "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size", "32",
-        "--num_train_epochs", "1" if args.quick else "3", "--logging_steps", "5", "--eval_strategy", "epoch",
+        "--num_train_epochs", "1" if args.quick else "3", "--logging_steps", "5", "--eval_strategy", "no",
         "--save_strategy", "no", "--report_to", "none", "--seed", str(args.seed), "--dataloader_pin_memory", "false",
+        "--time_budget_seconds", str(seconds),
     ]
     print(f"\n[main] === LoRA fine-tuning GPT-2: which book is a passage from? ({len(rows)} passages, "
           f"{len(set(names))} books) ===", flush=True)
