@@ -54,9 +54,9 @@ def _ids(family: Family, batch_size: int = 2, length: int = 10) -> torch.Tensor:
     return torch.randint(3, vocab_size - 2, (batch_size, length), generator=torch.Generator().manual_seed(4))
 
 
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+def _logits(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        return model(input_ids=ids, attention_mask=attention_mask).logits
 
 
 # --- peft ------------------------------------------------------------------------------------------------------------
@@ -235,7 +235,11 @@ def test_resize_token_embeddings(family, tmp_path):
     if model.config.tie_word_embeddings:
         assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     assert torch.equal(model.get_input_embeddings().weight[:vocab_size], old_rows)
-    after = _logits(model, torch.cat([ids, torch.full((2, 1), vocab_size + 4)], dim=1))
+    # The appended new token is masked out, so old positions see what they saw before in any family, bidirectional too.
+    extended = torch.cat([ids, torch.full((ids.shape[0], 1), vocab_size + 4)], dim=1)
+    mask = torch.ones_like(extended)
+    mask[:, -1] = 0
+    after = _logits(model, extended, mask)
     assert after.shape[-1] == vocab_size + 5
     torch.testing.assert_close(after[:, :-1, :vocab_size], before)  # old tokens, old logits
 
