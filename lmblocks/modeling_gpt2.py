@@ -76,7 +76,10 @@ class LmbGPT2MLP(nn.Module):
     def __init__(self, config: LmbGPT2Config) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.n_inner)
-        self.act = ACT2FN[config.activation_function]
+        # "gelu_new" (GPT-2's tanh-approximated GELU) is transformers' NewGELUActivation: eight elementwise ops, six
+        # tensors kept for backward. PyTorch's fused kernel computes the same function (within 1e-6) in one pass.
+        act = "gelu_pytorch_tanh" if config.activation_function == "gelu_new" else config.activation_function
+        self.act = ACT2FN[act]
         self.c_proj = nn.Linear(config.n_inner, config.n_embd)
         self.dropout = nn.Dropout(config.resid_pdrop)
 
