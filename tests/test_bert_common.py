@@ -4,22 +4,20 @@ the Hub".
 `ModelTesterMixin`, `ConfigTester` and `TrainingTesterMixin` come from the sdist of the installed transformers
 (`.cache/hf_tests/hf_common_tests`). The mixins pick inputs and labels per head by looking class names up in
 transformers' `MODEL_FOR_*_MAPPING_NAMES` tables (multiple choice expands the inputs, QA gets start/end positions,
-base models are skipped by the training tests, ...); the fixture below enters the lmblocks classes there under their
-`model_type`, for the duration of this module, so that each head is tested as what it is. Every test we skip names
-its reason in `_SKIPS`; tests that transformers itself gates (GPU, flash-attention, slow, ...) skip with its reason.
+base models are skipped by the training tests, ...); `role_tables` enters the lmblocks classes there under their
+`model_type` for the duration of the test class (tests/hf_contract.py), so that each head is tested as what it is.
+No common test is skipped by us; tests that transformers itself gates (GPU, flash-attention, slow, ...) skip with its reason.
 """
 
 from __future__ import annotations
 
 import unittest
 
-import pytest
 import torch
-from transformers.models.auto import modeling_auto
 
-from hf_common_tests.test_configuration_common import ConfigTester
 from hf_common_tests.test_modeling_common import ModelTesterMixin, ids_tensor, random_attention_mask
 from hf_common_tests.test_training_mixin import TrainingTesterMixin
+from hf_contract import LmbConfigTestMixin, LmbModelTestMixin
 from lmblocks import (
     LmbBertConfig,
     LmbBertForMaskedLM,
@@ -31,29 +29,6 @@ from lmblocks import (
     LmbBertForTokenClassification,
     LmbBertModel,
 )
-
-# transformers' mapping table -> the lmblocks class of that kind.
-_MAPPING_ENTRIES = {
-    "MODEL_MAPPING_NAMES": LmbBertModel,
-    "MODEL_FOR_PRETRAINING_MAPPING_NAMES": LmbBertForPreTraining,
-    "MODEL_FOR_MASKED_LM_MAPPING_NAMES": LmbBertForMaskedLM,
-    "MODEL_FOR_NEXT_SENTENCE_PREDICTION_MAPPING_NAMES": LmbBertForNextSentencePrediction,
-    "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES": LmbBertForSequenceClassification,
-    "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES": LmbBertForTokenClassification,
-    "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES": LmbBertForQuestionAnswering,
-    "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES": LmbBertForMultipleChoice,
-}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _bert_in_transformers_name_tables():
-    model_type = LmbBertConfig.model_type
-    for table, model_class in _MAPPING_ENTRIES.items():
-        getattr(modeling_auto, table)[model_type] = model_class.__name__
-    yield
-    for table in _MAPPING_ENTRIES:
-        getattr(modeling_auto, table).pop(model_type, None)
-
 
 class LmbBertModelTester:
     """Builds the tiny configs and inputs the mixins ask for (the attribute names are the ones they read)."""
@@ -116,11 +91,9 @@ class LmbBertModelTester:
         return self.get_config(), inputs
 
 
-# Common tests that do not apply to lmblocks' BERT, each with the reason.
-_SKIPS: dict[str, str] = {}
-
-
-class LmbBertModelTest(ModelTesterMixin, TrainingTesterMixin, unittest.TestCase):
+class LmbBertModelTest(LmbModelTestMixin, ModelTesterMixin, TrainingTesterMixin, unittest.TestCase):
+    model_type = LmbBertConfig.model_type
+    model_tester_class = LmbBertModelTester
     all_model_classes = (
         LmbBertModel,
         LmbBertForPreTraining,
@@ -131,17 +104,18 @@ class LmbBertModelTest(ModelTesterMixin, TrainingTesterMixin, unittest.TestCase)
         LmbBertForQuestionAnswering,
         LmbBertForMultipleChoice,
     )
+    role_tables = {
+        "MODEL_MAPPING_NAMES": LmbBertModel,
+        "MODEL_FOR_PRETRAINING_MAPPING_NAMES": LmbBertForPreTraining,
+        "MODEL_FOR_MASKED_LM_MAPPING_NAMES": LmbBertForMaskedLM,
+        "MODEL_FOR_NEXT_SENTENCE_PREDICTION_MAPPING_NAMES": LmbBertForNextSentencePrediction,
+        "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES": LmbBertForSequenceClassification,
+        "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES": LmbBertForTokenClassification,
+        "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES": LmbBertForQuestionAnswering,
+        "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES": LmbBertForMultipleChoice,
+    }
     # Learned absolute positions: transformers' resize_position_embeddings is not implemented for them.
     test_resize_position_embeddings = False
-    # The embeddings are a large part of the tiny model; these splits leave whole layers on each side of the cut.
-    model_split_percents = [0.5, 0.8, 0.9]
-    # transformers runs `test_can_init_all_missing_weights` only for models added since 2023 unless asked: we ask.
-    test_can_init_all_missing_weights_before_2023 = True
-
-    def setUp(self) -> None:
-        self.model_tester = LmbBertModelTester(self)
-        if self._testMethodName in _SKIPS:
-            self.skipTest(_SKIPS[self._testMethodName])
 
     def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
         inputs_dict = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
@@ -157,28 +131,6 @@ class LmbBertModelTest(ModelTesterMixin, TrainingTesterMixin, unittest.TestCase)
         return LmbBertForMaskedLM
 
 
-class LmbBertConfigTest(unittest.TestCase):
-    """`ConfigTester`'s checks, one subtest each so that a failure names its check."""
-
-    def setUp(self) -> None:
-        self.config_tester = ConfigTester(self, config_class=LmbBertConfig, hidden_size=37, num_attention_heads=1,
-                                          vocab_size=99)
-
-    def test_config_common(self) -> None:
-        for name in [
-            "create_and_test_config_common_properties",
-            "create_and_test_config_to_json_string",
-            "create_and_test_config_to_json_file",
-            "create_and_test_config_from_and_save_pretrained",
-            "create_and_test_config_from_and_save_pretrained_subfolder",
-            "create_and_test_config_from_and_save_pretrained_composite",
-            "create_and_test_config_with_num_labels",
-            "check_config_arguments_init",
-            "create_and_test_config_from_pretrained_custom_kwargs",
-            "check_config_can_be_init_without_params",
-        ]:
-            with self.subTest(name):
-                getattr(self.config_tester, name)()
-
-    def test_run_common_tests(self) -> None:
-        self.config_tester.run_common_tests()
+class LmbBertConfigTest(LmbConfigTestMixin, unittest.TestCase):
+    config_class = LmbBertConfig
+    config_kwargs = dict(hidden_size=37, num_attention_heads=1, vocab_size=99)

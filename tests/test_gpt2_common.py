@@ -3,28 +3,18 @@ on the Hub".
 
 `ModelTesterMixin`, `ConfigTester` and `TrainingTesterMixin` come from the sdist of the installed transformers
 (fetched by `scripts/fetch_assets.py` into `.cache/hf_tests/hf_common_tests`). Every test we skip names its reason in
-`_SKIPS` below; tests that transformers itself gates (GPU, multi-GPU, flash-attention, deepspeed, slow) skip with
+`skips` below; tests that transformers itself gates (GPU, multi-GPU, flash-attention, deepspeed, slow) skip with
 transformers' own reason.
 """
 
 from __future__ import annotations
 
-import inspect
-import re
 import unittest
 
-from parameterized import parameterized
-
-from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-    MODEL_MAPPING_NAMES,
-)
-
 from hf_common_tests.generation.test_utils import GenerationTesterMixin
-from hf_common_tests.test_configuration_common import ConfigTester
 from hf_common_tests.test_modeling_common import ModelTesterMixin, ids_tensor, random_attention_mask
 from hf_common_tests.test_training_mixin import TrainingTesterMixin
+from hf_contract import LmbConfigTestMixin, LmbModelTestMixin
 from lmblocks import LmbGPT2Config, LmbGPT2ForSequenceClassification, LmbGPT2LMHeadModel, LmbGPT2Model
 
 
@@ -111,51 +101,27 @@ _MODEL_LAYOUT_STATE_DICT = (
     "already in memory layout (attn.c_proj is square, so its shape does not tell either). Loading one fails with a "
     "shape-mismatch error on c_attn instead (tests/test_gpt2.py::test_model_layout_state_dict_is_refused)."
 )
-_SKIPS: dict[str, str] = {
-    "test_from_pretrained_no_checkpoint": _MODEL_LAYOUT_STATE_DICT,
-    "test_can_load_from_already_mapped_keys": _MODEL_LAYOUT_STATE_DICT,
-}
-
-
-# The common tests tell a class's role (base model, causal LM, classifier) by looking its name up in transformers'
-# `*_MAPPING_NAMES` tables: whether to add labels, whether a loss is expected, which class holds the base weights.
-# Our classes are registered with the Auto classes (looked up before these tables), so adding their names here, for
-# the duration of the test class, changes no lookup; it only lets the common tests treat them as transformers' own.
-_ROLE_TABLES = [
-    (MODEL_MAPPING_NAMES, LmbGPT2Model),
-    (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, LmbGPT2LMHeadModel),
-    (MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, LmbGPT2ForSequenceClassification),
-]
 
 
 # GenerationTesterMixin is the stand-in (tests/hf_standins/generation/test_utils.py): the generation suite itself is
 # tests/test_generation.py; inheriting it tells `test_generation_tester_mixin_inheritance` that generation is tested.
-class LmbGPT2ModelTest(ModelTesterMixin, GenerationTesterMixin, TrainingTesterMixin, unittest.TestCase):
+class LmbGPT2ModelTest(
+    LmbModelTestMixin, ModelTesterMixin, GenerationTesterMixin, TrainingTesterMixin, unittest.TestCase
+):
+    model_type = LmbGPT2Config.model_type
+    model_tester_class = LmbGPT2ModelTester
     all_model_classes = (LmbGPT2Model, LmbGPT2LMHeadModel, LmbGPT2ForSequenceClassification)
-    # transformers gates this test on the copyright year at the top of the config file (ours has none); run it.
-    test_can_init_all_missing_weights_before_2023 = True
+    role_tables = {
+        "MODEL_MAPPING_NAMES": LmbGPT2Model,
+        "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": LmbGPT2LMHeadModel,
+        "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES": LmbGPT2ForSequenceClassification,
+    }
+    skips = {
+        "test_from_pretrained_no_checkpoint": _MODEL_LAYOUT_STATE_DICT,
+        "test_can_load_from_already_mapped_keys": _MODEL_LAYOUT_STATE_DICT,
+    }
     # Learned absolute positions (wpe), resizable like the token embeddings.
     test_resize_position_embeddings = True
-    # The embeddings are a small part of the tiny model; these splits leave whole blocks on each side of the cut.
-    model_split_percents = [0.5, 0.8, 0.9]
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        super().setUpClass()
-        for table, model_class in _ROLE_TABLES:
-            assert LmbGPT2Config.model_type not in table
-            table[LmbGPT2Config.model_type] = model_class.__name__
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        for table, _ in _ROLE_TABLES:
-            table.pop(LmbGPT2Config.model_type, None)
-        super().tearDownClass()
-
-    def setUp(self) -> None:
-        self.model_tester = LmbGPT2ModelTester(self)
-        if self._testMethodName in _SKIPS:
-            self.skipTest(_SKIPS[self._testMethodName])
 
     def test_reverse_loading_mapping(self) -> None:
         # Our conversion transposes Conv1D <-> nn.Linear weights and keeps their names, the case transformers' flag
@@ -163,34 +129,6 @@ class LmbGPT2ModelTest(ModelTesterMixin, GenerationTesterMixin, TrainingTesterMi
         super().test_reverse_loading_mapping(check_keys_were_modified=False)
 
 
-# What `ConfigTester.run_common_tests` runs (with can_init_without_params=True), one test each below.
-_CONFIG_CHECKS = [
-    "create_and_test_config_common_properties",
-    "create_and_test_config_to_json_string",
-    "create_and_test_config_to_json_file",
-    "create_and_test_config_from_and_save_pretrained",
-    "create_and_test_config_from_and_save_pretrained_subfolder",
-    "create_and_test_config_from_and_save_pretrained_composite",
-    "create_and_test_config_with_num_labels",
-    "check_config_arguments_init",
-    "create_and_test_config_from_pretrained_custom_kwargs",
-    "check_config_can_be_init_without_params",
-]
-
-
-class LmbGPT2ConfigTest(unittest.TestCase):
-    """`ConfigTester`'s checks, one test per check so that the counts say which one fails."""
-
-    def setUp(self) -> None:
-        self.config_tester = ConfigTester(
-            self, config_class=LmbGPT2Config, n_embd=37, n_head=1, vocab_size=99, bos_token_id=98, eos_token_id=98
-        )
-
-    @parameterized.expand(_CONFIG_CHECKS)
-    def test_config(self, check: str) -> None:
-        getattr(self.config_tester, check)()
-
-    def test_checks_match_run_common_tests(self) -> None:
-        """Guards `_CONFIG_CHECKS` against checks a later transformers adds to `run_common_tests`."""
-        called = re.findall(r"self\.(\w+)\(", inspect.getsource(ConfigTester.run_common_tests))
-        self.assertEqual(sorted(called), sorted(_CONFIG_CHECKS))
+class LmbGPT2ConfigTest(LmbConfigTestMixin, unittest.TestCase):
+    config_class = LmbGPT2Config
+    config_kwargs = dict(n_embd=37, n_head=1, vocab_size=99, bos_token_id=98, eos_token_id=98)

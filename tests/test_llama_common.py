@@ -3,7 +3,7 @@ the Hub".
 
 `ModelTesterMixin`, `ConfigTester` and `TrainingTesterMixin` come from the sdist of the installed transformers
 (fetched by `scripts/fetch_assets.py` into `.cache/hf_tests/hf_common_tests`). Every test we skip names its reason in
-`_SKIPS` below; tests that transformers itself gates (GPU, multi-GPU, flash-attention, deepspeed, slow) skip with
+`skips`; tests that transformers itself gates (GPU, multi-GPU, flash-attention, deepspeed, slow) skip with
 transformers' own reason.
 """
 
@@ -12,15 +12,9 @@ from __future__ import annotations
 import unittest
 
 from hf_common_tests.generation.test_utils import GenerationTesterMixin
-from hf_common_tests.test_configuration_common import ConfigTester
 from hf_common_tests.test_modeling_common import ModelTesterMixin, ids_tensor, random_attention_mask
 from hf_common_tests.test_training_mixin import TrainingTesterMixin
-from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-    MODEL_MAPPING_NAMES,
-)
-
+from hf_contract import LmbConfigTestMixin, LmbModelTestMixin
 from lmblocks import LmbLlamaConfig, LmbLlamaForCausalLM, LmbLlamaForSequenceClassification, LmbLlamaModel
 
 
@@ -102,74 +96,22 @@ class LmbLlamaModelTester:
         return config, inputs
 
 
-# Common tests that do not apply to lmblocks' LLaMA, each with the reason.
-_SKIPS: dict[str, str] = {}
-
-# The common tests tell a class's role (base model, causal LM, classifier) by looking its name up in transformers'
-# `*_MAPPING_NAMES` tables: whether to add labels, whether a loss is expected, which class holds the base weights (the
-# RoPE-scaling tests need that one). Our classes are registered with the Auto classes (looked up before these tables),
-# so adding their names here, for the duration of the test class, changes no lookup; it only lets the common tests
-# treat them as transformers' own. The same as tests/test_gpt2_common.py and tests/test_bert_common.py do.
-_ROLE_TABLES = [
-    (MODEL_MAPPING_NAMES, LmbLlamaModel),
-    (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, LmbLlamaForCausalLM),
-    (MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, LmbLlamaForSequenceClassification),
-]
-
-
 # GenerationTesterMixin is the stand-in (tests/hf_standins/generation/test_utils.py): the generation suite runs for
 # LLaMA in tests/test_generation.py (LLaMA is in tests/families.py), and greedy decoding with dynamic and static caches
-# is compared with transformers' LlamaForCausalLM in tests/test_llama.py.
-class LmbLlamaModelTest(ModelTesterMixin, GenerationTesterMixin, TrainingTesterMixin, unittest.TestCase):
+# is compared with transformers' LlamaForCausalLM in tests/test_llama.py. No common test is skipped by us.
+class LmbLlamaModelTest(
+    LmbModelTestMixin, ModelTesterMixin, GenerationTesterMixin, TrainingTesterMixin, unittest.TestCase
+):
+    model_type = LmbLlamaConfig.model_type
+    model_tester_class = LmbLlamaModelTester
     all_model_classes = (LmbLlamaModel, LmbLlamaForCausalLM, LmbLlamaForSequenceClassification)
-    # transformers gates this test on the copyright year at the top of the config file (ours has none); run it.
-    test_can_init_all_missing_weights_before_2023 = True
-    # The embeddings are a small part of the tiny model; these splits leave whole blocks on each side of the cut.
-    model_split_percents = [0.5, 0.8, 0.9]
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        super().setUpClass()
-        for table, model_class in _ROLE_TABLES:
-            assert LmbLlamaConfig.model_type not in table
-            table[LmbLlamaConfig.model_type] = model_class.__name__
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        for table, _ in _ROLE_TABLES:
-            table.pop(LmbLlamaConfig.model_type, None)
-        super().tearDownClass()
-
-    def setUp(self) -> None:
-        self.model_tester = LmbLlamaModelTester(self)
-        if self._testMethodName in _SKIPS:
-            self.skipTest(_SKIPS[self._testMethodName])
+    role_tables = {
+        "MODEL_MAPPING_NAMES": LmbLlamaModel,
+        "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": LmbLlamaForCausalLM,
+        "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES": LmbLlamaForSequenceClassification,
+    }
 
 
-class LmbLlamaConfigTest(unittest.TestCase):
-    """`ConfigTester`'s checks, one subtest each so that a failure says which one."""
-
-    def setUp(self) -> None:
-        self.config_tester = ConfigTester(
-            self, config_class=LmbLlamaConfig, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=99,
-        )
-
-    def test_config_common(self) -> None:
-        for name in (
-            "create_and_test_config_common_properties",
-            "create_and_test_config_to_json_string",
-            "create_and_test_config_to_json_file",
-            "create_and_test_config_from_and_save_pretrained",
-            "create_and_test_config_from_and_save_pretrained_subfolder",
-            "create_and_test_config_from_and_save_pretrained_composite",
-            "create_and_test_config_with_num_labels",
-            "check_config_arguments_init",
-            "create_and_test_config_from_pretrained_custom_kwargs",
-            "check_config_can_be_init_without_params",
-        ):
-            with self.subTest(name):
-                getattr(self.config_tester, name)()
-
-    def test_run_common_tests(self) -> None:
-        self.config_tester.run_common_tests()
+class LmbLlamaConfigTest(LmbConfigTestMixin, unittest.TestCase):
+    config_class = LmbLlamaConfig
+    config_kwargs = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=99)
