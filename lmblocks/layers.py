@@ -237,7 +237,23 @@ def check_cache_capacity(past_key_values: Cache | None, new_tokens: int) -> None
         )
 
 
+def last_token_index(
+    input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, pad_token_id: int | None, device: torch.device
+) -> torch.Tensor | int:
+    """Index of each row's last real token, where a causal model has seen the whole sequence: from the attention mask
+    if given, else the last non-pad token, which handles left and right padding alike. Without either, every row is
+    taken as full length (-1), right for unpadded batches."""
+    if attention_mask is not None and attention_mask.dim() == 2:
+        positions = torch.arange(attention_mask.shape[-1], device=device)
+        return (positions * attention_mask.to(device, torch.long)).argmax(-1)
+    if input_ids is not None and pad_token_id is not None:
+        positions = torch.arange(input_ids.shape[-1], device=device)
+        return (positions * (input_ids != pad_token_id).to(device, torch.long)).argmax(-1)
+    return -1
+
+
 __all__ = [
+    "last_token_index",
     "check_cache_capacity",
     "RMSNorm",
     "RotaryEmbedding",

@@ -34,7 +34,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_gpt2 import LmbGPT2Config
 from .integrations import register_lora_target_modules, register_weight_conversions
-from .layers import MultiHeadAttention
+from .layers import MultiHeadAttention, last_token_index
 
 # Conv1D (in, out) <-> nn.Linear (out, in) for every projection of the official checkpoints.
 register_weight_conversions(
@@ -325,7 +325,7 @@ class LmbGPT2ForSequenceClassification(LmbGPT2PreTrainedModel):
         )
         hidden_states = outputs.last_hidden_state  # (B, T, C)
         batch_size = hidden_states.shape[0]
-        last_index = self._last_token_index(input_ids, attention_mask, hidden_states.device)
+        last_index = last_token_index(input_ids, attention_mask, self.config.pad_token_id, hidden_states.device)
         pooled_logits = self.score(hidden_states[torch.arange(batch_size, device=hidden_states.device), last_index])
 
         loss = None
@@ -344,19 +344,6 @@ class LmbGPT2ForSequenceClassification(LmbGPT2PreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-
-    def _last_token_index(
-        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, device: torch.device
-    ) -> torch.Tensor | int:
-        """Index of each row's last real token: from the attention mask if given, else the last non-pad token."""
-        if attention_mask is not None and attention_mask.dim() == 2:
-            positions = torch.arange(attention_mask.shape[-1], device=device)
-            return (positions * attention_mask.to(device, torch.long)).argmax(-1)
-        if input_ids is not None and self.config.pad_token_id is not None:
-            positions = torch.arange(input_ids.shape[-1], device=device)
-            return (positions * (input_ids != self.config.pad_token_id).to(device, torch.long)).argmax(-1)
-        # Neither a mask nor a pad token: every row is taken as full length, right for unpadded batches.
-        return -1
 
 
 def export_to_transformers_gpt2(
