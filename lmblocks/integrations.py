@@ -6,14 +6,31 @@ where lmblocks is not installed (transformers copies this file next to the model
 
 from __future__ import annotations
 
-from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from transformers import conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming
 
 
-def register_weight_conversions(model_type: str, conversions: list[WeightConverter | WeightRenaming]) -> None:
-    """Declare how checkpoint tensors map to this family's parameters; transformers applies the conversions on load
-    and their reverse on save."""
-    register_checkpoint_conversion_mapping(model_type, conversions, overwrite=True)
+@contextmanager
+def weight_conversions_while_loading(
+    model_type: str, conversions: list[WeightConverter | WeightRenaming]
+) -> Iterator[None]:
+    """Apply `conversions` to checkpoints loaded by `from_pretrained` inside this block, and only there.
+
+    A conversion registered for good would also be reversed on every save, so lmblocks' own checkpoints would be
+    written in the foreign layout, and whatever reads them without transformers' loader (Trainer's resume uses a
+    plain `load_state_dict`) would get transposed weights. Scoped to one load, a foreign layout is converted on the
+    way in and lmblocks' checkpoints stay plain state dicts.
+    """
+    conversion_mapping.register_checkpoint_conversion_mapping(model_type, conversions, overwrite=True)
+    try:
+        yield
+    finally:
+        # transformers has no public way to unregister; these are the two places registration writes to.
+        conversion_mapping._checkpoint_conversion_mapping_cache.pop(model_type, None)
+        conversion_mapping.USER_REGISTERED_MAPPINGS.discard(model_type)
 
 
 def register_lora_target_modules(model_type: str, target_modules: list[str]) -> None:
@@ -25,4 +42,4 @@ def register_lora_target_modules(model_type: str, target_modules: list[str]) -> 
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault(model_type, target_modules)
 
 
-__all__ = ["register_weight_conversions", "register_lora_target_modules"]
+__all__ = ["weight_conversions_while_loading", "register_lora_target_modules"]

@@ -2,9 +2,9 @@
 
 Pre-LayerNorm decoder blocks with learned absolute positions; the attention math, KV cache and kernels come from
 `layers.py`. Parameter names are those of the official checkpoints (`transformer.h.0.attn.c_attn.weight`, ...). The
-official checkpoints store their projections in `Conv1D` layout, (in, out), where lmblocks uses `nn.Linear`,
-(out, in): the conversion registered below transposes them on load and back on save, so lmblocks' checkpoints keep
-the official layout and transformers' own GPT-2 checkpoints load directly.
+official checkpoints (transformers' `GPT2*` classes, `model_type: "gpt2"`) store their projections in `Conv1D`
+layout, (in, out), where lmblocks uses `nn.Linear`, (out, in): `from_pretrained` transposes them when it loads such a
+checkpoint, and `export_to_transformers_gpt2` transposes them back. lmblocks' own checkpoints are plain state dicts.
 """
 
 import math
@@ -16,7 +16,8 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.core_model_loading import Transpose, WeightConverter, revert_weight_conversion
+from transformers import PreTrainedConfig
+from transformers.core_model_loading import Transpose, WeightConverter
 from transformers.generation import GenerationMixin
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.masking_utils import create_causal_mask
@@ -33,17 +34,11 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_gpt2 import LmbGPT2Config
-from .integrations import register_lora_target_modules, register_weight_conversions
+from .integrations import register_lora_target_modules, weight_conversions_while_loading
 from .layers import MultiHeadAttention, last_token_index
 
-# Conv1D (in, out) <-> nn.Linear (out, in) for every projection of the official checkpoints.
-register_weight_conversions(
-    LmbGPT2Config.model_type,
-    [
-        WeightConverter(source_patterns=pattern, target_patterns=pattern, operations=[Transpose(0, 1)])
-        for pattern in ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    ],
-)
+# The projections the official checkpoints store in Conv1D layout (in, out), transposed to nn.Linear's (out, in).
+CONV1D_PROJECTIONS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 register_lora_target_modules(LmbGPT2Config.model_type, ["c_attn", "c_proj", "c_fc"])
 
 
@@ -124,6 +119,19 @@ class LmbGPT2PreTrainedModel(PreTrainedModel):
     _can_record_outputs = {"hidden_states": LmbGPT2Block, "attentions": LmbGPT2Attention}
     # Causal-mask buffers that old GPT-2 checkpoints carry; masks are built per forward now.
     _keys_to_ignore_on_load_unexpected = [r"attn\.bias$", r"attn\.masked_bias$"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Loads lmblocks' GPT-2 checkpoints and also transformers' own (`model_type: "gpt2"`, the format of the
+        official `gpt2` checkpoints), whose Conv1D-layout projections are transposed on the way in."""
+        if _checkpoint_model_type(pretrained_model_name_or_path, kwargs) != "gpt2":
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        conv1d_to_linear = [WeightConverter(p, p, operations=[Transpose(0, 1)]) for p in CONV1D_PROJECTIONS]
+        with weight_conversions_while_loading(LmbGPT2Config.model_type, conv1d_to_linear):
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        # transformers remembers the load's conversions to reverse them on save; lmblocks saves its own layout.
+        model._weight_conversions = None
+        return model
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -353,15 +361,14 @@ def export_to_transformers_gpt2(
     a `GPT2Config` (`model_type: "gpt2"`) and safetensors weights with Conv1D-layout projections, which
     `GPT2Model` / `GPT2LMHeadModel` / `GPT2ForSequenceClassification.from_pretrained` load without lmblocks.
 
-    The weights go through the same reverse conversion as `save_pretrained` (nn.Linear -> Conv1D layout); only the
-    config and the absence of lmblocks' code files differ. `scripts/export_gpt2.py` is the command-line front end.
+    The projections are transposed back to Conv1D layout; otherwise the tensors are those `save_pretrained` writes. `scripts/export_gpt2.py` is the command-line front end.
     """
     architecture = TRANSFORMERS_GPT2_ARCHITECTURES[type(model)]
     hf_config = model.config.to_transformers_gpt2()
     hf_config.architectures = [architecture]
     # save_pretrained's order: drop tied copies (lm_head) first, then revert the conversions on what is left.
     state_dict = remove_tied_weights_from_state_dict(model.state_dict(), model)
-    state_dict = revert_weight_conversion(model, state_dict)
+    state_dict = {name: tensor.t() if name.endswith(CONV1D_PROJECTIONS) else tensor for name, tensor in state_dict.items()}
     os.makedirs(save_directory, exist_ok=True)
     save_torch_state_dict(
         {name: tensor.contiguous() for name, tensor in state_dict.items()},
@@ -372,6 +379,19 @@ def export_to_transformers_gpt2(
     hf_config.save_pretrained(save_directory)
     if model.can_generate() and model.generation_config is not None:
         model.generation_config.save_pretrained(save_directory)
+
+
+def _checkpoint_model_type(pretrained_model_name_or_path, kwargs: dict) -> str | None:
+    """The `model_type` in a checkpoint's config.json, or None where there is none (e.g. a bare `state_dict`)."""
+    if pretrained_model_name_or_path is None:
+        return None
+    hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "force_download", "local_files_only", "token", "revision",
+                                         "subfolder") if k in kwargs}
+    try:
+        config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+    except OSError:
+        return None
+    return config_dict.get("model_type")
 
 
 # The transformers class each lmblocks GPT-2 class exports to.

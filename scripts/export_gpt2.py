@@ -1,7 +1,7 @@
 """Export an lmblocks GPT-2 checkpoint to the format of transformers' built-in GPT-2.
 
-lmblocks saves GPT-2 weights in the official Conv1D layout already, with its own `config.json`
-(`model_type: "lmb_gpt2"`) and code files for `trust_remote_code`. This script writes a folder that transformers'
+lmblocks saves GPT-2 as a plain state dict (nn.Linear layout) with its own `config.json` (`model_type: "lmb_gpt2"`)
+and code files for `trust_remote_code`. This script writes a folder that transformers'
 `GPT2Model` / `GPT2LMHeadModel` / `GPT2ForSequenceClassification` load with no lmblocks installed: a real
 `GPT2Config` (`model_type: "gpt2"`), the weights (Conv1D layout, official key names, tied `lm_head` left out) and,
 for language models, the generation config. The opposite direction needs no script:

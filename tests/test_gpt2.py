@@ -117,14 +117,20 @@ def test_transformers_folder_loads_into_our_classes(hf_folder):
     torch.testing.assert_close(base.wpe.weight, hf_weights["transformer.wpe.weight"])
 
 
-def test_our_checkpoint_keeps_the_official_layout(hf_folder, tmp_path):
-    """save_pretrained of ours writes exactly the tensors transformers' GPT-2 wrote (reverse conversion on save)."""
-    LmbGPT2LMHeadModel.from_pretrained(hf_folder).save_pretrained(tmp_path)
-    ours, theirs = load_file(tmp_path / "model.safetensors"), load_file(hf_folder / "model.safetensors")
-    theirs = {k: v for k, v in theirs.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-    assert ours.keys() == theirs.keys()
-    for key in theirs:
-        assert torch.equal(ours[key], theirs[key]), key
+def test_our_checkpoint_is_a_plain_state_dict(hf_folder, tmp_path):
+    """Loaded from transformers' layout, saved in ours: the file holds exactly `state_dict()`, so readers that bypass
+    transformers' loader (Trainer's resume uses a plain `load_state_dict`) get the right tensors."""
+    model = LmbGPT2LMHeadModel.from_pretrained(hf_folder)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied copy left out
+    assert saved.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(saved[key], tensor), key
+    fresh = LmbGPT2LMHeadModel(model.config)
+    fresh.load_state_dict(saved, strict=False)
+    for key, tensor in expected.items():
+        assert torch.equal(fresh.state_dict()[key], tensor), key
 
 
 @pytest.mark.parametrize("our_class, their_class", [
@@ -222,15 +228,11 @@ def test_checkpoint_with_mismatched_shapes(hf_folder, caplog):
     assert "256" in caplog.text and "128" in caplog.text
 
 
-def test_model_layout_state_dict_is_refused(tmp_path):
-    """A state dict in memory (nn.Linear) layout is indistinguishable by name from the Conv1D layout on disk: loading
-    one must fail loudly (shape mismatch on the fused c_attn), never load transposed weights silently."""
+def test_state_dict_loads_without_a_checkpoint():
     model = LmbGPT2LMHeadModel(LmbGPT2Config.from_preset("tiny"))
-    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
-        LmbGPT2LMHeadModel.from_pretrained(None, config=model.config, state_dict=model.state_dict())
-    model.save_pretrained(tmp_path, save_original_format=False)
-    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
-        LmbGPT2LMHeadModel.from_pretrained(tmp_path)
+    loaded = LmbGPT2LMHeadModel.from_pretrained(None, config=model.config, state_dict=model.state_dict())
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
 
 
 # --- losses ----------------------------------------------------------------------------------------------------------

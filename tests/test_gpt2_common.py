@@ -2,8 +2,7 @@
 on the Hub".
 
 `ModelTesterMixin`, `ConfigTester` and `TrainingTesterMixin` come from the sdist of the installed transformers
-(fetched by `scripts/fetch_assets.py` into `.cache/hf_tests/hf_common_tests`). Every test we skip names its reason in
-`skips` below; tests that transformers itself gates (GPU, multi-GPU, flash-attention, deepspeed, slow) skip with
+(fetched by `scripts/fetch_assets.py` into `.cache/hf_tests/hf_common_tests`). No common test is skipped by us; tests that transformers itself gates (GPU, multi-GPU, flash-attention, deepspeed, slow) skip with
 transformers' own reason.
 """
 
@@ -94,15 +93,6 @@ class LmbGPT2ModelTester:
         return config, inputs
 
 
-# Common tests that do not apply to lmblocks' GPT-2, each with the reason.
-_MODEL_LAYOUT_STATE_DICT = (
-    "lmblocks' GPT-2 keeps nn.Linear (out, in) weights in memory and the official Conv1D (in, out) layout on disk, "
-    "under the same key names; the registered Transpose conversion therefore cannot recognise a state dict that is "
-    "already in memory layout (attn.c_proj is square, so its shape does not tell either). Loading one fails with a "
-    "shape-mismatch error on c_attn instead (tests/test_gpt2.py::test_model_layout_state_dict_is_refused)."
-)
-
-
 # GenerationTesterMixin is the stand-in (tests/hf_standins/generation/test_utils.py): the generation suite itself is
 # tests/test_generation.py; inheriting it tells `test_generation_tester_mixin_inheritance` that generation is tested.
 class LmbGPT2ModelTest(
@@ -116,17 +106,8 @@ class LmbGPT2ModelTest(
         "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": LmbGPT2LMHeadModel,
         "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES": LmbGPT2ForSequenceClassification,
     }
-    skips = {
-        "test_from_pretrained_no_checkpoint": _MODEL_LAYOUT_STATE_DICT,
-        "test_can_load_from_already_mapped_keys": _MODEL_LAYOUT_STATE_DICT,
-    }
     # Learned absolute positions (wpe), resizable like the token embeddings.
     test_resize_position_embeddings = True
-
-    def test_reverse_loading_mapping(self) -> None:
-        # Our conversion transposes Conv1D <-> nn.Linear weights and keeps their names, the case transformers' flag
-        # is for ("models [that] do not change keys but their weights, e.g. via transpose").
-        super().test_reverse_loading_mapping(check_keys_were_modified=False)
 
 
 class LmbGPT2ConfigTest(LmbConfigTestMixin, unittest.TestCase):

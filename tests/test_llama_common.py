@@ -112,6 +112,12 @@ class LmbLlamaModelTest(
     }
 
 
+    def test_tester_uses_grouped_query_attention(self) -> None:
+        """The common tests above only exercise `repeat_kv` if the tiny config has fewer key-value heads than heads."""
+        config = self.model_tester.get_config()
+        assert config.num_key_value_heads < config.num_attention_heads
+
+
 class LmbLlamaConfigTest(LmbConfigTestMixin, unittest.TestCase):
     config_class = LmbLlamaConfig
     config_kwargs = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=99)

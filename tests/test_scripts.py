@@ -75,11 +75,6 @@ def test_pretrain_gpt2_writes_a_complete_checkpoint(gpt2_checkpoint):
     assert "library_name: transformers" in card and "perplexity" in card
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "GPT-2 checkpoints store projections in Conv1D layout (the conversion registered in modeling_gpt2 transposes "
-    "them on save), but Trainer's resume (`_load_from_checkpoint`) reads model.safetensors with a plain "
-    "load_state_dict, bypassing the conversion: size mismatch for c_attn/c_fc/c_proj. LLaMA resumes fine "
-    "(test_pretrain_llama_from_dataset_with_trained_tokenizer)."))
 def test_pretrain_resume_from_checkpoint(gpt2_checkpoint, workdir, tmp_path):
     out = tmp_path / "resumed"
     import shutil

@@ -16,3 +16,18 @@ config_common_kwargs = {
     "label2id": {"label": "0"},
     "problem_type": "regression",
 }
+
+
+def _check_matches_installed_base_config() -> None:
+    """Like the real module's `test_config_common_kwargs_is_complete`: every key is a field of the installed base
+    config (or `output_attentions`, a property over `_output_attentions`), so the dict goes stale loudly."""
+    import dataclasses
+
+    from transformers import PreTrainedConfig
+
+    fields = {f.name for f in dataclasses.fields(PreTrainedConfig)} | {"output_attentions"}
+    stale = set(config_common_kwargs) - fields
+    assert not stale, f"config_common_kwargs names keys the installed PreTrainedConfig lacks: {sorted(stale)}"
+
+
+_check_matches_installed_base_config()
