@@ -252,7 +252,21 @@ def last_token_index(
     return -1
 
 
+def check_model_inputs(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> None:
+    """One clear error for inputs a base model cannot take: neither or both of input_ids / inputs_embeds, or the
+    wrong number of dimensions (a missing batch axis is the usual mistake)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+    if input_ids is not None and input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}.")
+    if inputs_embeds is not None and inputs_embeds.dim() != 3:
+        raise ValueError(
+            f"inputs_embeds must have shape (batch, sequence, hidden_size), got {tuple(inputs_embeds.shape)}."
+        )
+
+
 __all__ = [
+    "check_model_inputs",
     "last_token_index",
     "check_cache_capacity",
     "RMSNorm",

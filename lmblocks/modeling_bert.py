@@ -34,7 +34,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_bert import LmbBertConfig
 from .integrations import register_lora_target_modules
-from .layers import MultiHeadAttention
+from .layers import MultiHeadAttention, check_model_inputs
 
 register_lora_target_modules(LmbBertConfig.model_type, ["query", "key", "value", "dense"])
 
@@ -295,14 +295,7 @@ class LmbBertModel(LmbBertPreTrainedModel):
     ) -> BaseModelOutputWithPooling:
         """`attention_mask`: (B, T) with 1 for real tokens and 0 for padding (or a prepared 4D mask);
         `token_type_ids`: (B, T) segment ids in [0, type_vocab_size), 0 by default."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if input_ids is not None and input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}.")
-        if inputs_embeds is not None and inputs_embeds.dim() != 3:
-            raise ValueError(
-                f"inputs_embeds must have shape (batch, sequence, hidden_size), got {tuple(inputs_embeds.shape)}."
-            )
+        check_model_inputs(input_ids, inputs_embeds)
 
         hidden_states = self.embeddings(
             input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds

@@ -35,7 +35,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_gpt2 import LmbGPT2Config
 from .integrations import register_lora_target_modules, weight_conversions_while_loading
-from .layers import MultiHeadAttention, last_token_index
+from .layers import MultiHeadAttention, check_model_inputs, last_token_index
 
 # The projections the official checkpoints store in Conv1D layout (in, out), transposed to nn.Linear's (out, in).
 CONV1D_PROJECTIONS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -190,12 +190,7 @@ class LmbGPT2Model(LmbGPT2PreTrainedModel):
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if input_ids is not None and input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}.")
-        if inputs_embeds is not None and inputs_embeds.dim() != 3:
-            raise ValueError(f"inputs_embeds must have shape (batch, sequence, n_embd), got {tuple(inputs_embeds.shape)}.")
+        check_model_inputs(input_ids, inputs_embeds)
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
 

@@ -32,6 +32,7 @@ from .layers import (
     RotaryEmbedding,
     SwiGLUMLP,
     check_cache_capacity,
+    check_model_inputs,
     last_token_index,
 )
 
@@ -155,14 +156,7 @@ class LmbLlamaModel(LmbLlamaPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if input_ids is not None and input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}.")
-        if inputs_embeds is not None and inputs_embeds.dim() != 3:
-            raise ValueError(
-                f"inputs_embeds must have shape (batch, sequence, hidden_size), got {tuple(inputs_embeds.shape)}."
-            )
+        check_model_inputs(input_ids, inputs_embeds)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
 

@@ -51,6 +51,21 @@ class LmbModelTestMixin:
         if self._testMethodName in self.skips:
             self.skipTest(self.skips[self._testMethodName])
 
+    def test_every_exported_class_is_under_the_contract(self) -> None:
+        """A model class lmblocks exports for this family but leaves out of `all_model_classes` would go untested."""
+        import lmblocks
+        from transformers import PreTrainedModel
+
+        family_classes = {
+            name
+            for name in lmblocks.__all__
+            if isinstance(cls := getattr(lmblocks, name), type)
+            and issubclass(cls, PreTrainedModel)
+            and cls.config_class.model_type == self.model_type
+            and not name.endswith("PreTrainedModel")
+        }
+        assert family_classes == {cls.__name__ for cls in self.all_model_classes}
+
 
 # What `ConfigTester.run_common_tests` runs (with can_init_without_params=True), one test each.
 CONFIG_CHECKS = [

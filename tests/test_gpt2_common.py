@@ -109,6 +109,10 @@ class LmbGPT2ModelTest(
     # Learned absolute positions (wpe), resizable like the token embeddings.
     test_resize_position_embeddings = True
 
+    def test_tester_ties_embeddings(self) -> None:
+        """The common tied-weights tests only exercise GPT-2's tied LM head if the tiny config ties it."""
+        assert self.model_tester.get_config().tie_word_embeddings
+
 
 class LmbGPT2ConfigTest(LmbConfigTestMixin, unittest.TestCase):
     config_class = LmbGPT2Config
