@@ -140,10 +140,12 @@ def _compiled(phase: str) -> bool:
 
 
 def plan(mode: str, families: list[str], device: str, dtype: str, attn: str, threads: int,
-         compile_all_sizes: bool = False) -> list[dict[str, Any]]:
-    """The jobs of one run: the matmul peak first, then per family and size the timed phases and memory jobs.
-    Compiled phases run at the small size only unless `compile_all_sizes` (or on a GPU): compiling a model takes
-    minutes on 2 CPU cores, and what compilation removes (Python and kernel-launch overhead) shows at either size."""
+         compile_all_sizes: bool = False, sizes: list[str] | None = None) -> list[dict[str, Any]]:
+    """The jobs of one run: the matmul peak, then per family and size the timed phases and memory jobs, then the
+    matmul peak again (the MFU denominator is the better of the two, so a busy moment at the start does not inflate
+    every MFU). Compiled phases run at the small size only unless `compile_all_sizes` (or on a GPU): compiling a
+    model takes minutes on 2 CPU cores, and what compilation removes (Python and kernel-launch overhead) shows at
+    either size."""
     work_mode = "gpu" if device.startswith("cuda") else mode
     reps = REPS[work_mode]
     common = dict(device=device, dtype=dtype, attn=attn, threads=threads)
@@ -151,6 +153,8 @@ def plan(mode: str, families: list[str], device: str, dtype: str, attn: str, thr
     for family in families:
         spec = harness.FAMILIES[family]
         for size, work in WORK[work_mode].items():
+            if sizes and size not in sizes:
+                continue
             phases = [p for p in PHASES_BY_MODE.get(mode, harness.PHASES) if spec.is_decoder or not p.startswith("generate")]
             skip_compiled = size != "small" and not compile_all_sizes and not device.startswith("cuda")
             phases = [p for p in phases if not (skip_compiled and _compiled(p))]
@@ -165,7 +169,8 @@ def plan(mode: str, families: list[str], device: str, dtype: str, attn: str, thr
                                          work=work, **common))
     # Cheap before expensive, so an interrupted run still has every family: eager timings, eager memory, then the
     # compiled phases (minutes of compilation each).
-    return sorted(jobs, key=lambda job: (job["kind"] != "peak", _compiled(job.get("phase", "")), job["kind"] == "memory"))
+    jobs = sorted(jobs, key=lambda job: (job["kind"] != "peak", _compiled(job.get("phase", "")), job["kind"] == "memory"))
+    return jobs + [dict(kind="peak", **common)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,7 +209,11 @@ def _fmt(x: float | None, digits: int = 0) -> str:
 def table(records: list[dict[str, Any]]) -> list[str]:
     """The Markdown table: one row per family/size/phase (and device/attention), ratios lmblocks ÷ transformers
     (> 1 means lmblocks is faster, or for memory uses more)."""
-    peaks = {(r["device"], r["dtype"]): r["matmul_flops"] for r in records if r["kind"] == "peak"}
+    peaks: dict[tuple[str, str], float] = {}
+    for r in records:
+        if r["kind"] == "peak":
+            key = (r["device"], r["dtype"])
+            peaks[key] = max(peaks.get(key, 0.0), r["matmul_flops"])
     times: dict[tuple, dict[str, dict]] = {}
     mems: dict[tuple, dict[str, dict]] = {}
     for r in records:
@@ -264,8 +273,9 @@ def write_report(out_dir: Path, mode: str, records: list[dict[str, Any]], notes:
         "Same weights, fp32, sdpa attention on CPU. tok/s: median over interleaved reps (min–max). *ratio* = "
         "lmblocks median ÷ transformers median (> 1: lmblocks faster); *paired* = median of per-rep ratios of "
         "back-to-back runs (less sensitive to load drift). Generate: new tokens/s and median ms per decoding step "
-        "(prefill excluded). MFU: model FLOPs/s ÷ best matmul FLOP/s measured in this run "
-        + ", ".join(f"{p['device']}/{p['dtype']} {p['matmul_flops'] / 1e9:,.1f} GFLOP/s" for p in peaks)
+        "(prefill excluded). MFU: model FLOPs/s ÷ the best 1024³ matmul FLOP/s measured at the start and the end "
+        "of this run (" + ", ".join(f"{p['device']}/{p['dtype']} {p['matmul_flops'] / 1e9:,.1f}" for p in peaks)
+        + " GFLOP/s)"
         + ". Peak MB: peak RSS of a process holding one model through the phase (Δ: rise over the loaded model); "
         "*mem ratio* < 1: lmblocks leaner.",
         "",
@@ -328,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     mode_group.add_argument("--quick", action="store_true", help="small sizes, fewer reps (≤ 3 min)")
     mode_group.add_argument("--smoke", action="store_true", help="tiny models, one rep: checks the harness (seconds)")
     parser.add_argument("--families", nargs="+", default=list(harness.FAMILIES), choices=list(harness.FAMILIES))
+    parser.add_argument("--sizes", nargs="+", help="only these sizes (default: all of the mode)")
     parser.add_argument("--phases", nargs="+", choices=harness.PHASES + harness.MEMORY_ONLY_PHASES,
                         help="only these phases (default: all of the mode)")
     parser.add_argument("--compile-all-sizes", action="store_true",
@@ -360,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             families.append(family)
 
-    jobs = plan(mode, families, "cpu", "float32", "sdpa", args.threads, args.compile_all_sizes)
+    jobs = plan(mode, families, "cpu", "float32", "sdpa", args.threads, args.compile_all_sizes, args.sizes)
     if not args.no_gpu and torch.cuda.is_available() and mode != "smoke":
         gpu_mode = "quick" if mode == "quick" else "gpu"
         attns = ["sdpa"]
@@ -371,14 +382,14 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             notes.append("GPU: flash_attention_2 skipped (the `flash_attn` package is not installed).")
         for attn in attns:
-            gpu_jobs = plan(mode, families, "cuda", "bfloat16", attn, args.threads)
+            gpu_jobs = plan(mode, families, "cuda", "bfloat16", attn, args.threads, sizes=args.sizes)
             if gpu_mode == "gpu":
                 for job in gpu_jobs:
                     if "work" in job:
                         job["work"] = WORK["gpu"][job["size"]]
                     if job["kind"] == "time":
                         job["reps"] = REPS["gpu"][job["phase"].split("_")[0]]
-            jobs += gpu_jobs[1:] if attn != "sdpa" else gpu_jobs
+            jobs += gpu_jobs[1:-1] if attn != "sdpa" else gpu_jobs
     elif not args.no_gpu:
         notes.append(GPU_SKIPPED)
 

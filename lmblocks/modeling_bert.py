@@ -35,6 +35,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_bert import LmbBertConfig
 from .integrations import register_lora_target_modules
 from .layers import MultiHeadAttention, check_model_inputs
+from .losses import masked_lm_loss
 
 register_lora_target_modules(LmbBertConfig.model_type, ["query", "key", "value", "dense"])
 
@@ -328,7 +329,11 @@ class LmbBertForPreTrainingOutput(ModelOutput):
 
 
 class _LmbBertMLMMixin:
-    """Output-embedding accessors shared by the two classes with an MLM decoder."""
+    """Output-embedding accessors and the loss shared by the two classes with an MLM decoder."""
+
+    # transformers' ForMaskedLMLoss on a leaner cross-entropy that skips the unmasked positions (losses.py);
+    # `model.loss_function = f` still overrides it.
+    loss_function = staticmethod(masked_lm_loss)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.cls.predictions.decoder
@@ -366,8 +371,6 @@ class LmbBertForPreTraining(_LmbBertMLMMixin, LmbBertPreTrainedModel):
         self.bert = LmbBertModel(config)
         self.cls = LmbBertHeads(config, mlm=True, nsp=True)
         self.post_init()
-        # The class name matches no entry of transformers' loss registry; the MLM term is a masked-LM loss.
-        self.loss_type = "ForMaskedLM"
 
     @can_return_tuple
     def forward(

@@ -19,7 +19,6 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers import PreTrainedConfig
 from transformers.core_model_loading import Transpose, WeightConverter
 from transformers.generation import GenerationMixin
-from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -36,6 +35,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_gpt2 import LmbGPT2Config
 from .integrations import register_lora_target_modules, weight_conversions_while_loading
 from .layers import MultiHeadAttention, check_model_inputs, last_token_index
+from .losses import causal_lm_loss
 
 # The projections the official checkpoints store in Conv1D layout (in, out), transposed to nn.Linear's (out, in).
 CONV1D_PROJECTIONS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -239,6 +239,8 @@ class LmbGPT2LMHeadModel(LmbGPT2PreTrainedModel, GenerationMixin):
 
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
+    # transformers' ForCausalLMLoss on a leaner cross-entropy (losses.py); `model.loss_function = f` still overrides it.
+    loss_function = staticmethod(causal_lm_loss)
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: LmbGPT2Config) -> None:
@@ -337,7 +339,7 @@ class LmbGPT2ForSequenceClassification(LmbGPT2PreTrainedModel):
                                       config=self.config)
             if self.config.lm_loss_weight and input_ids is not None:
                 lm_labels = input_ids.masked_fill(attention_mask == 0, -100) if attention_mask is not None else input_ids
-                lm_loss = ForCausalLMLoss(self.lm_head(hidden_states), lm_labels, self.config.vocab_size)
+                lm_loss = causal_lm_loss(self.lm_head(hidden_states), lm_labels, self.config.vocab_size)
                 loss = loss + self.config.lm_loss_weight * lm_loss
 
         return SequenceClassifierOutputWithPast(

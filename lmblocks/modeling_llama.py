@@ -35,6 +35,7 @@ from .layers import (
     check_model_inputs,
     last_token_index,
 )
+from .losses import causal_lm_loss
 
 register_lora_target_modules(
     LmbLlamaConfig.model_type, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -198,6 +199,8 @@ class LmbLlamaForCausalLM(LmbLlamaPreTrainedModel, GenerationMixin):
     gives the causal-LM loss, shifted inside; `-100` labels are ignored."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # transformers' ForCausalLMLoss on a leaner cross-entropy (losses.py); `model.loss_function = f` still overrides it.
+    loss_function = staticmethod(causal_lm_loss)
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
