@@ -18,6 +18,8 @@ Writes ``bench/results/tokenizers.jsonl`` (one JSON object per measurement) and 
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -229,7 +231,9 @@ def main() -> None:
         args.corpus_mb, args.stream_mb = 4, 64
 
     corpus = build_corpus(args.corpus_mb)
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    date = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}"
+    machine = (f"{date} · {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+               f"tokenizers {importlib.metadata.version('tokenizers')}")
     print(f"corpus {corpus} ({os.path.getsize(corpus) / 1e6:.1f} MB); {machine}", flush=True)
     names = args.only or [*TRAINERS, "stream-gpt2"]
     RESULTS.mkdir(parents=True, exist_ok=True)
