@@ -126,6 +126,14 @@ class LmbBertModelTest(LmbModelTestMixin, ModelTesterMixin, TrainingTesterMixin,
             inputs_dict["next_sentence_label"] = torch.zeros(batch, dtype=torch.long)
         return inputs_dict
 
+    def test_pretraining_labels_give_both_loss_terms(self) -> None:
+        """The labels `_prepare_for_class` adds for pretraining reach both heads: loss = MLM loss + NSP loss."""
+        config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
+        model = LmbBertForPreTraining(config).eval()
+        out = model(**self._prepare_for_class(inputs, LmbBertForPreTraining, return_labels=True))
+        assert out.mlm_loss is not None and out.nsp_loss is not None
+        torch.testing.assert_close(out.loss, out.mlm_loss + out.nsp_loss)
+
     def _get_trainable_model_class(self):
         # TrainingTesterMixin's batch has token-level labels (labels = input_ids): for BERT, that is the MLM head.
         return LmbBertForMaskedLM
