@@ -32,7 +32,9 @@ class _CrossEntropySum(torch.autograd.Function):
             logits, labels = logits.index_select(0, rows), labels.index_select(0, rows)
         log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
         targets = labels.masked_fill(labels == ignore_index, 0).unsqueeze(1)
-        if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) < log_probs.shape[1]:
+        # One host read for both ends of the range (each read is a device sync on a GPU).
+        low, high = torch.stack(torch.aminmax(targets)).tolist() if targets.numel() else (0, 0)
+        if not 0 <= low <= high < log_probs.shape[1]:
             raise ValueError(
                 f"Labels must be in [0, {log_probs.shape[1]}) (the vocabulary) or {ignore_index} (ignored); got "
                 f"values from {int(labels.min())} to {int(labels.max())}."
