@@ -1,21 +1,9 @@
 """lmblocks: GPT-2, BERT and LLaMA written out clearly as first-class Hugging Face models, and a tokenizer trainer.
 
-Importing lmblocks registers every family with transformers' Auto classes, and each model class for remote code
-(`auto_map`), so `save_pretrained` writes checkpoints that load with `trust_remote_code=True` without lmblocks.
+Importing lmblocks registers every family (`lmblocks.families.FAMILIES`) with transformers' Auto classes; each
+modeling file marks its classes for remote code (`auto_map`), so `save_pretrained` writes checkpoints that load with
+`trust_remote_code=True` without lmblocks, through every Auto class of the family.
 """
-
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForMultipleChoice,
-    AutoModelForNextSentencePrediction,
-    AutoModelForPreTraining,
-    AutoModelForQuestionAnswering,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-)
 
 from .configuration_bert import LmbBertConfig
 from .configuration_gpt2 import LmbGPT2Config
@@ -43,49 +31,13 @@ from .modeling_llama import (
     LmbLlamaModel,
     LmbLlamaPreTrainedModel,
 )
+from .families import FAMILIES, FamilySpec, register_all
 from .tokenization_trainer import config_kwargs_from_tokenizer, save_tokenizer, train_tokenizer
 
 __version__ = "0.1.0"
 
 
-def _register(config_class, models_by_auto_class) -> None:
-    """Register a family with the Auto classes (for this process) and for remote code (written into `auto_map`)."""
-    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-    config_class.register_for_auto_class()
-    for auto_class, model_class in models_by_auto_class.items():
-        auto_class.register(config_class, model_class, exist_ok=True)
-        model_class.register_for_auto_class(auto_class.__name__)
-
-
-_register(
-    LmbGPT2Config,
-    {
-        AutoModel: LmbGPT2Model,
-        AutoModelForCausalLM: LmbGPT2LMHeadModel,
-        AutoModelForSequenceClassification: LmbGPT2ForSequenceClassification,
-    },
-)
-_register(
-    LmbLlamaConfig,
-    {
-        AutoModel: LmbLlamaModel,
-        AutoModelForCausalLM: LmbLlamaForCausalLM,
-        AutoModelForSequenceClassification: LmbLlamaForSequenceClassification,
-    },
-)
-_register(
-    LmbBertConfig,
-    {
-        AutoModel: LmbBertModel,
-        AutoModelForPreTraining: LmbBertForPreTraining,
-        AutoModelForMaskedLM: LmbBertForMaskedLM,
-        AutoModelForNextSentencePrediction: LmbBertForNextSentencePrediction,
-        AutoModelForSequenceClassification: LmbBertForSequenceClassification,
-        AutoModelForTokenClassification: LmbBertForTokenClassification,
-        AutoModelForQuestionAnswering: LmbBertForQuestionAnswering,
-        AutoModelForMultipleChoice: LmbBertForMultipleChoice,
-    },
-)
+register_all()
 
 __all__ = [
     "LmbGPT2Config",
@@ -108,6 +60,8 @@ __all__ = [
     "LmbBertForTokenClassification",
     "LmbBertForQuestionAnswering",
     "LmbBertForMultipleChoice",
+    "FAMILIES",
+    "FamilySpec",
     "train_tokenizer",
     "save_tokenizer",
     "config_kwargs_from_tokenizer",

@@ -15,11 +15,6 @@ from huggingface_hub.dataclasses import strict
 
 from .configuration_common import LmbPretrainedConfig
 
-# Keys of transformers' BertConfig (and of older bert config.json files) with no effect on an encoder-only BERT.
-_HF_BERT_UNUSED_KEYS = ("use_cache", "gradient_checkpointing", "architectures")
-# Keys of transformers' BertConfig that change the computation; accepted only at the value that matches lmblocks.
-_HF_BERT_FIXED_KEYS = {"is_decoder": False, "add_cross_attention": False, "position_embedding_type": "absolute"}
-
 BERT_PRESETS: dict[str, dict[str, Any]] = {
     # The two sizes of the paper: BERT-base ≈110M and BERT-large ≈340M parameters (vocabulary 30522, 512 positions).
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
@@ -46,6 +41,15 @@ class LmbBertConfig(LmbPretrainedConfig):
 
     model_type = "lmb_bert"
     presets: ClassVar[dict[str, dict[str, Any]]] = BERT_PRESETS
+    # transformers' BertConfig files (bert-base-uncased, sentence-transformers models) load here; decoder mode,
+    # cross-attention and relative position embeddings change the computation and are refused.
+    foreign_model_type: ClassVar[str] = "bert"
+    fixed_keys: ClassVar[dict[str, Any]] = {
+        "is_decoder": False,
+        "add_cross_attention": False,
+        "position_embedding_type": "absolute",
+    }
+    derived_fields = {"intermediate_size": (("hidden_size",), lambda c: 4 * c.hidden_size)}
 
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -61,14 +65,14 @@ class LmbBertConfig(LmbPretrainedConfig):
     layer_norm_eps: float = 1e-12
     classifier_dropout: float | int | None = None
     pad_token_id: int | None = 0
+    # The tokenizer's special ids (`config_kwargs_from_tokenizer` fills them); [CLS] opens every input and the
+    # pooler reads it, [SEP] closes each segment, [MASK] replaces masked tokens in pretraining.
+    cls_token_id: int | None = None
+    sep_token_id: int | None = None
+    mask_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     tie_word_embeddings: bool = True
-
-    def __post_init__(self, **kwargs):
-        if self.intermediate_size is None:
-            self.intermediate_size = 4 * self.hidden_size
-        super().__post_init__(**kwargs)
 
     def validate_architecture(self):
         """Checks shapes that would otherwise fail deep inside a forward pass."""
@@ -87,23 +91,6 @@ class LmbBertConfig(LmbPretrainedConfig):
                 raise ValueError(f"{name} must be in [0, 1), got {value}.")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size}).")
-
-    @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
-        """Also reads the `config.json` of transformers' built-in BERT (`model_type: "bert"`)."""
-        if config_dict.get("model_type") == "bert":
-            config_dict = _from_transformers_bert(config_dict)
-        return super().from_dict(config_dict, **kwargs)
-
-
-def _from_transformers_bert(config_dict: dict[str, Any]) -> dict[str, Any]:
-    converted = {k: v for k, v in config_dict.items() if k not in _HF_BERT_UNUSED_KEYS}
-    for key, supported in _HF_BERT_FIXED_KEYS.items():
-        value = converted.pop(key, supported)
-        if value != supported:
-            raise ValueError(f"This BERT checkpoint sets {key}={value!r}; lmblocks' BERT supports only {supported!r}.")
-    converted["model_type"] = LmbBertConfig.model_type
-    return converted
 
 
 __all__ = ["LmbBertConfig", "BERT_PRESETS"]

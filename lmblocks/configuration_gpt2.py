@@ -18,13 +18,6 @@ from .configuration_common import LmbPretrainedConfig
 if TYPE_CHECKING:
     from transformers import GPT2Config
 
-# Keys of transformers' GPT2Config that only its double-heads model uses; lmblocks has no such head.
-_HF_GPT2_UNUSED_KEYS = ("summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
-                        "summary_first_dropout", "n_ctx")
-# Keys of transformers' GPT2Config that change the computation; accepted only at the value that matches lmblocks.
-_HF_GPT2_FIXED_KEYS = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-                       "reorder_and_upcast_attn": False, "add_cross_attention": False}
-
 GPT2_PRESETS: dict[str, dict[str, Any]] = {
     # GPT_CONFIG_124M: vocab 50257, context 1024, width 768, 12 heads, 12 layers, dropout 0.1.
     "124M": dict(n_embd=768, n_layer=12, n_head=12),
@@ -57,6 +50,17 @@ class LmbGPT2Config(LmbPretrainedConfig):
         "num_hidden_layers": "n_layer",
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = GPT2_PRESETS
+    # transformers' GPT2Config files (the official checkpoints) load here. Keys only its double-heads model uses
+    # (`summary_*`), `n_ctx` and `task_specific_params` have no effect and are kept as they are; the variants below
+    # change the attention and are accepted only at the value lmblocks implements.
+    foreign_model_type: ClassVar[str] = "gpt2"
+    fixed_keys: ClassVar[dict[str, Any]] = {
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "add_cross_attention": False,
+    }
+    derived_fields = {"n_inner": (("n_embd",), lambda c: 4 * c.n_embd)}
 
     vocab_size: int = 50257
     n_positions: int = 1024
@@ -78,11 +82,6 @@ class LmbGPT2Config(LmbPretrainedConfig):
     pad_token_id: int | None = None
     tie_word_embeddings: bool = True
 
-    def __post_init__(self, **kwargs):
-        if self.n_inner is None:
-            self.n_inner = 4 * self.n_embd
-        super().__post_init__(**kwargs)
-
     def validate_architecture(self):
         """Checks shapes that would otherwise fail deep inside a forward pass."""
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
@@ -97,13 +96,6 @@ class LmbGPT2Config(LmbPretrainedConfig):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
 
-    @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
-        """Also reads the `config.json` of transformers' built-in GPT-2 (`model_type: "gpt2"`)."""
-        if config_dict.get("model_type") == "gpt2":
-            config_dict = _from_transformers_gpt2(config_dict)
-        return super().from_dict(config_dict, **kwargs)
-
     def to_transformers_gpt2(self) -> "GPT2Config":
         """The equivalent config of transformers' built-in GPT-2, for exporting to its format.
 
@@ -117,18 +109,7 @@ class LmbGPT2Config(LmbPretrainedConfig):
                              "exported to its format.")
         shared = {f.name for f in dataclasses.fields(GPT2Config)} & {f.name for f in dataclasses.fields(self)}
         values = {name: getattr(self, name) for name in shared if name not in ("transformers_version", "architectures")}
-        return GPT2Config(**values, **_HF_GPT2_FIXED_KEYS)
-
-
-def _from_transformers_gpt2(config_dict: dict[str, Any]) -> dict[str, Any]:
-    converted = {k: v for k, v in config_dict.items() if k not in _HF_GPT2_UNUSED_KEYS}
-    for key, supported in _HF_GPT2_FIXED_KEYS.items():
-        value = converted.pop(key, supported)
-        if value != supported:
-            raise ValueError(f"This GPT-2 checkpoint sets {key}={value}; lmblocks' GPT-2 supports only {supported}.")
-    converted["model_type"] = LmbGPT2Config.model_type
-    converted.pop("architectures", None)
-    return converted
+        return GPT2Config(**values, **self.fixed_keys)
 
 
 __all__ = ["LmbGPT2Config", "GPT2_PRESETS"]

@@ -9,7 +9,6 @@ variants); the legacy keys `rope_theta` / `rope_scaling` of older config files a
 
 from __future__ import annotations
 
-import copy
 from typing import Any, ClassVar
 
 from huggingface_hub.dataclasses import strict
@@ -20,13 +19,6 @@ from .configuration_common import LmbPretrainedConfig
 
 # RoPE variants the rotary embedding can compute: the original one plus transformers' scaled variants.
 SUPPORTED_ROPE_TYPES = ("default", *ROPE_INIT_FUNCTIONS)
-
-# Keys of transformers' LlamaConfig that lmblocks does not have, with the only value it can honour (None: any value,
-# the key has no effect on the computation).
-_HF_LLAMA_DROPPED_KEYS: dict[str, Any] = {
-    # Meta's tensor-parallel degree at pretraining; transformers 5 ignores it as well.
-    "pretraining_tp": None,
-}
 
 _LLAMA1 = dict(vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
 _LLAMA2 = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
@@ -90,8 +82,8 @@ class LmbLlamaConfig(LmbPretrainedConfig):
     embeddings, grouped-query attention (`num_key_value_heads` ≤ `num_attention_heads`), no biases by default,
     untied input and output embeddings by default.
 
-    Derived in `__post_init__`: `head_dim` = `hidden_size // num_attention_heads` and `num_key_value_heads` =
-    `num_attention_heads` (plain multi-head attention) when not given.
+    Derived when not given, and recomputed when their sources change (`derived_fields`): `head_dim` =
+    `hidden_size // num_attention_heads` and `num_key_value_heads` = `num_attention_heads` (multi-head attention).
 
     Example: `LmbLlamaConfig.from_preset("llama3-8b")` or
     `LmbLlamaConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=4)`.
@@ -100,6 +92,16 @@ class LmbLlamaConfig(LmbPretrainedConfig):
     model_type = "lmb_llama"
     keys_to_ignore_at_inference = ["past_key_values"]
     presets: ClassVar[dict[str, dict[str, Any]]] = LLAMA_PRESETS
+    # transformers' LlamaConfig files (the Llama checkpoints on the Hub, TinyLlama, SmolLM2) load here. Keys such as
+    # `pretraining_tp` (Meta's tensor-parallel degree at pretraining, ignored by transformers 5 too) or SmolLM2's
+    # `is_llama_config` are kept as they are; interleaved RoPE (pairs (0,1), (2,3), ... instead of the two halves)
+    # would change the computation and is refused.
+    foreign_model_type: ClassVar[str] = "llama"
+    fixed_keys: ClassVar[dict[str, Any]] = {"rope_interleaved": False}
+    derived_fields = {
+        "head_dim": (("hidden_size", "num_attention_heads"), lambda c: c.hidden_size // c.num_attention_heads),
+        "num_key_value_heads": (("num_attention_heads",), lambda c: c.num_attention_heads),
+    }
     # Legacy RoPE keys of older config files; `PreTrainedConfig.__post_init__` moves them into `rope_parameters`.
     extra_accepted_keys: ClassVar[frozenset[str]] = frozenset({"rope_scaling", "rope_theta"})
     # Tensor parallelism (`from_pretrained(..., tp_plan="auto")`): column-shard the projections into heads / the
@@ -143,13 +145,6 @@ class LmbLlamaConfig(LmbPretrainedConfig):
     attention_dropout: float = 0.0
     mlp_bias: bool = False
 
-    def __post_init__(self, **kwargs):
-        if self.head_dim is None and self.num_attention_heads:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        super().__post_init__(**kwargs)
-
     def validate_architecture(self):
         """Checks shapes and options that would otherwise fail deep inside a forward pass."""
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -179,33 +174,6 @@ class LmbLlamaConfig(LmbPretrainedConfig):
             raise ValueError(f"Unknown hidden_act {self.hidden_act!r}.")
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}.")
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "LmbLlamaConfig":
-        """Build the config of a named preset (`llama2-7b`, `llama3.1-8b`, `tiny`, ...); keyword arguments
-        override single fields. Example: `LmbLlamaConfig.from_preset("llama3-8b", num_hidden_layers=2)`."""
-        if name not in cls.presets:
-            return super().from_preset(name, **overrides)  # raises the unknown-preset error
-        # Deep copy: the config normalises `rope_parameters` in place, which must not leak into the preset table.
-        return cls(**{**copy.deepcopy(cls.presets[name]), **overrides})
-
-    @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
-        """Also reads the `config.json` of transformers' built-in LLaMA (`model_type: "llama"`)."""
-        if config_dict.get("model_type") == "llama":
-            config_dict = _from_transformers_llama(config_dict)
-        return super().from_dict(config_dict, **kwargs)
-
-
-def _from_transformers_llama(config_dict: dict[str, Any]) -> dict[str, Any]:
-    converted = dict(config_dict)
-    for key, supported in _HF_LLAMA_DROPPED_KEYS.items():
-        value = converted.pop(key, supported)
-        if supported is not None and value != supported:
-            raise ValueError(f"This LLaMA checkpoint sets {key}={value}; lmblocks' LLaMA supports only {supported}.")
-    converted["model_type"] = LmbLlamaConfig.model_type
-    converted.pop("architectures", None)
-    return converted
 
 
 __all__ = ["LmbLlamaConfig", "LLAMA_PRESETS", "SUPPORTED_ROPE_TYPES"]

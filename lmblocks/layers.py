@@ -149,11 +149,13 @@ def eager_attention_forward(
 
 
 class MultiHeadAttention(nn.Module):
-    """Attention after the projections, shared by every family.
+    """Self-attention shared by every family: projections → heads → RoPE → KV cache → kernel → merged heads → output.
 
-    A family's attention module subclasses this, creates its projections under its checkpoint's names, and calls
-    `attend(q, k, v, ...)` with the projected (B, T, heads·hs) tensors. The attributes set here are the ones
-    transformers' attention kernels read from `module` (`is_causal`, `num_key_value_groups`, `scaling`, ...).
+    A family's attention module subclasses this, creates its projections under its checkpoint's names and says how
+    to use them in two hooks: `project_qkv` (hidden states → q, k, v as (B, T, heads·hs)) and `project_output`.
+    `forward` itself holds the lookup in transformers' `ALL_ATTENTION_FUNCTIONS` and the kernel call: serving engines
+    (vLLM's Transformers backend) read the attention module's `forward` source to find exactly that. The attributes
+    set here are the ones transformers' kernels read from `module` (`is_causal`, `num_key_value_groups`, `scaling`).
     """
 
     def __init__(
@@ -177,18 +179,25 @@ class MultiHeadAttention(nn.Module):
         self.attention_dropout = dropout
         self.is_causal = is_causal
 
-    def attend(
+    def project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, C) -> q (B, T, nh·hs), k and v (B, T, nkv·hs)."""
+        raise NotImplementedError
+
+    def project_output(self, attn_output: torch.Tensor) -> torch.Tensor:
+        """(B, T, nh·hs) -> (B, T, C); the identity where the output projection lives outside (BERT)."""
+        return attn_output
+
+    def forward(
         self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """q: (B, T, nh·hs), k and v: (B, T, nkv·hs) -> output (B, T, nh·hs) and attention weights (eager only)."""
-        batch, seq_len = query.shape[:2]
+        """hidden states (B, T, C) -> output (B, T, C) and the attention weights (eager kernel only)."""
+        batch, seq_len = hidden_states.shape[:2]
+        query, key, value = self.project_qkv(hidden_states)
         query = query.view(batch, seq_len, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         key = key.view(batch, seq_len, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         value = value.view(batch, seq_len, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
@@ -211,7 +220,8 @@ class MultiHeadAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        return attn_output.reshape(batch, seq_len, -1).contiguous(), attn_weights
+        attn_output = attn_output.reshape(batch, seq_len, -1).contiguous()  # (B, T, nh·hs)
+        return self.project_output(attn_output), attn_weights
 
 
 def check_cache_capacity(past_key_values: Cache | None, new_tokens: int) -> None:

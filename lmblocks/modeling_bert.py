@@ -26,18 +26,21 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
-from transformers.modeling_utils import PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_bert import LmbBertConfig
+from .heads import ModelWithHead, sequence_classification_loss
 from .integrations import register_lora_target_modules
 from .layers import MultiHeadAttention, check_model_inputs
 from .losses import masked_lm_loss
+from .modeling_common import LmbPreTrainedModel, check_positions, register_for_auto_classes
 
-register_lora_target_modules(LmbBertConfig.model_type, ["query", "key", "value", "dense"])
+# peft's default LoRA targets for this family (`LoraConfig()` without `target_modules`).
+LORA_TARGET_MODULES = ("query", "key", "value", "dense")
+register_lora_target_modules(LmbBertConfig.model_type, list(LORA_TARGET_MODULES))
 
 
 def _is_tracing() -> bool:
@@ -68,17 +71,14 @@ class LmbBertEmbeddings(nn.Module):
             inputs_embeds = self.word_embeddings(input_ids)
         batch, seq_len = inputs_embeds.shape[:2]
         max_positions = self.config.max_position_embeddings
+        check_positions(position_ids, None, seq_len, max_positions, "max_position_embeddings")
         if position_ids is None:
-            if seq_len > max_positions:
-                raise ValueError(
-                    f"Sequence length {seq_len} exceeds max_position_embeddings={max_positions}, the number of "
-                    f"learned positions: truncate the input (e.g. tokenizer(..., truncation=True, "
-                    f"max_length={max_positions}))."
-                )
             position_ids = torch.arange(seq_len, device=inputs_embeds.device).unsqueeze(0)  # (1, T)
         if token_type_ids is None:
             token_type_ids = torch.zeros((batch, seq_len), dtype=torch.long, device=inputs_embeds.device)
-        elif not _is_tracing() and token_type_ids.numel() > 0:
+        elif not _is_tracing() and token_type_ids.device.type == "cpu" and token_type_ids.numel() > 0:
+            # Checked where reading the values back costs no device sync; on an accelerator a bad id fails in the
+            # embedding as a device-side assert.
             low, high = (int(v) for v in torch.aminmax(token_type_ids))
             if low < 0 or high >= self.config.type_vocab_size:
                 raise ValueError(
@@ -107,12 +107,8 @@ class LmbBertSelfAttention(MultiHeadAttention):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.attend(
-            self.query(hidden_states), self.key(hidden_states), self.value(hidden_states), attention_mask, **kwargs
-        )
+    def project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)
 
 
 class LmbBertSelfOutput(nn.Module):
@@ -239,16 +235,11 @@ class LmbBertHeads(nn.Module):
             self.seq_relationship = nn.Linear(config.hidden_size, 2)
 
 
-class LmbBertPreTrainedModel(PreTrainedModel):
+class LmbBertPreTrainedModel(LmbPreTrainedModel):
     config: LmbBertConfig
     config_class = LmbBertConfig
     base_model_prefix = "bert"
-    supports_gradient_checkpointing = True
     _no_split_modules = ["LmbBertEmbeddings", "LmbBertLayer"]
-    _supports_flash_attn = True
-    _supports_sdpa = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
     _can_record_outputs = {"hidden_states": LmbBertLayer, "attentions": LmbBertSelfAttention}
 
     @torch.no_grad()
@@ -310,6 +301,37 @@ class LmbBertModel(LmbBertPreTrainedModel):
         return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=pooled_output)
 
 
+class LmbBertHead(ModelWithHead, LmbBertPreTrainedModel):
+    """A task head over `LmbBertModel` (with its pooler): builds it under `bert` and runs it the same way for every
+    head."""
+
+    base_model_class = LmbBertModel
+
+    def encode(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        token_type_ids: torch.LongTensor | None,
+        position_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling:
+        return self.bert(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+
+
+class LmbBertTokenHead(LmbBertHead):
+    """A head that reads every token's state, so the encoder is built without the pooler (as in the checkpoints)."""
+
+    base_model_kwargs = {"add_pooling_layer": False}
+
+
 @dataclass
 class LmbBertForPreTrainingOutput(ModelOutput):
     """Output of `LmbBertForPreTraining`.
@@ -356,7 +378,7 @@ def _pretraining_nsp_loss(
     return loss
 
 
-class LmbBertForPreTraining(_LmbBertMLMMixin, LmbBertPreTrainedModel):
+class LmbBertForPreTraining(_LmbBertMLMMixin, LmbBertHead):
     """BERT with both pretraining heads: masked LM (tied decoder) and next-sentence prediction on the pooled [CLS].
 
     `labels` (B, T): the original ids at masked positions, -100 elsewhere. `next_sentence_label` (B,): 0 if segment B
@@ -368,7 +390,7 @@ class LmbBertForPreTraining(_LmbBertMLMMixin, LmbBertPreTrainedModel):
 
     def __init__(self, config: LmbBertConfig) -> None:
         super().__init__(config)
-        self.bert = LmbBertModel(config)
+        self.build_base_model(config)
         self.cls = LmbBertHeads(config, mlm=True, nsp=True)
         self.post_init()
 
@@ -384,14 +406,7 @@ class LmbBertForPreTraining(_LmbBertMLMMixin, LmbBertPreTrainedModel):
         next_sentence_label: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> LmbBertForPreTrainingOutput:
-        outputs: BaseModelOutputWithPooling = self.bert(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
-        )
+        outputs = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
         prediction_logits = self.cls.predictions(outputs.last_hidden_state)
         seq_relationship_logits = self.cls.seq_relationship(outputs.pooler_output)
 
@@ -416,14 +431,14 @@ class LmbBertForPreTraining(_LmbBertMLMMixin, LmbBertPreTrainedModel):
         )
 
 
-class LmbBertForMaskedLM(_LmbBertMLMMixin, LmbBertPreTrainedModel):
+class LmbBertForMaskedLM(_LmbBertMLMMixin, LmbBertTokenHead):
     """BERT with the masked-LM head (decoder tied to the word embeddings); `labels` -100 are ignored."""
 
     _tied_weights_keys = _TIED_MLM_DECODER
 
     def __init__(self, config: LmbBertConfig) -> None:
         super().__init__(config)
-        self.bert = LmbBertModel(config, add_pooling_layer=False)
+        self.build_base_model(config)
         self.cls = LmbBertHeads(config, mlm=True, nsp=False)
         self.post_init()
 
@@ -438,14 +453,7 @@ class LmbBertForMaskedLM(_LmbBertMLMMixin, LmbBertPreTrainedModel):
         labels: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MaskedLMOutput:
-        outputs: BaseModelOutputWithPooling = self.bert(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
-        )
+        outputs = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
         logits = self.cls.predictions(outputs.last_hidden_state)
         loss = None
         if labels is not None:
@@ -454,12 +462,12 @@ class LmbBertForMaskedLM(_LmbBertMLMMixin, LmbBertPreTrainedModel):
                               attentions=outputs.attentions)
 
 
-class LmbBertForNextSentencePrediction(LmbBertPreTrainedModel):
+class LmbBertForNextSentencePrediction(LmbBertHead):
     """BERT with the next-sentence head on the pooled [CLS]; `labels` (B,): 0 = IsNext, 1 = random segment."""
 
     def __init__(self, config: LmbBertConfig) -> None:
         super().__init__(config)
-        self.bert = LmbBertModel(config)
+        self.build_base_model(config)
         self.cls = LmbBertHeads(config, mlm=False, nsp=True)
         self.post_init()
 
@@ -474,14 +482,7 @@ class LmbBertForNextSentencePrediction(LmbBertPreTrainedModel):
         labels: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> NextSentencePredictorOutput:
-        outputs: BaseModelOutputWithPooling = self.bert(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
-        )
+        outputs = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
         logits = self.cls.seq_relationship(outputs.pooler_output)
         loss = None
         if labels is not None:  # one label per sequence: Trainer's num_items_in_batch counts sequences
@@ -491,13 +492,13 @@ class LmbBertForNextSentencePrediction(LmbBertPreTrainedModel):
                                            attentions=outputs.attentions)
 
 
-class LmbBertForSequenceClassification(LmbBertPreTrainedModel):
+class LmbBertForSequenceClassification(LmbBertHead):
     """BERT with a linear classifier (or regressor, `num_labels=1`) on the pooled [CLS]."""
 
     def __init__(self, config: LmbBertConfig) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.bert = LmbBertModel(config)
+        self.build_base_model(config)
         dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
@@ -514,29 +515,22 @@ class LmbBertForSequenceClassification(LmbBertPreTrainedModel):
         labels: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutput:
-        outputs: BaseModelOutputWithPooling = self.bert(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
-        )
+        outputs = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
         logits = self.classifier(self.dropout(outputs.pooler_output))
         loss = None
         if labels is not None:
-            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config, **kwargs)
+            loss = sequence_classification_loss(logits, labels, self.config, kwargs.get("num_items_in_batch"))
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                         attentions=outputs.attentions)
 
 
-class LmbBertForTokenClassification(LmbBertPreTrainedModel):
+class LmbBertForTokenClassification(LmbBertTokenHead):
     """BERT with a per-token linear classifier (NER, POS tagging); `labels` -100 are ignored."""
 
     def __init__(self, config: LmbBertConfig) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.bert = LmbBertModel(config, add_pooling_layer=False)
+        self.build_base_model(config)
         dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
@@ -553,14 +547,7 @@ class LmbBertForTokenClassification(LmbBertPreTrainedModel):
         labels: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> TokenClassifierOutput:
-        outputs: BaseModelOutputWithPooling = self.bert(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
-        )
+        outputs = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
         logits = self.classifier(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:
@@ -569,12 +556,12 @@ class LmbBertForTokenClassification(LmbBertPreTrainedModel):
                                      attentions=outputs.attentions)
 
 
-class LmbBertForQuestionAnswering(LmbBertPreTrainedModel):
+class LmbBertForQuestionAnswering(LmbBertTokenHead):
     """BERT with a span head (SQuAD): start and end logits per token; the loss averages the two cross-entropies."""
 
     def __init__(self, config: LmbBertConfig) -> None:
         super().__init__(config)
-        self.bert = LmbBertModel(config, add_pooling_layer=False)
+        self.build_base_model(config)
         # Two outputs whatever num_labels says: a span has a start and an end.
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         self.post_init()
@@ -591,14 +578,7 @@ class LmbBertForQuestionAnswering(LmbBertPreTrainedModel):
         end_positions: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> QuestionAnsweringModelOutput:
-        outputs: BaseModelOutputWithPooling = self.bert(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
-        )
+        outputs = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
         logits = self.qa_outputs(outputs.last_hidden_state)  # (B, T, 2)
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
         loss = None
@@ -608,13 +588,13 @@ class LmbBertForQuestionAnswering(LmbBertPreTrainedModel):
                                             hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
-class LmbBertForMultipleChoice(LmbBertPreTrainedModel):
+class LmbBertForMultipleChoice(LmbBertHead):
     """BERT scoring each of `num_choices` candidate sequences (SWAG): inputs (B, num_choices, T) -> logits
     (B, num_choices), one score per choice from the pooled [CLS]."""
 
     def __init__(self, config: LmbBertConfig) -> None:
         super().__init__(config)
-        self.bert = LmbBertModel(config)
+        self.build_base_model(config)
         dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(config.hidden_size, 1)
@@ -639,12 +619,8 @@ class LmbBertForMultipleChoice(LmbBertPreTrainedModel):
         def flat(t: torch.Tensor | None, dims: int = 2) -> torch.Tensor | None:  # (B, N, T, ...) -> (B·N, T, ...)
             return t.reshape(-1, *t.shape[-(dims - 1):]) if t is not None else None
 
-        outputs: BaseModelOutputWithPooling = self.bert(
-            flat(input_ids),
-            attention_mask=flat(attention_mask),
-            token_type_ids=flat(token_type_ids),
-            position_ids=flat(position_ids),
-            inputs_embeds=flat(inputs_embeds, dims=3),
+        outputs = self.encode(
+            flat(input_ids), flat(attention_mask), flat(token_type_ids), flat(position_ids), flat(inputs_embeds, 3),
             **kwargs,
         )
         logits = self.classifier(self.dropout(outputs.pooler_output)).view(-1, num_choices)  # (B, N)
@@ -656,7 +632,23 @@ class LmbBertForMultipleChoice(LmbBertPreTrainedModel):
                                          attentions=outputs.attentions)
 
 
+# Every Auto class the family answers to: registered here for remote code (`auto_map`), and by `lmblocks.families`
+# with this process's Auto classes.
+AUTO_CLASSES = {
+    "AutoModel": LmbBertModel,
+    "AutoModelForPreTraining": LmbBertForPreTraining,
+    "AutoModelForMaskedLM": LmbBertForMaskedLM,
+    "AutoModelForNextSentencePrediction": LmbBertForNextSentencePrediction,
+    "AutoModelForSequenceClassification": LmbBertForSequenceClassification,
+    "AutoModelForTokenClassification": LmbBertForTokenClassification,
+    "AutoModelForQuestionAnswering": LmbBertForQuestionAnswering,
+    "AutoModelForMultipleChoice": LmbBertForMultipleChoice,
+}
+register_for_auto_classes(LmbBertConfig, AUTO_CLASSES)
+
 __all__ = [
+    "AUTO_CLASSES",
+    "LORA_TARGET_MODULES",
     "LmbBertPreTrainedModel",
     "LmbBertModel",
     "LmbBertForPreTrainingOutput",

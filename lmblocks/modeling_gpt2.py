@@ -15,31 +15,31 @@ from huggingface_hub import save_torch_state_dict
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
 from transformers import PreTrainedConfig
+from transformers.cache_utils import Cache
 from transformers.core_model_loading import Transpose, WeightConverter
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPast,
-    CausalLMOutputWithPast,
-    SequenceClassifierOutputWithPast,
-)
-from transformers.modeling_utils import PreTrainedModel, remove_tied_weights_from_state_dict
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_gpt2 import LmbGPT2Config
+from .heads import CausalLMHead, LastTokenClassifierHead, _normalise
 from .integrations import register_lora_target_modules, weight_conversions_while_loading
-from .layers import MultiHeadAttention, check_model_inputs, last_token_index
-from .losses import causal_lm_loss
+from .layers import MultiHeadAttention
+from .modeling_common import DecoderPreamble, LmbPreTrainedModel, register_for_auto_classes
+
+logger = logging.get_logger(__name__)
 
 # The projections the official checkpoints store in Conv1D layout (in, out), transposed to nn.Linear's (out, in).
 CONV1D_PROJECTIONS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-register_lora_target_modules(LmbGPT2Config.model_type, ["c_attn", "c_proj", "c_fc"])
+# peft's default LoRA targets for this family (`LoraConfig()` without `target_modules`).
+LORA_TARGET_MODULES = ("c_attn", "c_proj", "c_fc")
+register_lora_target_modules(LmbGPT2Config.model_type, list(LORA_TARGET_MODULES))
 
 
 class LmbGPT2Attention(MultiHeadAttention):
@@ -53,16 +53,11 @@ class LmbGPT2Attention(MultiHeadAttention):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        query, key, value = self.c_attn(hidden_states).split(self.split_size, dim=2)  # 3 × (B, T, C)
-        attn_output, attn_weights = self.attend(query, key, value, attention_mask, past_key_values, **kwargs)
-        return self.resid_dropout(self.c_proj(attn_output)), attn_weights
+    def project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.c_attn(hidden_states).split(self.split_size, dim=2)  # 3 × (B, T, C)
+
+    def project_output(self, attn_output: torch.Tensor) -> torch.Tensor:
+        return self.resid_dropout(self.c_proj(attn_output))
 
 
 class LmbGPT2MLP(nn.Module):
@@ -104,17 +99,11 @@ class LmbGPT2Block(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.ln_2(hidden_states))
 
 
-class LmbGPT2PreTrainedModel(PreTrainedModel):
+class LmbGPT2PreTrainedModel(LmbPreTrainedModel):
     config: LmbGPT2Config
     config_class = LmbGPT2Config
     base_model_prefix = "transformer"
-    supports_gradient_checkpointing = True
     _no_split_modules = ["LmbGPT2Block"]
-    _skip_keys_device_placement = ["past_key_values"]
-    _supports_flash_attn = True
-    _supports_sdpa = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": LmbGPT2Block, "attentions": LmbGPT2Attention}
     # Causal-mask buffers that old GPT-2 checkpoints carry; masks are built per forward now.
@@ -159,7 +148,7 @@ class LmbGPT2PreTrainedModel(PreTrainedModel):
         self.config.n_positions = new_num_position_embeddings
 
 
-class LmbGPT2Model(LmbGPT2PreTrainedModel):
+class LmbGPT2Model(DecoderPreamble, LmbGPT2PreTrainedModel):
     """The GPT-2 transformer: token + position embeddings, `n_layer` blocks, final LayerNorm."""
 
     def __init__(self, config: LmbGPT2Config) -> None:
@@ -190,27 +179,9 @@ class LmbGPT2Model(LmbGPT2PreTrainedModel):
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
-        check_model_inputs(input_ids, inputs_embeds)
-        if inputs_embeds is None:
-            inputs_embeds = self.wte(input_ids)
-
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-
-        seq_len = inputs_embeds.shape[1]
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if position_ids is None:
-            position_ids = (torch.arange(seq_len, device=inputs_embeds.device) + past_seen).unsqueeze(0)
-        self._check_positions(position_ids, past_seen, seq_len)
-
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
+        inputs_embeds, position_ids, past_key_values, causal_mask = self.decoder_inputs(
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache
         )
-
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))  # (B, T, C)
         for block in self.h:
             hidden_states = block(hidden_states, causal_mask, past_key_values, position_ids=position_ids, **kwargs)
@@ -218,137 +189,61 @@ class LmbGPT2Model(LmbGPT2PreTrainedModel):
 
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
 
-    def _check_positions(self, position_ids: torch.Tensor, past_seen: int, seq_len: int) -> None:
-        """GPT-2 learned `n_positions` position embeddings; a position past them would fail inside `wpe` with an
-        opaque IndexError (a device-side assert on GPU). Checked on the values, so left-padded generation (positions
-        smaller than the cache length) is not refused early. Skipped under torch.compile, where reading a tensor's
-        value would break the graph."""
-        if torch.compiler.is_compiling() or position_ids.numel() == 0:
-            return
-        last_position = int(position_ids.max())
-        if last_position >= self.config.n_positions:
-            raise ValueError(
-                f"Sequence length {last_position + 1} (cached {past_seen} + new {seq_len}) exceeds "
-                f"n_positions={self.config.n_positions}, the number of learned positions."
-            )
+    @property
+    def learned_positions(self) -> int:
+        return self.config.n_positions
 
 
-class LmbGPT2LMHeadModel(LmbGPT2PreTrainedModel, GenerationMixin):
+class LmbGPT2LMHeadModel(CausalLMHead, LmbGPT2PreTrainedModel, GenerationMixin):
     """GPT-2 with the language-modelling head (tied to the token embeddings). `labels` gives the causal-LM loss,
     shifted inside; `-100` labels are ignored."""
 
+    base_model_class = LmbGPT2Model
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
-    _tp_plan = {"lm_head": "colwise_gather_output"}
-    # transformers' ForCausalLMLoss on a leaner cross-entropy (losses.py); `model.loss_function = f` still overrides it.
-    loss_function = staticmethod(causal_lm_loss)
-    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
-
-    def __init__(self, config: LmbGPT2Config) -> None:
-        super().__init__(config)
-        self.transformer = LmbGPT2Model(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> CausalLMOutputWithPast:
-        """`logits_to_keep`: compute logits for only the last N positions (0 = all), which saves memory in generation.
-        `num_items_in_batch` in kwargs (passed by Trainer) makes the loss exact under gradient accumulation."""
-        outputs: BaseModelOutputWithPast = self.transformer(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
 
 
-class LmbGPT2ForSequenceClassification(LmbGPT2PreTrainedModel):
+class LmbGPT2ForSequenceClassification(LastTokenClassifierHead, LmbGPT2PreTrainedModel):
     """GPT-2 with a classification head on the last non-padding token (GPT paper, section 3.2).
 
     With `labels`, the loss is L = L_task + λ·L_LM where λ = `config.lm_loss_weight` and L_LM is the causal-LM loss
-    of the input itself (through the tied LM head, padding ignored): the auxiliary objective of GPT fine-tuning.
+    of the input itself through the tied LM head: the auxiliary objective of GPT fine-tuning. Padding is left out of
+    L_LM — by `attention_mask`, or else by `pad_token_id`. L_LM is each sequence's mean token loss averaged over the
+    sequences, so both terms count sequences and the loss stays exact under Trainer's gradient accumulation (which
+    counts one item per labelled sequence). L_LM needs `input_ids` as its targets: with `inputs_embeds` alone λ is
+    not applied, and a warning says so.
     """
 
+    base_model_class = LmbGPT2Model
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
-    def __init__(self, config: LmbGPT2Config) -> None:
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.transformer = LmbGPT2Model(config)
-        self.score = nn.Linear(config.n_embd, self.num_labels, bias=False)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.post_init()
+    def add_head_modules(self, config: LmbGPT2Config) -> None:
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # tied: adds no parameters
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> SequenceClassifierOutputWithPast:
-        outputs: BaseModelOutputWithPast = self.transformer(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state  # (B, T, C)
-        batch_size = hidden_states.shape[0]
-        last_index = last_token_index(input_ids, attention_mask, self.config.pad_token_id, hidden_states.device)
-        pooled_logits = self.score(hidden_states[torch.arange(batch_size, device=hidden_states.device), last_index])
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=pooled_logits, labels=labels, pooled_logits=pooled_logits,
-                                      config=self.config)
-            if self.config.lm_loss_weight and input_ids is not None:
-                lm_labels = input_ids.masked_fill(attention_mask == 0, -100) if attention_mask is not None else input_ids
-                lm_loss = causal_lm_loss(self.lm_head(hidden_states), lm_labels, self.config.vocab_size)
-                loss = loss + self.config.lm_loss_weight * lm_loss
-
-        return SequenceClassifierOutputWithPast(
-            loss=loss,
-            logits=pooled_logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+    def auxiliary_loss(
+        self, hidden_states: torch.Tensor, input_ids, attention_mask, num_items_in_batch
+    ) -> torch.Tensor | None:
+        if not self.config.lm_loss_weight:
+            return None
+        if input_ids is None:
+            logger.warning_once(
+                "lm_loss_weight is not applied: the input came as inputs_embeds without input_ids, so the auxiliary "
+                "LM loss has no next-token targets. Pass input_ids to train with it."
+            )
+            return None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            real = attention_mask.to(input_ids.device).bool()
+        elif self.config.pad_token_id is not None:
+            real = input_ids != self.config.pad_token_id
+        else:
+            real = torch.ones_like(input_ids, dtype=torch.bool)
+        targets = input_ids.masked_fill(~real, -100)[:, 1:]  # (B, T-1): position t predicts token t + 1
+        logits = self.lm_head(hidden_states[:, :-1])  # (B, T-1, vocab)
+        token_losses = nn.functional.cross_entropy(
+            logits.float().transpose(1, 2), targets.to(logits.device), reduction="none"
+        )  # (B, T-1), 0 where ignored
+        counts = (targets != -100).sum(dim=1).to(token_losses.device)
+        per_sequence = token_losses.sum(dim=1) / counts.clamp(min=1)  # a row with no target contributes 0
+        return self.config.lm_loss_weight * _normalise(per_sequence.sum(), per_sequence.numel(), num_items_in_batch)
 
 
 def export_to_transformers_gpt2(
@@ -399,7 +294,18 @@ TRANSFORMERS_GPT2_ARCHITECTURES: dict[type[LmbGPT2PreTrainedModel], str] = {
 }
 
 
+# Every Auto class the family answers to: registered here for remote code (`auto_map`), and by `lmblocks.families`
+# with this process's Auto classes.
+AUTO_CLASSES = {
+    "AutoModel": LmbGPT2Model,
+    "AutoModelForCausalLM": LmbGPT2LMHeadModel,
+    "AutoModelForSequenceClassification": LmbGPT2ForSequenceClassification,
+}
+register_for_auto_classes(LmbGPT2Config, AUTO_CLASSES)
+
 __all__ = [
+    "AUTO_CLASSES",
+    "LORA_TARGET_MODULES",
     "export_to_transformers_gpt2",
     "TRANSFORMERS_GPT2_ARCHITECTURES",
     "LmbGPT2PreTrainedModel",

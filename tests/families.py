@@ -7,26 +7,27 @@ over `FAMILIES` / `DECODERS`; each family's own tests add what is specific to it
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import lmblocks
+from lmblocks.families import FamilySpec
 
 
 @dataclass(frozen=True)
 class Family:
-    name: str
-    config_class: type
+    """A family as the tests use it: lmblocks' own spec (classes, objective, ...) plus a tiny config."""
+
+    spec: FamilySpec
     tiny_config: Callable[..., Any]  # tiny_config(**overrides) -> config, fast on CPU
-    base_class: type
-    causal_lm_class: type | None = None  # decoders only
-    masked_lm_class: type | None = None  # encoders only
-    extra_classes: tuple[type, ...] = field(default_factory=tuple)
+
+    def __getattr__(self, name: str) -> Any:  # name, config_class, base_class, causal_lm_class, ...
+        return getattr(self.spec, name)
 
     @property
     def all_classes(self) -> tuple[type, ...]:
-        heads = tuple(c for c in (self.causal_lm_class, self.masked_lm_class) if c is not None)
-        return (self.base_class, *heads, *self.extra_classes)
+        """Every model class of the family, the base model first."""
+        return self.spec.model_classes
 
 
 def _gpt2_tiny(**overrides):
@@ -35,14 +36,7 @@ def _gpt2_tiny(**overrides):
     )
 
 
-GPT2 = Family(
-    name="gpt2",
-    config_class=lmblocks.LmbGPT2Config,
-    tiny_config=_gpt2_tiny,
-    base_class=lmblocks.LmbGPT2Model,
-    causal_lm_class=lmblocks.LmbGPT2LMHeadModel,
-    extra_classes=(lmblocks.LmbGPT2ForSequenceClassification,),
-)
+GPT2 = Family(lmblocks.FAMILIES["gpt2"], _gpt2_tiny)
 
 
 def _llama_tiny(**overrides):
@@ -52,34 +46,13 @@ def _llama_tiny(**overrides):
     )
 
 
-LLAMA = Family(
-    name="llama",
-    config_class=lmblocks.LmbLlamaConfig,
-    tiny_config=_llama_tiny,
-    base_class=lmblocks.LmbLlamaModel,
-    causal_lm_class=lmblocks.LmbLlamaForCausalLM,
-    extra_classes=(lmblocks.LmbLlamaForSequenceClassification,),
-)
+LLAMA = Family(lmblocks.FAMILIES["llama"], _llama_tiny)
 
 def _bert_tiny(**overrides):
     return lmblocks.LmbBertConfig.from_preset("tiny", **{"vocab_size": 99, "pad_token_id": 0, **overrides})
 
 
-BERT = Family(
-    name="bert",
-    config_class=lmblocks.LmbBertConfig,
-    tiny_config=_bert_tiny,
-    base_class=lmblocks.LmbBertModel,
-    masked_lm_class=lmblocks.LmbBertForMaskedLM,
-    extra_classes=(
-        lmblocks.LmbBertForPreTraining,
-        lmblocks.LmbBertForNextSentencePrediction,
-        lmblocks.LmbBertForSequenceClassification,
-        lmblocks.LmbBertForTokenClassification,
-        lmblocks.LmbBertForQuestionAnswering,
-        lmblocks.LmbBertForMultipleChoice,
-    ),
-)
+BERT = Family(lmblocks.FAMILIES["bert"], _bert_tiny)
 
 FAMILIES: list[Family] = [GPT2, LLAMA, BERT]
 DECODERS: list[Family] = [f for f in FAMILIES if f.causal_lm_class is not None]

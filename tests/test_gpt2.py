@@ -277,9 +277,13 @@ def test_sequence_classification_auxiliary_lm_loss(lm_loss_weight):
 
     task_loss = torch.nn.functional.cross_entropy(out.logits, labels)
     hidden = model.transformer(**batch).last_hidden_state
-    lm_logits = model.lm_head(hidden)[:, :-1].reshape(-1, config.vocab_size)
-    lm_labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)[:, 1:].reshape(-1)
-    lm_loss = torch.nn.functional.cross_entropy(lm_logits, lm_labels, ignore_index=-100)
+    lm_labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    # L_LM: each sequence's mean next-token loss, averaged over the sequences (exact under gradient accumulation).
+    per_sequence = [
+        torch.nn.functional.cross_entropy(model.lm_head(hidden[i, :-1]), lm_labels[i, 1:], ignore_index=-100)
+        for i in range(len(labels))
+    ]
+    lm_loss = torch.stack(per_sequence).mean()
     torch.testing.assert_close(out.loss, task_loss + lm_loss_weight * lm_loss)
     # The classifier pools the last real token of each row (the rows are left-padded here, so the last column).
     torch.testing.assert_close(out.logits, model.score(hidden[:, -1]))
