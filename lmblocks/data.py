@@ -54,8 +54,9 @@ def load_text_dataset(
                     raise CorpusError(f"Dataset {name_or_path} has splits {list(dataset)}, not {split!r}.")
                 dataset = dataset[split]
         else:
+            check_hub_reachable(name_or_path)
             dataset = datasets.load_dataset(name_or_path, config_name, split=split)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
         if isinstance(error, CorpusError):
             raise
         raise CorpusError(f"Could not load dataset {name_or_path!r}: {error}") from error
@@ -68,6 +69,28 @@ def load_text_dataset(
     if not texts:
         raise CorpusError(f"Column {text_column!r} of dataset {name_or_path!r} holds no text.")
     return texts
+
+
+def check_hub_reachable(name: str, timeout: float = 5.0) -> None:
+    """Before `datasets.load_dataset(name)` asks the Hub for a dataset that is not on this machine: fail at once, with
+    the way out, when the Hub cannot be reached (datasets itself retries for half a minute, then raises a
+    traceback). Offline mode (`HF_HUB_OFFLINE=1` / `HF_DATASETS_OFFLINE=1`, cached datasets) is left alone."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if Path(name).exists() or constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0"):
+        return
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as error:
+        raise CorpusError(
+            f"Dataset {name!r} is not a local folder and the Hub ({constants.ENDPOINT}) cannot be reached ({error}). "
+            "Give a folder written by Dataset.save_to_disk or text files, or set HF_DATASETS_OFFLINE=1 to use a "
+            "copy in the datasets cache."
+        ) from error
 
 
 def load_corpus(
@@ -137,6 +160,7 @@ __all__ = [
     "CorpusError",
     "read_text_files",
     "load_text_dataset",
+    "check_hub_reachable",
     "load_corpus",
     "tokenize_documents",
     "split_into_blocks",

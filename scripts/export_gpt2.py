@@ -3,8 +3,9 @@
 lmblocks saves GPT-2 as a plain state dict (nn.Linear layout) with its own `config.json` (`model_type: "lmb_gpt2"`)
 and code files for `trust_remote_code`. This script writes a folder that transformers'
 `GPT2Model` / `GPT2LMHeadModel` / `GPT2ForSequenceClassification` load with no lmblocks installed: a real
-`GPT2Config` (`model_type: "gpt2"`), the weights (Conv1D layout, official key names, tied `lm_head` left out) and,
-for language models, the generation config. The opposite direction needs no script:
+`GPT2Config` (`model_type: "gpt2"`, `use_cache: true`), the weights (Conv1D layout, official key names, tied `lm_head`
+left out), for language models the generation config, and the checkpoint's tokenizer (with `model_max_length` =
+`n_positions`), so `pipeline("text-generation", model=output_folder)` works as it does for the official `gpt2`. The opposite direction needs no script:
 `LmbGPT2LMHeadModel.from_pretrained(folder_saved_by_transformers_gpt2)` reads such a folder directly.
 
 Usage:
@@ -20,11 +21,17 @@ not exported; a model with `qkv_bias=False` cannot be exported (transformers' GP
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from transformers import AutoConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-import lmblocks
-from lmblocks.modeling_gpt2 import TRANSFORMERS_GPT2_ARCHITECTURES, export_to_transformers_gpt2
+from transformers import AutoConfig, AutoTokenizer  # noqa: E402
+
+import lmblocks  # noqa: E402
+from lmblocks.cli import check_checkpoint_path, loading, run_script  # noqa: E402
+from lmblocks.modeling_gpt2 import TRANSFORMERS_GPT2_ARCHITECTURES, export_to_transformers_gpt2  # noqa: E402
+from lmblocks.training import UsageError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,18 +41,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="largest weight file (default: 5GB)")
     args = parser.parse_args(argv)
 
-    config = AutoConfig.from_pretrained(args.checkpoint)
+    check_checkpoint_path(args.checkpoint)
+    with loading(args.checkpoint):
+        config = AutoConfig.from_pretrained(args.checkpoint)
     if not isinstance(config, lmblocks.LmbGPT2Config):
-        parser.error(f"{args.checkpoint} holds a {type(config).__name__}, not an lmblocks GPT-2 checkpoint.")
+        raise UsageError(f"{args.checkpoint} holds a {type(config).__name__}, not an lmblocks GPT-2 checkpoint.")
     # The class named in the checkpoint's `architectures`, so a classifier stays a classifier.
     by_name = {model_class.__name__: model_class for model_class in TRANSFORMERS_GPT2_ARCHITECTURES}
     architecture = (config.architectures or ["LmbGPT2LMHeadModel"])[0]
     if architecture not in by_name:
-        parser.error(f"cannot export architecture {architecture}; known: {', '.join(by_name)}.")
-    model = by_name[architecture].from_pretrained(args.checkpoint)
+        raise UsageError(f"Cannot export architecture {architecture}; known: {', '.join(by_name)}.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    except (OSError, ValueError):
+        tokenizer = None
+    with loading(args.checkpoint):
+        model = by_name[architecture].from_pretrained(args.checkpoint)
+    model.config.use_cache = True  # the Trainer saves False; a loaded model should decode with its cache
     export_to_transformers_gpt2(model, args.output, max_shard_size=args.max_shard_size)
-    print(f"Wrote {TRANSFORMERS_GPT2_ARCHITECTURES[type(model)]} checkpoint to {args.output}")
+    if tokenizer is not None:
+        tokenizer.model_max_length = model.config.n_positions
+        tokenizer.save_pretrained(args.output)
+    print(f"Wrote {TRANSFORMERS_GPT2_ARCHITECTURES[type(model)]} checkpoint to {args.output}"
+          + ("" if tokenizer is not None else " (without a tokenizer: the checkpoint has none; copy one in before "
+             "using it with pipeline or AutoTokenizer)"))
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

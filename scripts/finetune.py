@@ -3,7 +3,9 @@
 
 * `--task seq_cls`: rows with a text and a label column (`--text_column`, `--label_column`). For GPT-2,
   `--lm_loss_weight λ` adds the auxiliary language-modelling loss of GPT fine-tuning: L = L_task + λ·L_LM.
-* `--task instruct`: rows with an instruction and a response column; the loss is on the response tokens only.
+* `--task instruct`: rows with an instruction and a response column; the loss is on the response tokens only. The
+  prompt format is the tokenizer's chat template; a tokenizer without one gets lmblocks' instruction template
+  (`### Instruction:` / `### Response:`), saved with it, so generate.py, pipelines and TRL format prompts the same way.
 * `--lora_r R` (> 0) trains a LoRA adapter instead of all weights (`--lora_alpha`, `--lora_dropout`; target modules
   default to the family's defaults registered with peft: GPT-2 `c_attn`/`c_proj`/`c_fc`, LLaMA's attention and MLP
   projections, BERT's `query`/`value`). `--merge_lora` folds the adapter into the weights for export: the output
@@ -19,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -27,11 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from transformers import HfArgumentParser, TrainingArguments  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
 
-from lmblocks.data import CorpusError  # noqa: E402
-from lmblocks.training import UsageError, run_cli  # noqa: E402
+from lmblocks.cli import parse_arguments, run_script  # noqa: E402
+from lmblocks.data import CorpusError, check_hub_reachable  # noqa: E402
+from lmblocks.training import UsageError  # noqa: E402
 
+# What lmblocks' chat template (lmblocks.cli.INSTRUCT_CHAT_TEMPLATE) renders for one instruction; kept for callers.
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 TASKS = ("seq_cls", "instruct")
 
@@ -42,27 +45,31 @@ class ModelArguments:
     task: str = field(default="seq_cls", metadata={"help": "seq_cls or instruct."})
     lm_loss_weight: float | None = field(default=None, metadata={"help": "GPT-2 seq_cls: λ of the auxiliary LM loss."})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 fine-tunes all weights."})
-    lora_alpha: float = field(default=16.0)
-    lora_dropout: float = field(default=0.05)
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling: the update is scaled by alpha / r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
     lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Default: the family's."})
     merge_lora: bool = field(default=False, metadata={"help": "Merge the adapter into the weights when saving."})
-    trust_remote_code: bool = field(default=False)
-    license: str = field(default="apache-2.0")
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run the checkpoint's own modelling code."})
+    license: str = field(default="apache-2.0", metadata={"help": "License written into the model card."})
     time_budget_seconds: float | None = field(default=None, metadata={"help": "Stop training after this long."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start afresh in an --output_dir that holds an earlier run's checkpoint-* folders."})
 
 
 @dataclass
 class DataArguments:
     train_file: str | None = field(default=None, metadata={"help": "csv, json or jsonl."})
-    validation_file: str | None = field(default=None)
-    dataset_name: str | None = field(default=None)
-    dataset_config_name: str | None = field(default=None)
-    validation_fraction: float = field(default=0.1)
-    text_column: str = field(default="text")
-    label_column: str = field(default="label")
-    instruction_column: str = field(default="instruction")
-    response_column: str = field(default="response")
-    max_length: int = field(default=128)
+    validation_file: str | None = field(default=None, metadata={"help": "csv, json or jsonl (default: held out)."})
+    dataset_name: str | None = field(default=None, metadata={"help": "A datasets name, or a save_to_disk folder."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    validation_fraction: float = field(default=0.1, metadata={
+        "help": "Without validation data, the share of training rows held out."})
+    text_column: str = field(default="text", metadata={"help": "seq_cls: the column holding the text."})
+    label_column: str = field(default="label", metadata={"help": "seq_cls: the column holding the label."})
+    instruction_column: str = field(default="instruction", metadata={"help": "instruct: the prompt column."})
+    response_column: str = field(default="response", metadata={"help": "instruct: the answer column."})
+    max_length: int = field(default=128, metadata={
+        "help": "Tokens per row; longer rows are cut (and counted). At most the model's positions."})
 
 
 def load_rows(data_args: DataArguments, seed: int):
@@ -87,8 +94,9 @@ def load_rows(data_args: DataArguments, seed: int):
         elif Path(data_args.dataset_name).is_dir() and (Path(data_args.dataset_name) / "dataset_dict.json").exists():
             data = datasets.load_from_disk(data_args.dataset_name)
         else:
+            check_hub_reachable(data_args.dataset_name)
             data = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
         if isinstance(error, (UsageError, CorpusError)):
             raise
         raise CorpusError(f"Cannot load the fine-tuning data: {error}") from error
@@ -112,14 +120,10 @@ def load_model(model_args: ModelArguments, num_labels: int | None, id2label: dic
     """The task head on the pretrained checkpoint, through the Auto classes."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    try:
-        import lmblocks  # noqa: F401  (registers the families)
-    except ImportError:
-        pass
-    try:
+    from lmblocks.cli import loading
+
+    with loading(model_args.model_name_or_path):
         config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"Cannot read the checkpoint {model_args.model_name_or_path}: {error}") from error
     kwargs = {"trust_remote_code": model_args.trust_remote_code}
     if model_args.task == "seq_cls":
         kwargs.update(num_labels=num_labels, id2label=id2label, label2id={v: k for k, v in id2label.items()})
@@ -132,11 +136,8 @@ def load_model(model_args: ModelArguments, num_labels: int | None, id2label: dic
         if model_args.lm_loss_weight is not None:
             raise UsageError("--lm_loss_weight applies to --task seq_cls only.")
         auto_class = AutoModelForCausalLM
-    try:
+    with loading(model_args.model_name_or_path, f"{model_args.task} model"):
         return auto_class.from_pretrained(model_args.model_name_or_path, **kwargs)
-    except ValueError as error:
-        raise UsageError(f"Cannot build a {model_args.task} model from {model_args.model_name_or_path}: {error}") \
-            from error
 
 
 def apply_lora(model, model_args: ModelArguments):
@@ -145,8 +146,11 @@ def apply_lora(model, model_args: ModelArguments):
     task_type = TaskType.SEQ_CLS if model_args.task == "seq_cls" else TaskType.CAUSAL_LM
     lora_config = LoraConfig(task_type=task_type, r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
                              lora_dropout=model_args.lora_dropout, target_modules=model_args.lora_target_modules)
+    from lmblocks.cli import without_peft_deprecation_warning
+
     try:
-        model = get_peft_model(model, lora_config)
+        with without_peft_deprecation_warning():
+            model = get_peft_model(model, lora_config)
     except ValueError as error:
         raise UsageError(f"LoRA set-up failed: {error}") from error
     return model
@@ -162,14 +166,11 @@ def preprocess(task: str, dataset, tokenizer, data_args: DataArguments, label2id
             return enc
     else:
         check_columns(dataset, [data_args.instruction_column, data_args.response_column])
-        eos = tokenizer.eos_token or ""
 
         def encode(batch):
             input_ids, labels = [], []
             for instruction, response in zip(batch[data_args.instruction_column], batch[data_args.response_column]):
-                prompt_ids = tokenizer(PROMPT_TEMPLATE.format(instruction=instruction),
-                                       add_special_tokens=False)["input_ids"]
-                response_ids = tokenizer(response + eos, add_special_tokens=False)["input_ids"]
+                prompt_ids, response_ids = instruct_example(tokenizer, instruction, response)
                 ids = (prompt_ids + response_ids)[: data_args.max_length]
                 input_ids.append(ids)
                 labels.append(([-100] * len(prompt_ids) + response_ids)[: data_args.max_length])
@@ -178,13 +179,30 @@ def preprocess(task: str, dataset, tokenizer, data_args: DataArguments, label2id
     return dataset.map(encode, batched=True, remove_columns=dataset.column_names)
 
 
-def run_finetuning(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
-    import numpy as np
-    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, set_seed
+def instruct_example(tokenizer, instruction: str, response: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of one instruction row, both through the tokenizer's chat template: the prompt is
+    the user turn plus the generation prompt, the response the rest of the rendered conversation (answer + eos)."""
+    user = [{"role": "user", "content": instruction}]
+    prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
+    if not full.startswith(prompt):
+        raise UsageError("The tokenizer's chat template does not render a conversation as its prompt plus the "
+                         "answer, so the loss cannot be put on the answer alone.")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    return prompt_ids, response_ids
 
-    from lmblocks.hub import push_folder, write_model_card
-    from lmblocks.training import (check_hub_credentials, family_of_config, staged_directory,
-                                   time_budget_callback, use_live_loss_bar)
+
+def run_finetuning(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
+    """Check the inputs, fine-tune, evaluate and save (see the module docstring); returns the metrics."""
+    import numpy as np
+    from transformers import AutoConfig, AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, \
+        set_seed
+
+    from lmblocks.cli import (check_checkpoint_path, check_length_fits, check_output_dir, ensure_chat_template,
+                              loading, quiet_training_defaults, train)
+    from lmblocks.hub import save_trained_model
+    from lmblocks.training import check_hub_credentials, family_of_config, time_budget_callback, use_live_loss_bar
 
     if model_args.task not in TASKS:
         raise UsageError(f"Unknown --task {model_args.task!r}; choose one of {', '.join(TASKS)}.")
@@ -192,7 +210,16 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, trainin
         raise UsageError(f"--lora_r must be ≥ 0, got {model_args.lora_r}.")
     if model_args.merge_lora and not model_args.lora_r:
         raise UsageError("--merge_lora needs a LoRA run (--lora_r > 0).")
+    if data_args.max_length < 2:
+        raise UsageError(f"--max_length must be at least 2, got {data_args.max_length}.")
     check_hub_credentials(training_args.push_to_hub, training_args.hub_token)
+    check_checkpoint_path(model_args.model_name_or_path)
+    with loading(model_args.model_name_or_path):
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path,
+                                            trust_remote_code=model_args.trust_remote_code)
+    check_length_fits(config, data_args.max_length, "--max_length")
+    training_args.resume_from_checkpoint = check_output_dir(
+        training_args.output_dir, training_args.resume_from_checkpoint, model_args.overwrite_output_dir)
     set_seed(training_args.seed)
     train_rows, validation_rows = load_rows(data_args, training_args.seed)
 
@@ -205,18 +232,20 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, trainin
         id2label = dict(enumerate(labels))
         label2id = {v: k for k, v in id2label.items()}
 
-    try:
+    with loading(model_args.model_name_or_path, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"Cannot load the tokenizer of {model_args.model_name_or_path}: {error}") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
+    if model_args.task == "instruct" and ensure_chat_template(tokenizer):
+        print("[finetune] the tokenizer has no chat template: using lmblocks' instruction template "
+              "(### Instruction: / ### Response:), saved with the tokenizer", flush=True)
     model = load_model(model_args, len(labels) if id2label else None, id2label)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     family = family_of_config(model.config)
 
     train_dataset = preprocess(model_args.task, train_rows, tokenizer, data_args, label2id)
+    report_cut_rows(train_dataset, train_rows, tokenizer, model_args.task, data_args)
     eval_dataset = preprocess(model_args.task, validation_rows, tokenizer, data_args, label2id) \
         if validation_rows is not None else None
     if model_args.task == "seq_cls":
@@ -235,6 +264,7 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, trainin
             training_args.label_names = ["labels"]
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
+    quiet_training_defaults(training_args, len(train_dataset))
     push_to_hub = training_args.push_to_hub
     training_args.push_to_hub = False  # lmblocks pushes the finished folder itself, with its own card
     if eval_dataset is None:
@@ -248,7 +278,7 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, trainin
         print(f"[finetune] {family.name} {model_args.task}: {n_trainable / 1e6:.3f}M of {n_total / 1e6:.2f}M "
               f"parameters trained ({'LoRA r=' + str(model_args.lora_r) if model_args.lora_r else 'full'}), "
               f"{len(train_dataset)} training rows", flush=True)
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_result = train(trainer, training_args.resume_from_checkpoint)
     metrics = dict(train_result.metrics)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     if losses:
@@ -261,45 +291,38 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, trainin
         elif "eval_accuracy" in metrics:
             metrics["accuracy"] = metrics["eval_accuracy"]
 
-    if trainer.is_world_process_zero():
-        output_dir = Path(training_args.output_dir)
-        with staged_directory(output_dir) as staging:
-            model = trainer.model
-            if model_args.lora_r:
-                model.save_pretrained(staging / "adapter" if model_args.merge_lora else staging)
-                if model_args.merge_lora:
-                    model.merge_and_unload().save_pretrained(staging)
-            else:
-                model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            (staging / "all_results.json").write_text(json.dumps(metrics, indent=2))
-            write_model_card(
-                staging, model_name=training_args.hub_model_id or output_dir.name, family=family.name,
-                task=model_args.task, license=model_args.license,
-                datasets=[data_args.dataset_name] if data_args.dataset_name else [],
-                base_model=model_args.model_name_or_path if not Path(model_args.model_name_or_path).exists()
-                else None,
-                results={k: metrics[k] for k in ("final_train_loss", "eval_loss", "accuracy", "perplexity")
-                         if k in metrics},
-                training_args={"lora_r": model_args.lora_r, "lora_alpha": model_args.lora_alpha,
-                               "lm_loss_weight": model_args.lm_loss_weight,
-                               "learning_rate": training_args.learning_rate, "max_steps": training_args.max_steps},
-            )
-        print(f"[finetune] saved to {output_dir}", flush=True)
-        if push_to_hub:
-            repo_id = training_args.hub_model_id or output_dir.name
-            push_folder(output_dir, repo_id, token=training_args.hub_token, private=training_args.hub_private_repo,
-                        revision=training_args.hub_revision)
-            print(f"[finetune] pushed to {repo_id}", flush=True)
+    save_trained_model(
+        trainer, tokenizer, family=family.name, task=model_args.task, metrics=metrics,
+        card_metrics=("final_train_loss", "eval_loss", "accuracy", "perplexity"),
+        hyperparameters={"lora_r": model_args.lora_r, "lora_alpha": model_args.lora_alpha,
+                         "lm_loss_weight": model_args.lm_loss_weight, "learning_rate": training_args.learning_rate,
+                         "max_steps": training_args.max_steps, "max_length": data_args.max_length},
+        license=model_args.license, datasets=[data_args.dataset_name] if data_args.dataset_name else [],
+        base_model=model_args.model_name_or_path, merge_lora=model_args.merge_lora, push_to_hub=push_to_hub,
+        log_prefix="[finetune]",
+    )
     metrics["output_dir"] = str(training_args.output_dir)
     return metrics
 
 
+def report_cut_rows(dataset, rows, tokenizer, task: str, data_args: DataArguments) -> int:
+    """Say how many training rows were longer than --max_length and cut (nothing is cut silently)."""
+    if task == "seq_cls":
+        lengths = [len(ids) for ids in tokenizer(list(rows[data_args.text_column]))["input_ids"]]
+    else:
+        lengths = [sum(map(len, instruct_example(tokenizer, i, r)))
+                   for i, r in zip(rows[data_args.instruction_column], rows[data_args.response_column])]
+    n_cut = sum(length > data_args.max_length for length in lengths)
+    if n_cut:
+        print(f"[finetune] {n_cut} of {len(lengths)} training rows are longer than --max_length "
+              f"{data_args.max_length} tokens (longest {max(lengths)}) and were cut to it", flush=True)
+    return n_cut
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = parse_arguments((ModelArguments, DataArguments, TrainingArguments), argv)
     return run_finetuning(model_args, data_args, training_args)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_script(main)

@@ -22,7 +22,6 @@ staging folder first and its config.json lands last, so an interrupted run never
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,10 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from transformers import HfArgumentParser, TrainingArguments  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
 
+from lmblocks.cli import parse_arguments, run_script  # noqa: E402
 from lmblocks.data import CorpusError, load_corpus, pack_causal_lm  # noqa: E402
-from lmblocks.training import UsageError, run_cli  # noqa: E402
+from lmblocks.training import UsageError  # noqa: E402
 
 
 @dataclass
@@ -54,15 +54,18 @@ class ModelArguments:
         "help": "Stop training after this many seconds. With --max_steps unset (-1) and one epoch not fitting, "
                 "max_steps is also set from a short timing of the model, so the LR schedule ends with the budget."})
     license: str = field(default="apache-2.0", metadata={"help": "License written into the model card."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start afresh in an --output_dir that holds an earlier run's checkpoint-* folders (without it, such a "
+                "folder is refused: resume it with --resume_from_checkpoint)."})
 
 
 @dataclass
 class DataArguments:
     train_files: list[str] = field(default_factory=list, metadata={"help": "Plain-text files, one document each."})
     dataset_name: str | None = field(default=None, metadata={"help": "A datasets name, or a save_to_disk folder."})
-    dataset_config_name: str | None = field(default=None)
-    dataset_split: str = field(default="train")
-    text_column: str = field(default="text")
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    dataset_split: str = field(default="train", metadata={"help": "The dataset split to train on."})
+    text_column: str = field(default="text", metadata={"help": "The dataset's text column."})
     block_size: int = field(default=128, metadata={"help": "Tokens per training example."})
     eval_fraction: float = field(default=0.05, metadata={"help": "Held-out share of the corpus (0 = no eval)."})
     mlm_probability: float = field(default=0.15, metadata={"help": "BERT: share of tokens masked."})
@@ -70,26 +73,31 @@ class DataArguments:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
-        path = os.path.abspath(sys.argv[1])
-        loader = parser.parse_json_file if path.endswith(".json") else parser.parse_yaml_file
-        return loader(path)
-    return parser.parse_args_into_dataclasses(args=argv)
+    """Flags, or a single .json / .yaml file of them; a misspelt flag or key is a one-line error."""
+    return parse_arguments((ModelArguments, DataArguments, TrainingArguments), argv)
 
 
 def validate_inputs(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
-    """Everything that can be checked before a tokenizer or model is built. Returns (family, texts)."""
+    """Everything that can be checked before a tokenizer or model is built: the family, the config with its
+    overrides, the block size against the model's positions, the output folder and the resume checkpoint, then the
+    corpus. Returns (family, config, texts); `config` is the checkpoint's with `--model_name_or_path`."""
+    from lmblocks.cli import check_checkpoint_path, check_length_fits, check_output_dir, loading
     from lmblocks.training import check_hub_credentials, family_of_config, get_family
 
     check_hub_credentials(training_args.push_to_hub, training_args.hub_token)
+    if data_args.block_size < 8:
+        raise UsageError(f"--block_size must be at least 8, got {data_args.block_size}.")
+    if not 0.0 <= data_args.eval_fraction < 1.0:
+        raise UsageError(f"--eval_fraction must be in [0, 1), got {data_args.eval_fraction}.")
     if model_args.model_name_or_path:
         from transformers import AutoConfig
 
-        try:
+        if model_args.preset or model_args.config_name or model_args.config_overrides:
+            raise UsageError("--preset, --config_name and --config_overrides build a new model; with "
+                             "--model_name_or_path the checkpoint's config is used. Give one or the other.")
+        check_checkpoint_path(model_args.model_name_or_path)
+        with loading(model_args.model_name_or_path):
             config = AutoConfig.from_pretrained(model_args.model_name_or_path)
-        except (OSError, ValueError) as error:
-            raise UsageError(f"Cannot read the checkpoint {model_args.model_name_or_path}: {error}") from error
         family = family_of_config(config)
         if model_args.model_family and model_args.model_family != family.name:
             raise UsageError(f"--model_family {model_args.model_family} but the checkpoint is {family.name}.")
@@ -97,19 +105,48 @@ def validate_inputs(model_args: ModelArguments, data_args: DataArguments, traini
         if not model_args.model_family:
             raise UsageError("Give --model_family (gpt2, llama, bert) or --model_name_or_path.")
         family = get_family(model_args.model_family)
+        presets = ", ".join(family.config_class.presets)
         if model_args.preset is None and model_args.config_name is None:
-            raise UsageError(f"Give --preset or --config_name for {family.name}; presets: "
-                             f"{', '.join(family.config_class.presets)}.")
+            raise UsageError(f"Give --preset or --config_name for {family.name}; presets: {presets}.")
+        if model_args.preset is not None and model_args.config_name is not None:
+            raise UsageError("Give --preset or --config_name, not both (the config file would silently win).")
         if model_args.preset is not None and model_args.preset not in family.config_class.presets:
-            raise UsageError(f"Unknown {family.name} preset {model_args.preset!r}. Available presets: "
-                             f"{', '.join(family.config_class.presets)}.")
-    if data_args.block_size < 8:
-        raise UsageError(f"--block_size must be at least 8, got {data_args.block_size}.")
-    if not 0.0 <= data_args.eval_fraction < 1.0:
-        raise UsageError(f"--eval_fraction must be in [0, 1), got {data_args.eval_fraction}.")
+            raise UsageError(f"Unknown {family.name} preset {model_args.preset!r}. Available presets: {presets}.")
+        config = new_config(model_args, family)
+    check_length_fits(config, data_args.block_size, "--block_size")
+    vocab_override = parse_overrides(model_args).get("vocab_size")
+    if vocab_override is not None and model_args.tokenizer_name_or_path is None and not model_args.model_name_or_path \
+            and vocab_override < model_args.tokenizer_vocab_size:
+        raise UsageError(f"--config_overrides vocab_size={vocab_override} is smaller than the tokenizer to be trained "
+                         f"(--tokenizer_vocab_size {model_args.tokenizer_vocab_size}); token ids past the embedding "
+                         "table would crash training. Raise vocab_size or lower --tokenizer_vocab_size.")
+    training_args.resume_from_checkpoint = check_output_dir(
+        training_args.output_dir, training_args.resume_from_checkpoint, model_args.overwrite_output_dir)
     texts = load_corpus(data_args.train_files, data_args.dataset_name, data_args.dataset_config_name,
                         data_args.dataset_split, data_args.text_column)
-    return family, texts
+    return family, config, texts
+
+
+def parse_overrides(model_args: ModelArguments) -> dict:
+    from lmblocks.training import parse_config_overrides
+
+    return parse_config_overrides(model_args.config_overrides)
+
+
+def new_config(model_args: ModelArguments, family, **tokenizer_kwargs):
+    """The config of a new model: preset or file, the tokenizer's vocabulary and special tokens, then the user's
+    overrides (checked for type first). A config that cannot be built is a `UsageError`."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    from lmblocks.cli import check_config_overrides, config_error_message
+    from lmblocks.training import build_config
+
+    overrides = parse_overrides(model_args)
+    check_config_overrides(family.config_class, overrides)
+    try:
+        return build_config(family, model_args.preset, model_args.config_name, **{**tokenizer_kwargs, **overrides})
+    except StrictDataclassError as error:
+        raise UsageError(f"--config_overrides: {config_error_message(error)}") from error
 
 
 def get_tokenizer(model_args: ModelArguments, family, texts: list[str]):
@@ -131,7 +168,8 @@ def get_tokenizer(model_args: ModelArguments, family, texts: list[str]):
     # A list would be read as file paths: pass the documents as an iterator.
     try:
         return train_tokenizer(iter(texts), kind=family.name, vocab_size=model_args.tokenizer_vocab_size,
-                               min_frequency=model_args.tokenizer_min_frequency)
+                               min_frequency=model_args.tokenizer_min_frequency,
+                               show_progress=sys.stderr.isatty())  # bars print blank lines into log files
     except ValueError as error:
         raise UsageError(f"Tokenizer training failed: {error}") from error
 
@@ -152,25 +190,25 @@ def tokenizer_config_kwargs(tokenizer) -> dict:
 
 
 def build_model(model_args: ModelArguments, family, tokenizer, block_size: int):
-    from lmblocks.training import build_config, parse_config_overrides
+    from lmblocks.cli import check_length_fits, loading
 
     load_kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     if model_args.model_name_or_path:
-        model = family.pretraining_class.from_pretrained(model_args.model_name_or_path, **load_kwargs)
-        if len(tokenizer) > model.config.vocab_size:
-            raise UsageError(f"The tokenizer has {len(tokenizer)} tokens, the model only {model.config.vocab_size}.")
+        with loading(model_args.model_name_or_path):
+            model = family.pretraining_class.from_pretrained(model_args.model_name_or_path, **load_kwargs)
     else:
-        overrides = tokenizer_config_kwargs(tokenizer)
+        kwargs = tokenizer_config_kwargs(tokenizer)
         fields = family.config_class.__dataclass_fields__
-        overrides = {k: v for k, v in overrides.items() if k in fields or k in family.config_class.attribute_map}
-        overrides.update(parse_config_overrides(model_args.config_overrides))
-        config = build_config(family, model_args.preset, model_args.config_name, **overrides)
-        model = family.pretraining_class(config)
+        kwargs = {k: v for k, v in kwargs.items() if k in fields or k in family.config_class.attribute_map}
+        model = family.pretraining_class(new_config(model_args, family, **kwargs))
         if model_args.attn_implementation:
             model.set_attn_implementation(model_args.attn_implementation)
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions is not None and block_size > max_positions:
-        raise UsageError(f"--block_size {block_size} exceeds the model's {max_positions} positions.")
+    if len(tokenizer) > model.config.vocab_size:
+        where = "the checkpoint" if model_args.model_name_or_path else "vocab_size"
+        raise UsageError(f"The tokenizer has {len(tokenizer)} tokens but the model's embedding table only "
+                         f"{model.config.vocab_size} ({where}); token ids past it would crash training. Use a "
+                         "smaller tokenizer or a larger vocab_size.")
+    check_length_fits(model.config, block_size, "--block_size")
     return model
 
 
@@ -239,22 +277,23 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, traini
                     datasets_name: str | None = None, callbacks: list | None = None) -> dict:
     """Train, evaluate and save; returns the metrics (also written to `output_dir/all_results.json`).
     `callbacks`: extra `TrainerCallback`s (for example to inspect every rank's weights in a distributed run)."""
-    import torch
     from transformers import Trainer, set_seed
 
-    from lmblocks.hub import push_folder, write_model_card
-    from lmblocks.training import is_main_process, staged_directory, time_budget_callback, use_live_loss_bar
+    from lmblocks.cli import quiet_training_defaults, train
+    from lmblocks.hub import save_trained_model
+    from lmblocks.training import is_main_process, time_budget_callback, use_live_loss_bar
 
-    family, texts = validate_inputs(model_args, data_args, training_args)
+    family, _, texts = validate_inputs(model_args, data_args, training_args)
     set_seed(training_args.seed)
     tokenizer = get_tokenizer(model_args, family, texts)
-    train_dataset, eval_dataset, collator = build_datasets(family, texts, tokenizer, data_args, training_args.seed)
     model = build_model(model_args, family, tokenizer, data_args.block_size)
+    train_dataset, eval_dataset, collator = build_datasets(family, texts, tokenizer, data_args, training_args.seed)
 
     if model_args.time_budget_seconds and training_args.max_steps <= 0:
         steps = fit_steps_to_budget(model, train_dataset, collator, training_args, model_args.time_budget_seconds)
         if steps is not None:
             training_args.max_steps = steps
+    quiet_training_defaults(training_args, len(train_dataset))
     push_to_hub = training_args.push_to_hub
     training_args.push_to_hub = False  # lmblocks pushes the finished folder itself, with its own model card
     if eval_dataset is None:
@@ -273,13 +312,15 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, traini
               flush=True)
 
     start = time.time()
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_result = train(trainer, training_args.resume_from_checkpoint)
     train_seconds = time.time() - start
     metrics = dict(train_result.metrics)
-    tokens_trained = trainer.state.global_step * training_args.train_batch_size * \
+    # Only the steps this run trained, over this run's time: after a resume the restored steps took no time here.
+    tokens_trained = trainer.steps_this_run * training_args.train_batch_size * \
         training_args.gradient_accumulation_steps * training_args.world_size * data_args.block_size
     metrics["tokens_per_second"] = tokens_trained / max(metrics.get("train_runtime", train_seconds), 1e-9)
     metrics["train_steps"] = trainer.state.global_step
+    metrics["steps_this_run"] = trainer.steps_this_run
     metrics["n_parameters"] = n_params
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     if losses:
@@ -289,46 +330,18 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, traini
         metrics.update(eval_metrics)
         metrics["perplexity"] = math.exp(min(eval_metrics["eval_loss"], 50.0))
 
-    # Under FSDP / DeepSpeed ZeRO-3 the weights are sharded: gathering them is a collective every rank joins.
-    state_dict = None
-    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        state_dict = trainer.accelerator.get_state_dict(trainer.model)
-    if trainer.is_world_process_zero():
-        output_dir = Path(training_args.output_dir)
-        with staged_directory(output_dir) as staging:
-            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(staging, state_dict=state_dict)
-            tokenizer.save_pretrained(staging)
-            trainer.state.save_to_json(str(staging / "trainer_state.json"))
-            import json
-
-            (staging / "all_results.json").write_text(json.dumps(metrics, indent=2))
-            card_results = {k: metrics[k] for k in ("final_train_loss", "eval_loss", "perplexity",
-                                                    "tokens_per_second", "train_steps") if k in metrics}
-            write_model_card(
-                staging,
-                model_name=training_args.hub_model_id or output_dir.name,
-                family=family.name,
-                task=family.objective,
-                license=model_args.license,
-                datasets=[datasets_name or data_args.dataset_name] if (datasets_name or data_args.dataset_name)
-                else [],
-                base_model=model_args.model_name_or_path if model_args.model_name_or_path and
-                not Path(model_args.model_name_or_path).exists() else None,
-                results=card_results,
-                training_args={k: getattr(training_args, k) for k in (
-                    "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
-                    "num_train_epochs", "lr_scheduler_type", "warmup_steps", "weight_decay", "seed")}
-                | {"block_size": data_args.block_size, "world_size": training_args.world_size},
-            )
-        print(f"[pretrain] saved {family.name} to {output_dir}" +
-              (f" (perplexity {metrics['perplexity']:.2f})" if "perplexity" in metrics else ""), flush=True)
-        if push_to_hub:
-            repo_id = training_args.hub_model_id or output_dir.name
-            url = push_folder(output_dir, repo_id, token=training_args.hub_token,
-                              private=training_args.hub_private_repo, revision=training_args.hub_revision)
-            print(f"[pretrain] pushed to {repo_id}: {url}", flush=True)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    dataset = datasets_name or data_args.dataset_name
+    save_trained_model(
+        trainer, tokenizer, family=family.name, task=family.objective, metrics=metrics,
+        card_metrics=("final_train_loss", "eval_loss", "perplexity", "tokens_per_second", "train_steps"),
+        hyperparameters={k: getattr(training_args, k) for k in (
+            "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
+            "num_train_epochs", "lr_scheduler_type", "warmup_steps", "weight_decay", "seed")}
+        | {"block_size": data_args.block_size, "world_size": training_args.world_size},
+        license=model_args.license, datasets=[dataset] if dataset else [],
+        base_model=model_args.model_name_or_path, push_to_hub=push_to_hub, save_trainer_state=True,
+        log_prefix="[pretrain]",
+    )
     metrics["output_dir"] = str(training_args.output_dir)
     return metrics
 
@@ -339,4 +352,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_script(main)

@@ -1,0 +1,336 @@
+"""What the scripts share at their edges: reading the command line, checking inputs before any work, loading
+checkpoints with errors that name the file, training with a word on how to resume, and one `error:` line on exit.
+
+The rule they implement (docs/usage.md): bad input prints one `error: ...` line naming the problem and the way out,
+and exits with status 2 before anything is trained or written; Ctrl-C exits with status 130 and says how to resume.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .training import UsageError
+
+
+class Interrupted(Exception):
+    """Training was stopped by the user (Ctrl-C); the message says how to resume."""
+
+
+def run_script(main: Callable[[], Any]) -> None:
+    """Run a script's `main`: bad input -> one `error:` line and exit 2; Ctrl-C -> one line on how to resume and
+    exit 130 (the shell's code for an interrupt), never a traceback."""
+    from .data import CorpusError
+
+    try:
+        main()
+    except (UsageError, CorpusError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except Interrupted as error:
+        print(f"interrupted: {error}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted: stopped before training started; nothing was written.", file=sys.stderr)
+        sys.exit(130)
+
+
+# --- the command line ---------------------------------------------------------------------------------------------
+
+def parse_arguments(dataclass_types: Sequence[type], argv: list[str] | None = None) -> tuple:
+    """`HfArgumentParser` over `dataclass_types`, from `argv` (default: the command line) or from a single `.json` /
+    `.yaml` file argument. A misspelt flag or an unknown key is a `UsageError` naming it and the closest known one."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types)
+    known = sorted({action.dest for action in parser._actions if action.dest != "help"})
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        if len(args) == 1 and args[0].endswith((".json", ".yaml", ".yml")):
+            path = Path(args[0])
+            if not path.is_file():
+                raise UsageError(f"Argument file not found: {path}")
+            if path.suffix == ".json":
+                try:
+                    data = json.loads(path.read_text())
+                except json.JSONDecodeError as error:
+                    raise UsageError(f"{path} is not valid JSON: {error}") from error
+            else:
+                import yaml
+
+                data = yaml.safe_load(path.read_text())
+            if not isinstance(data, dict):
+                raise UsageError(f"{path} must hold one mapping of option names to values.")
+            unknown = [key for key in data if key not in known]
+            if unknown:
+                raise UsageError(f"Unknown option(s) in {path}: {_with_suggestions(unknown, known)}.")
+            return parser.parse_dict(data)
+        _, unknown = parser.parse_known_args(args=args)
+        if unknown:
+            names = [a.lstrip("-").split("=", 1)[0] for a in unknown if a.startswith("-")]
+            hint = f" ({_with_suggestions(names, known)})" if names else ""
+            raise UsageError(f"Unrecognised argument(s) {' '.join(unknown)}{hint}. See --help.")
+        return parser.parse_args_into_dataclasses(args=args)
+    except UsageError:
+        raise
+    except (ValueError, TypeError) as error:  # TrainingArguments' own checks of flag combinations
+        raise UsageError(str(error).strip()) from error
+
+
+def _with_suggestions(names: Sequence[str], known: Sequence[str]) -> str:
+    parts = []
+    for name in names:
+        close = difflib.get_close_matches(name, known, n=1)
+        parts.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return ", ".join(parts)
+
+
+# --- checks before any work ---------------------------------------------------------------------------------------
+
+_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
+
+
+def check_config_overrides(config_class: type, overrides: dict[str, Any]) -> None:
+    """Refuse overrides of the wrong type (`n_layer=two`) with the expected type, before any work. Shapes that do not
+    fit together are caught when the config is built (`build_config`)."""
+    fields = getattr(config_class, "__dataclass_fields__", {})
+    for key, value in overrides.items():
+        if key not in fields:
+            continue  # the config names unknown options itself, with the list of known ones
+        annotation = fields[key].type if isinstance(fields[key].type, str) else getattr(fields[key].type, "__name__", "")
+        allowed = [t.strip() for t in str(annotation).split("|")]
+        if value is None and "None" in allowed:
+            continue
+        accepted = [_TYPES[t] for t in allowed if t in _TYPES]
+        if not accepted:
+            continue
+        ok = any(isinstance(value, t) and not (t is int and isinstance(value, bool) and bool not in accepted)
+                 for t in accepted)
+        if not ok:
+            raise UsageError(f"--config_overrides {key}={value!r}: {key} takes {' or '.join(allowed)}, "
+                             f"got {type(value).__name__}.")
+
+
+def config_error_message(error: Exception) -> str:
+    """The sentence inside a config validation error (strict dataclasses wrap it in 'Class validation error ...')."""
+    text = str(error).strip()
+    last = text.splitlines()[-1].strip() if text else text
+    return re.sub(r"^(ValueError|TypeError): ", "", last)
+
+
+def model_positions(config) -> int | None:
+    """How many positions the model has (`n_positions` for GPT-2, `max_position_embeddings` for LLaMA and BERT)."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def check_length_fits(config, length: int, flag: str) -> None:
+    """Refuse a sequence length the model has no positions for, naming both numbers."""
+    positions = model_positions(config)
+    if positions is not None and length > positions:
+        raise UsageError(f"{flag} {length} exceeds the model's {positions} positions; give {flag} {positions} or less.")
+
+
+def check_checkpoint_path(path: str, what: str = "checkpoint") -> None:
+    """A path that is clearly meant as a local folder (absolute, relative with ./ or ../, or more than one '/')
+    must exist; a Hub id (`org/name`) is left to the loader."""
+    if Path(path).exists():
+        return
+    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
+    if looks_local or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
+        raise UsageError(f"The {what} folder {path} does not exist.")
+
+
+@contextmanager
+def loading(path: str, what: str = "checkpoint") -> Iterator[None]:
+    """Turn the errors of reading a checkpoint (missing files, a truncated safetensors file, a bad config.json, no
+    network for a Hub id) into a `UsageError` that names the folder and, where known, the file."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover
+        SafetensorError = OSError  # noqa: N806
+    try:
+        yield
+    except SafetensorError as error:
+        files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+        bad = _unreadable_safetensors(files)
+        where = ", ".join(str(f) for f in bad) if bad else f"the .safetensors file(s) in {path}"
+        raise UsageError(f"Cannot read {where}: {error} — the file is incomplete or damaged; save or copy it "
+                         "again.") from error
+    except (OSError, ValueError, json.JSONDecodeError) as error:
+        if isinstance(error, UsageError):
+            raise
+        message = " ".join(str(error).split())
+        raise UsageError(f"Cannot load the {what} from {path}: {message}") from error
+
+
+def _unreadable_safetensors(files: Sequence[Path]) -> list[Path]:
+    from safetensors import safe_open
+
+    bad = []
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception:  # noqa: BLE001 - any failure to open is what we report
+            bad.append(file)
+    return bad
+
+
+def check_output_dir(output_dir: str, resume_from_checkpoint: str | None, overwrite: bool = False) -> str | None:
+    """Resuming needs a checkpoint that exists; a fresh run into a folder that holds an earlier run's
+    `checkpoint-*` folders would silently start at step 0 and overwrite them, so it is refused unless `overwrite`.
+    Returns the checkpoint to resume from (`--resume_from_checkpoint true` means the last one in `output_dir`)."""
+    last = last_checkpoint(output_dir)
+    if resume_from_checkpoint:
+        if resume_from_checkpoint.lower() == "true":
+            if last is None:
+                raise UsageError(f"--resume_from_checkpoint true, but {output_dir} holds no checkpoint-* folder.")
+            return str(last)
+        path = Path(resume_from_checkpoint)
+        if not (path / "trainer_state.json").is_file():
+            found = f" The last checkpoint in {output_dir} is {last}." if last else ""
+            what = "is not a Trainer checkpoint (no trainer_state.json)" if path.is_dir() else "does not exist"
+            raise UsageError(f"--resume_from_checkpoint {path} {what}.{found}")
+        return str(path)
+    if last is not None and not overwrite:
+        raise UsageError(
+            f"{output_dir} holds checkpoints of an earlier run (last: {last.name}). Resume it with "
+            f"--resume_from_checkpoint {last}, or start again with --overwrite_output_dir (the old checkpoints are "
+            "then overwritten as the new run saves), or choose another --output_dir."
+        )
+    return None
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The `checkpoint-N` folder with the largest N that holds a trainer state, or None."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / "trainer_state.json").is_file()]
+    return max(found)[1] if found else None
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+
+def quiet_training_defaults(training_args, n_train_examples: int) -> None:
+    """Defaults that fit the run: no pinned memory without an accelerator (the DataLoader warns on every run
+    otherwise), and, when `--logging_steps` was left at transformers' 500, a loss about 20 times per run."""
+    import torch
+
+    accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
+        torch.backends.mps.is_available()
+    if not accelerator:
+        training_args.dataloader_pin_memory = False
+    if training_args.logging_strategy == "steps" and training_args.logging_steps == 500:
+        steps = planned_steps(training_args, n_train_examples)
+        if steps < 10_000:
+            training_args.logging_steps = max(1, steps // 20)
+            if training_args.eval_strategy == "steps" and training_args.eval_steps is None:
+                training_args.eval_steps = max(1, steps // 5)
+
+
+def planned_steps(training_args, n_train_examples: int) -> int:
+    """Optimiser steps the Trainer will run: `max_steps`, or epochs × steps per epoch."""
+    import math
+
+    if training_args.max_steps > 0:
+        return training_args.max_steps
+    per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * \
+        max(1, training_args.world_size)
+    return max(1, math.ceil(n_train_examples / per_step) * math.ceil(training_args.num_train_epochs))
+
+
+def train(trainer, resume_from_checkpoint: str | None = None):
+    """`trainer.train`, recording how many steps this run trained (`trainer.steps_this_run`, for honest speed
+    figures after a resume) and turning Ctrl-C into `Interrupted` with the command to resume."""
+    from transformers import TrainerCallback
+
+    class _StartStep(TrainerCallback):
+        start = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = state.global_step  # after the Trainer restored a resumed run's state
+
+    start = _StartStep()
+    trainer.add_callback(start)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    except KeyboardInterrupt:
+        last = last_checkpoint(trainer.args.output_dir)
+        if last is not None:
+            raise Interrupted(f"stopped at step {trainer.state.global_step}. Resume with the same command plus "
+                              f"--resume_from_checkpoint {last}.") from None
+        raise Interrupted(f"stopped at step {trainer.state.global_step}; no checkpoint was saved yet, so a new run "
+                          "starts from the beginning (--save_steps N saves one every N steps).") from None
+    finally:
+        trainer.remove_callback(start)
+    trainer.steps_this_run = trainer.state.global_step - start.start
+    return result
+
+
+@contextmanager
+def without_peft_deprecation_warning() -> Iterator[None]:
+    """peft reads `model.is_gradient_checkpointing`, which transformers 5 flags as deprecated on every LoRA run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+# --- instruction tuning -------------------------------------------------------------------------------------------
+
+# The instruction format lmblocks fine-tunes with, as a chat template so that generate.py, pipelines and TRL apply
+# it too: "### Instruction:\n{user}\n\n### Response:\n{assistant}<eos>". The assistant's text is marked with
+# {% generation %} so `return_assistant_tokens_mask` (TRL's assistant-only loss) finds it.
+INSTRUCT_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '### Response:\\n' }}"
+    "{%- generation -%}{{ message['content'] + (eos_token or '') }}{%- endgeneration -%}"
+    "{{ '\\n\\n' if not loop.last else '' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '### Response:\\n' }}{%- endif -%}"
+)
+
+
+def ensure_chat_template(tokenizer) -> bool:
+    """Give `tokenizer` lmblocks' instruction template unless it has a chat template already; True if it was set."""
+    if getattr(tokenizer, "chat_template", None):
+        return False
+    tokenizer.chat_template = INSTRUCT_CHAT_TEMPLATE
+    return True
+
+
+__all__ = [
+    "Interrupted",
+    "run_script",
+    "parse_arguments",
+    "check_config_overrides",
+    "config_error_message",
+    "model_positions",
+    "check_length_fits",
+    "check_checkpoint_path",
+    "loading",
+    "check_output_dir",
+    "last_checkpoint",
+    "quiet_training_defaults",
+    "planned_steps",
+    "train",
+    "without_peft_deprecation_warning",
+    "INSTRUCT_CHAT_TEMPLATE",
+    "ensure_chat_template",
+]
