@@ -9,7 +9,7 @@ them into the gradient in place (softmax − one-hot), and computes nothing for 
 rows of a BERT masked-LM batch, the last position of every causal-LM sequence, padding.
 
 `causal_lm_head_loss` / `masked_lm_head_loss` take the hidden states and the head instead of the logits. For a plain
-`nn.Linear` head, one autograd Function walks the tokens in chunks of about `CHUNK_ELEMENTS` logits: chunk logits →
+`nn.Linear` head, one autograd Function walks the tokens in chunks of a few hundred rows: chunk logits →
 log-sum-exp → loss, and at once the chunk's gradient (softmax − one-hot) → its share of the hidden-state gradient and
 of the weight (and bias) gradient, accumulated in place. The same three matmuls as an unfused head, but the largest
 buffer is one chunk of logits instead of the whole matrix and its gradient (for GPT-2 at 8 × 1024 tokens: 1.6 GB per
@@ -36,10 +36,12 @@ from torch.utils.checkpoint import checkpoint
 # copying them out costs more than computing the few ignored rows along with the others.
 _GATHER_BELOW = 0.5
 
-# Logits per chunk of the fused head loss (2**23: 32 MiB in fp32; about 167 rows of GPT-2's 50,257-token vocabulary):
-# large enough that each chunk's matmuls run at full speed, small enough that the chunk is a rounding error of the
-# step's memory.
+# Rows per chunk of the fused head loss: about CHUNK_ELEMENTS logits (2**23: 32 MiB in float32), and at least
+# MIN_CHUNK_ROWS. Each chunk streams the head's weight three times (logits, hidden gradient, and the read-modify-write
+# of the weight gradient), so fewer rows than ~256 turn the matmuls memory-bound: measured on CPU at a 128,256-token
+# vocabulary, 65 rows took 1.15x the time of 128 rows.
 CHUNK_ELEMENTS = 2**23
+MIN_CHUNK_ROWS = 256
 
 # Check label ranges on every device (one device-to-host read per call); set LMBLOCKS_CHECK_LABELS=1 when debugging.
 CHECK_LABELS_ON_DEVICE = os.environ.get("LMBLOCKS_CHECK_LABELS", "") not in ("", "0")
@@ -194,46 +196,60 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     backward only scales them, so it runs once. Rows where `labelled` is False (when given) contribute nothing.
 
     The logits of a chunk are upcast to float32 before the softmax (as transformers' losses do); the gradient goes
-    back to the weights' dtype for the two gradient matmuls, whose products are summed over chunks in float32."""
+    back to the matmul dtype for the two gradient matmuls, whose products are summed over chunks in float32. Two
+    chunk-sized float32 buffers (logits, log-probabilities → gradient) are allocated once and reused: a fresh
+    allocation per chunk would page-fault its way through tens of MB each time."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, labelled, chunk_rows, needs):
         need_hidden, need_weight, need_bias = needs
+        n, vocab = hidden.shape[0], weight.shape[0]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
-        for start in range(0, hidden.shape[0], chunk_rows):
-            end = start + chunk_rows
+        rows = min(chunk_rows, n)
+        logits_buf = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
+        log_probs_buf = torch.empty_like(logits_buf)
+        # float32 weights, no autocast: the matmuls write straight into the buffers.
+        direct = weight.dtype == torch.float32 and hidden.dtype == torch.float32 and not torch.is_autocast_enabled(
+            hidden.device.type)
+        for start in range(0, n, chunk_rows):
+            end = min(start + chunk_rows, n)
             h, y = hidden[start:end], targets[start:end].unsqueeze(1)  # (n_c, C), (n_c, 1)
-            logits = nn.functional.linear(h, weight, bias)  # (n_c, V), the weights' dtype (or autocast's)
-            low = logits.dtype != torch.float32
-            mm_dtype, logits = logits.dtype, logits.float()
-            lse = torch.logsumexp(logits, dim=1, keepdim=True)
-            row_loss = lse - logits.gather(1, y)
+            logits, log_probs = logits_buf[: end - start], log_probs_buf[: end - start]  # (n_c, V)
+            if direct and bias is None:
+                torch.mm(h, weight.t(), out=logits)
+            elif direct:
+                torch.addmm(bias, h, weight.t(), out=logits)
+            else:
+                low = nn.functional.linear(h, weight, bias)  # the weights' dtype (or autocast's)
+                logits.copy_(low)
+            torch.log_softmax(logits, dim=1, out=log_probs)
+            row_loss = log_probs.gather(1, y)
             if labelled is not None:
                 row_loss = row_loss * labelled[start:end].unsqueeze(1)
-            loss += row_loss.sum()
+            loss -= row_loss.sum()
             if not any(needs):
                 continue
-            grad = logits.sub_(lse).exp_()  # softmax, in the logits' buffer
+            grad = log_probs.exp_()  # softmax, in place
             grad.scatter_add_(1, y, torch.full_like(y, -1.0, dtype=grad.dtype))  # - one-hot
             if labelled is not None:
                 grad.mul_(labelled[start:end].unsqueeze(1))  # ignored rows get no gradient
             if need_bias:
                 grad_bias += grad.sum(0)
-            if low:
-                grad = grad.to(mm_dtype)
+            if not direct:
+                grad = grad.to(low.dtype)
             if need_hidden:
-                if low or grad_hidden.dtype != torch.float32:
-                    grad_hidden[start:end] = torch.mm(grad, weight)
-                else:
+                if direct:
                     torch.mm(grad, weight, out=grad_hidden[start:end])
-            if need_weight:
-                if low:
-                    grad_weight += torch.mm(grad.t(), h).float()
                 else:
+                    grad_hidden[start:end] = torch.mm(grad, weight)
+            if need_weight:
+                if direct:
                     grad_weight.addmm_(grad.t(), h)
+                else:
+                    grad_weight += torch.mm(grad.t(), h).float()
         ctx.grads = grad_hidden, grad_weight, grad_bias
         ctx.dtypes = weight.dtype, None if bias is None else bias.dtype
         return loss
@@ -295,7 +311,7 @@ def linear_cross_entropy_sum(
     """Σ over labelled rows of cross-entropy(head(transform(hidden_states)), labels), float32, without the full
     logits matrix: `hidden_states` (N, C), `labels` (N,). `transform` (optional, e.g. BERT's dense → GELU →
     LayerNorm) runs on the rows that are computed (only the labelled ones when the labels are on the CPU).
-    `chunk_size`: rows per chunk (default: about `CHUNK_ELEMENTS` logits)."""
+    `chunk_size`: rows per chunk (default: about `CHUNK_ELEMENTS` logits, at least `MIN_CHUNK_ROWS`)."""
     if hidden_states.dim() != 2 or labels.shape != hidden_states.shape[:1]:
         raise ValueError(
             f"linear_cross_entropy_sum takes hidden states (N, C) and labels (N,), got "
@@ -311,7 +327,7 @@ def linear_cross_entropy_sum(
         hidden_states, labels = hidden_states.index_select(0, rows), labels.index_select(0, rows)
     if transform is not None:
         hidden_states = transform(hidden_states)
-    chunk_rows = chunk_size or max(1, CHUNK_ELEMENTS // vocab_size)
+    chunk_rows = chunk_size or max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // vocab_size)
     if torch.compiler.is_compiling():  # the compiler fuses the plain path itself (see cross_entropy_sum)
         logits = head(hidden_states).float()
         return nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
