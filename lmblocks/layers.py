@@ -13,7 +13,6 @@ hs head size, C model width.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -207,7 +206,8 @@ class MultiHeadAttention(nn.Module):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)  # (B, nkv, S, hs)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+        # Looked up and called here, in `forward` itself: vLLM's Transformers backend finds attention by parsing this.
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
         attn_output, attn_weights = attention_interface(

@@ -383,7 +383,14 @@ class LmbBertForPreTraining(_LmbBertMLMMixin, LmbBertHead):
 
     `labels` (B, T): the original ids at masked positions, -100 elsewhere. `next_sentence_label` (B,): 0 if segment B
     follows A in the document, 1 if it is a random segment. The loss is MLM loss + NSP loss, computed when both are
-    given; `num_items_in_batch` (passed by Trainer) keeps it exact under gradient accumulation.
+    given.
+
+    Under Trainer's gradient accumulation the MLM term is exact (sum ÷ the masked tokens of the whole accumulated
+    batch, which Trainer counts from `labels`). The NSP term averages over sequences, which Trainer does not count:
+    each micro-batch's NSP mean is weighted by its share m_i / M of the masked tokens instead of its share b_i / B of
+    the sequences, so the accumulated NSP term differs from the whole-batch one by exactly Σ_i (m_i/M − b_i/B)·NSP_i
+    — zero when masked tokens are spread evenly over the micro-batches (fixed-length packed blocks with 15 % masking
+    come close). Without accumulation the loss is exactly BERT's (and transformers') mean MLM + mean NSP.
     """
 
     _tied_weights_keys = _TIED_MLM_DECODER

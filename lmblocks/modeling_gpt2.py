@@ -107,7 +107,9 @@ class LmbGPT2PreTrainedModel(LmbPreTrainedModel):
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": LmbGPT2Block, "attentions": LmbGPT2Attention}
     # Causal-mask buffers that old GPT-2 checkpoints carry; masks are built per forward now.
-    _keys_to_ignore_on_load_unexpected = [r"attn\.bias$", r"attn\.masked_bias$"]
+    # Anchored at a module boundary: serving engines (vLLM) apply these patterns to every checkpoint key, where an
+    # unanchored `attn\.bias$` would also drop `c_attn.bias`.
+    _keys_to_ignore_on_load_unexpected = [r"(^|\.)attn\.bias$", r"(^|\.)attn\.masked_bias$"]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
