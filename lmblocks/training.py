@@ -15,72 +15,19 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lmblocks
+from lmblocks import families
+from lmblocks.families import FAMILIES, FamilySpec
 
 
 class UsageError(ValueError):
     """An input the scripts cannot honour; the scripts print its message and exit with status 2."""
 
 
-@dataclass(frozen=True)
-class FamilySpec:
-    """A model family as the scripts see it. Class names are looked up on `lmblocks` when used, so a family whose
-    modules are not installed gives one clear error instead of an import failure at start-up."""
-
-    name: str
-    config_class_name: str
-    pretraining_class_name: str  # the head trained by pretrain.py
-    objective: str  # "causal_lm" or "mlm_nsp"
-    causal_lm_class_name: str | None = None
-    seq_cls_class_name: str | None = None
-
-    def _get(self, class_name: str | None, what: str):
-        if class_name is None:
-            raise UsageError(f"The {self.name} family has no {what} model.")
-        cls = getattr(lmblocks, class_name, None)
-        if cls is None:
-            raise UsageError(
-                f"The {self.name} family is not available in this lmblocks install: lmblocks.{class_name} is missing."
-            )
-        return cls
-
-    @property
-    def config_class(self):
-        return self._get(self.config_class_name, "config")
-
-    @property
-    def pretraining_class(self):
-        return self._get(self.pretraining_class_name, "pretraining")
-
-    @property
-    def causal_lm_class(self):
-        return self._get(self.causal_lm_class_name, "causal-LM")
-
-    @property
-    def seq_cls_class(self):
-        return self._get(self.seq_cls_class_name, "sequence-classification")
-
-    @property
-    def is_decoder(self) -> bool:
-        return self.objective == "causal_lm"
-
-
-FAMILIES: dict[str, FamilySpec] = {
-    "gpt2": FamilySpec("gpt2", "LmbGPT2Config", "LmbGPT2LMHeadModel", "causal_lm",
-                       causal_lm_class_name="LmbGPT2LMHeadModel",
-                       seq_cls_class_name="LmbGPT2ForSequenceClassification"),
-    "llama": FamilySpec("llama", "LmbLlamaConfig", "LmbLlamaForCausalLM", "causal_lm",
-                        causal_lm_class_name="LmbLlamaForCausalLM",
-                        seq_cls_class_name="LmbLlamaForSequenceClassification"),
-    "bert": FamilySpec("bert", "LmbBertConfig", "LmbBertForPreTraining", "mlm_nsp",
-                       seq_cls_class_name="LmbBertForSequenceClassification"),
-}
-# model_type written in config.json -> family name
-MODEL_TYPES = {"lmb_gpt2": "gpt2", "lmb_llama": "llama", "lmb_bert": "bert"}
+# The families as everything else sees them: one spec each, in `lmblocks.families`.
+FAMILY_OF_MODEL_TYPE = families.FAMILY_OF_MODEL_TYPE
 
 
 def get_family(name: str) -> FamilySpec:
@@ -90,11 +37,11 @@ def get_family(name: str) -> FamilySpec:
 
 
 def family_of_config(config) -> FamilySpec:
-    if config.model_type not in MODEL_TYPES:
+    if config.model_type not in FAMILY_OF_MODEL_TYPE:
         raise UsageError(
-            f"model_type {config.model_type!r} is not an lmblocks family ({', '.join(MODEL_TYPES)})."
+            f"model_type {config.model_type!r} is not an lmblocks family ({', '.join(FAMILY_OF_MODEL_TYPE)})."
         )
-    return FAMILIES[MODEL_TYPES[config.model_type]]
+    return FAMILY_OF_MODEL_TYPE[config.model_type]
 
 
 def parse_config_overrides(text: str | None) -> dict[str, Any]:
