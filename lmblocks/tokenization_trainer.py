@@ -32,9 +32,10 @@ from typing import Any, Literal, Union
 
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
 from tokenizers.models import BPE, WordPiece
-from transformers import BertTokenizerFast, GPT2TokenizerFast, LlamaTokenizerFast, PreTrainedTokenizerFast
+from transformers import LlamaTokenizerFast, PreTrainedTokenizerFast
 
-from .tokenization_wordpiece import count_words, train_wordpiece_likelihood
+from .tokenization_classes import BertTokenizer, GPT2Tokenizer, save_vocabulary_files
+from .tokenization_wordpiece import CRITERIA, count_words, train_wordpiece
 
 
 Kind = Literal["gpt2", "llama", "bert"]
@@ -47,11 +48,14 @@ LLAMA_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 LLAMA_BYTE_TOKENS = tuple(f"<0x{byte:02X}>" for byte in range(256))
 
+# What train_tokenizer returns: transformers' classes, writing the classic files on save (tokenization_classes).
 _TOKENIZER_CLASSES: dict[str, type[PreTrainedTokenizerFast]] = {
-    "gpt2": GPT2TokenizerFast,
+    "gpt2": GPT2Tokenizer,
     "llama": LlamaTokenizerFast,
-    "bert": BertTokenizerFast,
+    "bert": BertTokenizer,
 }
+# Chosen by bench/bench_tokenizer_quality.py (README, "Tokenizers").
+DEFAULT_WORDPIECE_CRITERION = "likelihood"
 # Rows per batch when reading a `datasets` dataset.
 _DATASET_BATCH = 1000
 
@@ -92,6 +96,7 @@ def _resolve_corpus(corpus: Corpus, text_column: str) -> _Corpus:
     if isinstance(corpus, (str, os.PathLike)):
         return _Corpus(files=_resolve_files([corpus]))
     if isinstance(corpus, (list, tuple)):
+        _check_not_texts(corpus)
         return _Corpus(files=_resolve_files(corpus))
     if _is_hf_dataset(corpus):
         return _Corpus(texts=_iter_dataset(corpus, text_column), length=_dataset_length(corpus))
@@ -120,6 +125,23 @@ def _resolve_files(paths: Sequence[str | os.PathLike]) -> list[str]:
     if not any(map(_check_file, files)):
         raise ValueError(f"corpus is empty: {_describe(files)} contain no text")
     return files
+
+
+def _check_not_texts(paths: Sequence[str | os.PathLike]) -> None:
+    """A list or tuple names files; if none of its strings is a file or a matching glob, it is surely a list of texts."""
+    if not paths or not all(isinstance(path, str) for path in paths):
+        return  # empty (reported as such), or a Path among them: the caller meant files, and a missing one is reported by name
+    if any(os.path.exists(path) or (glob.has_magic(path) and glob.glob(path, recursive=True)) for path in paths):
+        return
+    raise FileNotFoundError(
+        f"no string in the corpus {type(paths).__name__} names a file or a glob that matches one ({len(paths)} given, "
+        f"first: {_shorten(paths[0])!r}); a list or tuple names files: to train on in-memory texts, pass iter(texts)"
+    )
+
+
+def _shorten(text: str, head: int = 50, tail: int = 40) -> str:
+    """``text`` cut in the middle if long, keeping the end, where a path keeps its file name."""
+    return text if len(text) <= head + tail + 1 else f"{text[:head]}…{text[-tail:]}"
 
 
 def _check_file(path: str) -> bool:
@@ -305,40 +327,26 @@ def _train_bert(corpus: _Corpus, options: _Options) -> Tokenizer:
         raise ValueError(
             f"vocab_size={options.vocab_size} is not larger than the {len(options.special_tokens)} special tokens"
         )
-    if options.wordpiece_criterion == "likelihood":
-        scratch = Tokenizer(WordPiece(unk_token="[UNK]"))
-        _bert_pipeline(scratch, options)
-        word_counts = count_words(
-            corpus.iter_texts(), scratch.normalizer, scratch.pre_tokenizer, show_progress=options.show_progress
-        )
-        _check_saw_text(corpus)
-        if not word_counts:
-            raise ValueError("corpus is empty: it contains no words")
-        vocab = train_wordpiece_likelihood(
-            word_counts,
-            vocab_size=options.vocab_size,
-            special_tokens=options.special_tokens,
-            min_frequency=options.min_frequency,
-            limit_alphabet=options.limit_alphabet,
-            max_token_length=options.max_token_length,
-            show_progress=options.show_progress,
-        )
-    else:
-        # WordPieceTrainer is the BPE trainer with a `##` prefix whose vocabulary then goes into a WordPiece model;
-        # calling the BPE trainer ourselves does the same and also honours max_token_length, which WordPieceTrainer
-        # ignores.
-        scratch = Tokenizer(BPE(unk_token="[UNK]", continuing_subword_prefix="##"))
-        _bert_pipeline(scratch, options)
-        trainer = _bpe_trainer(options, options.vocab_size, continuing_subword_prefix="##")
-        _train_rust(scratch, trainer, corpus)
-        trained, _ = _bpe_vocab_and_merges(scratch)
-        _check_size("bert", options.vocab_size, len(trained), "the special tokens plus the alphabet")
-        # The trainer numbers the `##` characters in hash-map order (tokenizers#1794); renumber them in sorted order.
-        alphabet = sorted(token for token in trained if len(token.removeprefix("##")) == 1)
-        vocab = {}
-        for token in [*options.special_tokens, *alphabet, *sorted(trained, key=trained.get)]:
-            vocab.setdefault(token, len(vocab))
-
+    # Both criteria run lmblocks' own merge loop (deterministic; tokenizers' WordPieceTrainer is not, tokenizers#1794)
+    # on words counted by the very normaliser and pre-tokeniser the tokenizer encodes with.
+    scratch = Tokenizer(WordPiece(unk_token="[UNK]"))
+    _bert_pipeline(scratch, options)
+    word_counts = count_words(
+        corpus.iter_texts(), scratch.normalizer, scratch.pre_tokenizer, show_progress=options.show_progress
+    )
+    _check_saw_text(corpus)
+    if not word_counts:
+        raise ValueError("corpus is empty: it contains no words")
+    vocab = train_wordpiece(
+        word_counts,
+        vocab_size=options.vocab_size,
+        criterion=options.wordpiece_criterion,
+        special_tokens=options.special_tokens,
+        min_frequency=options.min_frequency,
+        limit_alphabet=options.limit_alphabet,
+        max_token_length=options.max_token_length,
+        show_progress=options.show_progress,
+    )
     backend = Tokenizer(WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
     _bert_pipeline(backend, options)
     backend.post_processor = _bert_post_processor(vocab)
@@ -382,12 +390,12 @@ def _check_options(
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not isinstance(min_frequency, int) or min_frequency < 0:
         raise ValueError(f"min_frequency must be a non-negative int, got {min_frequency!r}")
-    if wordpiece_criterion not in (None, "frequency", "likelihood"):
+    if wordpiece_criterion is not None and wordpiece_criterion not in CRITERIA:
         raise ValueError(f"wordpiece_criterion must be 'frequency' or 'likelihood', got {wordpiece_criterion!r}")
     if kind == "bert":
         lowercase = True if lowercase is None else lowercase
         strip_accents = lowercase if strip_accents is None else strip_accents
-        return lowercase, strip_accents, wordpiece_criterion or "likelihood"
+        return lowercase, strip_accents, wordpiece_criterion or DEFAULT_WORDPIECE_CRITERION
     cls_name = _TOKENIZER_CLASSES[kind].__name__
     if lowercase or strip_accents:
         raise ValueError(
@@ -399,6 +407,11 @@ def _check_options(
     if kind == "gpt2" and limit_alphabet is not None:
         raise ValueError("limit_alphabet does not apply to gpt2: its alphabet is always the 256 bytes")
     return False, False, None
+
+
+def _check_model_max_length(model_max_length: int | None) -> None:
+    if model_max_length is not None and (not isinstance(model_max_length, int) or model_max_length < 1):
+        raise ValueError(f"model_max_length must be a positive int, got {model_max_length!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -419,6 +432,7 @@ def train_tokenizer(
     wordpiece_criterion: Literal["frequency", "likelihood"] | None = None,
     text_column: str = "text",
     show_progress: bool = True,
+    model_max_length: int | None = None,
     output_dir: str | os.PathLike | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train a ``kind`` tokenizer on ``corpus`` and return it as the family's transformers class.
@@ -426,8 +440,9 @@ def train_tokenizer(
     Args:
         corpus: a path or glob (``"data/*.txt"``), a list or tuple of them (files are UTF-8 text read by Rust, one
             line per text), any other iterable of strings (consumed once, so a generator streams), or a
-            ``datasets.Dataset`` / ``IterableDataset`` (its ``text_column``). To train on a list of texts, pass
-            ``iter(texts)``: a list means paths.
+            ``datasets.Dataset`` / ``IterableDataset`` (its ``text_column``). A list or tuple always names files; to
+            train on a list of texts, pass ``iter(texts)`` (a list none of whose strings is a file is an error that
+            says so).
         kind: ``"gpt2"`` (byte-level BPE), ``"llama"`` (SentencePiece-style BPE with byte fallback) or ``"bert"``
             (WordPiece).
         vocab_size: the size of the vocabulary, special (and for llama the 256 byte) tokens included. Training stops
@@ -441,16 +456,21 @@ def train_tokenizer(
             bert encodes words with them as ``[UNK]``). Not for gpt2, whose alphabet is the 256 bytes.
         max_token_length: longest token the merges may create, in characters: it keeps long runs (``=====``, spaces)
             from crowding the vocabulary and the trainer.
-        wordpiece_criterion: bert only: ``"likelihood"`` (the default: true WordPiece, see
-            :mod:`lmblocks.tokenization_wordpiece`) or ``"frequency"`` (tokenizers' WordPiece trainer, faster; until
-            tokenizers#2066 lands it breaks ties between equally frequent pairs differently from run to run, so its
-            vocabulary is not reproducible).
+        wordpiece_criterion: bert only: ``"frequency"`` (merge the most frequent pair, as tokenizers'
+            WordPieceTrainer does) or ``"likelihood"`` (true WordPiece: the pair whose parts most rarely occur
+            apart); see :mod:`lmblocks.tokenization_wordpiece`. Both are deterministic. The default,
+            ``DEFAULT_WORDPIECE_CRITERION``, was chosen by ``bench/bench_tokenizer_quality.py``.
         text_column: the text column of a ``datasets`` corpus.
         show_progress: show progress bars.
+        model_max_length: the context of the model the tokenizer serves (its ``max_position_embeddings``), so that
+            ``truncation=True`` and pipelines cut inputs there; saved in ``tokenizer_config.json``. Default: no limit
+            (transformers' 1e30); it can also be set later as ``tokenizer.model_max_length = n``.
         output_dir: if given, save the tokenizer there with :func:`save_tokenizer`.
 
     Returns:
-        A ``GPT2TokenizerFast``, ``LlamaTokenizerFast`` or ``BertTokenizerFast``.
+        A ``GPT2TokenizerFast`` or ``BertTokenizerFast`` that also writes the classic vocabulary files when saved
+        (:mod:`lmblocks.tokenization_classes`; a saved folder names transformers' own class), or a
+        ``LlamaTokenizerFast``.
 
     Raises:
         ValueError: unknown kind, bad option, empty corpus, unreadable or non-UTF-8 file, or a vocab_size too small for
@@ -465,6 +485,7 @@ def train_tokenizer(
     lowercase, strip_accents, wordpiece_criterion = _check_options(
         kind, vocab_size, min_frequency, lowercase, strip_accents, limit_alphabet, max_token_length, wordpiece_criterion
     )
+    _check_model_max_length(model_max_length)
     family_tokens = _FAMILY_SPECIAL_TOKENS[kind]
     options = _Options(
         vocab_size=vocab_size,
@@ -492,26 +513,34 @@ def train_tokenizer(
         backend.save(os.path.join(scratch, "tokenizer.json"))
         tokenizer = _TOKENIZER_CLASSES[kind].from_pretrained(scratch, **init_kwargs)
     tokenizer.name_or_path = ""
+    if model_max_length is not None:
+        tokenizer.model_max_length = model_max_length
     if output_dir is not None:
         save_tokenizer(tokenizer, output_dir)
     return tokenizer
 
 
-def save_tokenizer(tokenizer: PreTrainedTokenizerFast, output_dir: str | os.PathLike) -> list[Path]:
+def save_tokenizer(
+    tokenizer: PreTrainedTokenizerFast, output_dir: str | os.PathLike, *, model_max_length: int | None = None
+) -> list[Path]:
     """Save ``tokenizer`` with ``save_pretrained`` plus its family's vocabulary files; return the files written.
 
     ``tokenizer.json`` and ``tokenizer_config.json`` are all that transformers needs; the classic files are for other
     tools: ``vocab.json`` and ``merges.txt`` for GPT-2, ``vocab.txt`` for BERT (LLaMA's would be a SentencePiece
-    ``tokenizer.model``, which a ``tokenizers`` BPE cannot produce).
+    ``tokenizer.model``, which a ``tokenizers`` BPE cannot produce). Tokenizers from :func:`train_tokenizer` write them
+    in ``save_pretrained`` already; this also writes them for a GPT-2 or BERT tokenizer loaded from disk.
+    ``model_max_length``, if given, is set on ``tokenizer`` first (the model's context, see :func:`train_tokenizer`).
 
     >>> tok = train_tokenizer(iter(["some text"] * 10), "bert", vocab_size=40, show_progress=False)
-    >>> sorted(path.name for path in save_tokenizer(tok, tempfile.mkdtemp()))
+    >>> sorted(path.name for path in save_tokenizer(tok, tempfile.mkdtemp(), model_max_length=128))
     ['tokenizer.json', 'tokenizer_config.json', 'vocab.txt']
     """
-    output_dir = Path(output_dir)
+    _check_model_max_length(model_max_length)
+    if model_max_length is not None:
+        tokenizer.model_max_length = model_max_length
     files = [Path(name) for name in tokenizer.save_pretrained(output_dir)]
-    if isinstance(tokenizer, (GPT2TokenizerFast, BertTokenizerFast)):
-        files += [Path(name) for name in tokenizer.backend_tokenizer.model.save(str(output_dir))]
+    if not isinstance(tokenizer, (GPT2Tokenizer, BertTokenizer)):
+        files += [Path(name) for name in save_vocabulary_files(tokenizer, output_dir, None)]
     return files
 
 
@@ -523,7 +552,7 @@ def config_kwargs_from_tokenizer(tokenizer: PreTrainedTokenizerFast) -> dict[str
 
     >>> tok = train_tokenizer(iter(["some text"] * 10), "gpt2", vocab_size=300, show_progress=False)
     >>> config_kwargs_from_tokenizer(tok)
-    {'vocab_size': 258, 'bos_token_id': 0, 'eos_token_id': 0}
+    {'vocab_size': 264, 'bos_token_id': 0, 'eos_token_id': 0}
     """
     kwargs = {"vocab_size": len(tokenizer)}
     for name in ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id", "mask_token_id"):
@@ -533,4 +562,10 @@ def config_kwargs_from_tokenizer(tokenizer: PreTrainedTokenizerFast) -> dict[str
     return kwargs
 
 
-__all__ = ["KINDS", "config_kwargs_from_tokenizer", "save_tokenizer", "train_tokenizer"]
+__all__ = [
+    "DEFAULT_WORDPIECE_CRITERION",
+    "KINDS",
+    "config_kwargs_from_tokenizer",
+    "save_tokenizer",
+    "train_tokenizer",
+]

@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from lmblocks.tokenization_trainer import config_kwargs_from_tokenizer, save_tokenizer, train_tokenizer
-from lmblocks.tokenization_wordpiece import count_words, train_wordpiece_likelihood
+from lmblocks.tokenization_wordpiece import count_words, train_wordpiece, train_wordpiece_likelihood
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +108,22 @@ def test_round_trip_is_lossless(trained, config_id, text):
         assert tokenizer.decode(ids) == text
 
 
+def test_llama_loses_a_leading_space_as_llama_tokenizer_fast_itself_does(trained):
+    # LlamaTokenizerFast builds its own pipeline (Metaspace, prepend_scheme="first"; a decoder that strips one leading
+    # space) whatever tokenizer.json says: the `▁` prefix is added only to text that does not start with a space, so
+    # " x" and "x" encode alike. transformers' class built from the same vocabulary does exactly the same; its
+    # legacy=True ("always") does not prefix an already spaced text either. Pinned, so a change upstream shows here.
+    tokenizer = trained["llama"]
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    own = LlamaTokenizerFast(vocab=model["vocab"], merges=[tuple(merge) for merge in model["merges"]])
+    for text in ["   the fox", " the", "the", "a  b", "\n  x"]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert own(text, add_special_tokens=False)["input_ids"] == ids
+        assert own.decode(ids) == tokenizer.decode(ids) == (text[1:] if text.startswith(" ") else text)
+    assert tokenizer(" the")["input_ids"] == tokenizer("the")["input_ids"]
+    assert tokenizer.decode(tokenizer("   the fox", add_special_tokens=False)["input_ids"]) == "  the fox"
+
+
 @pytest.mark.parametrize("text", ADVERSARIAL)
 def test_llama_never_produces_unk(trained, text):
     tokenizer = trained["llama"]
@@ -171,16 +187,15 @@ def test_max_token_length(corpus_file, kind, kwargs):
 # Determinism, corpus forms, save and load
 
 
-@pytest.mark.parametrize("kind, kwargs", [c for c in CONFIGS if c[1].get("wordpiece_criterion") != "frequency"])
+@pytest.mark.parametrize("kind, kwargs", CONFIGS, ids=CONFIG_IDS)
 def test_same_corpus_same_vocabulary(corpus_file, trained, kind, kwargs):
-    # bert-frequency is left out: tokenizers' trainer breaks count ties in hash order (tokenizers#1794).
     again = train_tokenizer(corpus_file, kind, vocab_size=400, show_progress=False, **kwargs)
     first = trained[CONFIG_IDS[CONFIGS.index((kind, kwargs))]]
     assert again.get_vocab() == first.get_vocab()
     assert again.backend_tokenizer.to_str() == first.backend_tokenizer.to_str()
 
 
-@pytest.mark.parametrize("kind, kwargs", CONFIGS[:3], ids=CONFIG_IDS[:3])
+@pytest.mark.parametrize("kind, kwargs", CONFIGS, ids=CONFIG_IDS)
 def test_every_corpus_form_gives_the_same_tokenizer(tmp_path, corpus_file, kind, kwargs):
     lines = corpus_file.read_text(encoding="utf-8").splitlines(keepends=True)  # files reach the trainer so
     half = len(lines) // 2
@@ -205,7 +220,8 @@ def test_every_corpus_form_gives_the_same_tokenizer(tmp_path, corpus_file, kind,
 def test_saved_tokenizer_loads_with_auto_and_family_class(tmp_path, trained, config_id):
     tokenizer = trained[config_id]
     kind = config_id.split("-")[0]
-    written = {path.name for path in save_tokenizer(tokenizer, tmp_path)}
+    # save_pretrained itself, as Trainer checkpoints and push_to_hub call it, writes the classic files.
+    written = {Path(name).name for name in tokenizer.save_pretrained(tmp_path)}
     expected = {"tokenizer.json", "tokenizer_config.json"}
     expected |= {"gpt2": {"vocab.json", "merges.txt"}, "llama": set(), "bert": {"vocab.txt"}}[kind]
     assert written == expected
@@ -243,6 +259,151 @@ def test_vocab_files_match_tokenizer_json(tmp_path, trained):
     assert [m.split(" ") for m in merges] == gpt2_model["merges"]
     vocab_txt = (tmp_path / "bert" / "vocab.txt").read_text(encoding="utf-8").splitlines()
     assert {token: i for i, token in enumerate(vocab_txt)} == trained["bert-likelihood"].get_vocab()
+
+
+@pytest.mark.parametrize("config_id", ["gpt2", "bert-frequency"])
+def test_classic_files_alone_load_identically(tmp_path, trained, config_id):
+    tokenizer = trained[config_id]
+    tokenizer.save_pretrained(tmp_path / "full")
+    assert json.loads((tmp_path / "full" / "tokenizer_config.json").read_text())["tokenizer_class"] in (
+        "GPT2Tokenizer", "BertTokenizer"  # transformers' own classes: no lmblocks needed to load
+    )
+    # The folder without tokenizer.json: transformers rebuilds the tokenizer from the classic files.
+    classic = tmp_path / "classic"
+    classic.mkdir()
+    for path in (tmp_path / "full").iterdir():
+        if path.name != "tokenizer.json":
+            (classic / path.name).write_bytes(path.read_bytes())
+    family_class = FAMILY_CLASSES[config_id.split("-")[0]]
+    if family_class is GPT2TokenizerFast:
+        # transformers 5 spells the classic-file arguments vocab= and merges= (vocab_file= is ignored).
+        from_files = GPT2TokenizerFast(vocab=str(classic / "vocab.json"), merges=str(classic / "merges.txt"))
+    else:
+        from_files = BertTokenizerFast(vocab=str(classic / "vocab.txt"))
+    loaded = [AutoTokenizer.from_pretrained(classic), family_class.from_pretrained(classic), from_files]
+    for text in [*ADVERSARIAL, "the quick brown fox"]:
+        expected_ids = tokenizer(text)["input_ids"]
+        for other in loaded:
+            assert other(text)["input_ids"] == expected_ids, (type(other).__name__, text)
+
+
+def test_trainer_checkpoint_holds_the_classic_files(tmp_path, trained):
+    from transformers import Trainer, TrainingArguments
+
+    tokenizer = trained["bert-frequency"]
+    model = BertForMaskedLM(
+        BertConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                   num_attention_heads=2)
+    )
+    batch = tokenizer(["the quick brown fox"] * 2, return_tensors="pt")
+    rows = [{"input_ids": ids, "labels": ids} for ids in batch["input_ids"]]
+    args = TrainingArguments(tmp_path, max_steps=1, save_steps=1, report_to=[], use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer).train()
+    checkpoint = tmp_path / "checkpoint-1"
+    assert {"vocab.txt", "tokenizer.json", "tokenizer_config.json"} <= {path.name for path in checkpoint.iterdir()}
+    assert BertTokenizerFast(vocab=str(checkpoint / "vocab.txt")).get_vocab() == tokenizer.get_vocab()
+
+
+def test_save_tokenizer_adds_classic_files_to_a_loaded_tokenizer(tmp_path, trained):
+    trained["gpt2"].save_pretrained(tmp_path / "first")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "first")  # transformers' own class: no classic files on save
+    assert {Path(name).name for name in loaded.save_pretrained(tmp_path / "plain")} == {
+        "tokenizer.json", "tokenizer_config.json"
+    }
+    written = {path.name for path in save_tokenizer(loaded, tmp_path / "second")}
+    assert written == {"tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"}
+
+
+@pytest.mark.parametrize("config_id", ["gpt2", "llama", "bert-frequency"])
+def test_model_max_length_is_saved_and_truncates(tmp_path, corpus_file, trained, config_id):
+    kind, kwargs = CONFIGS[CONFIG_IDS.index(config_id)]
+    tokenizer = train_tokenizer(corpus_file, kind, vocab_size=400, model_max_length=16, show_progress=False, **kwargs)
+    tokenizer.save_pretrained(tmp_path / "trained")
+    save_tokenizer(trained[config_id], tmp_path / "saved", model_max_length=24)
+    long_text = " ".join(make_corpus_lines(20))
+    for folder, length in [("trained", 16), ("saved", 24)]:
+        loaded = AutoTokenizer.from_pretrained(tmp_path / folder)
+        assert loaded.model_max_length == length
+        assert len(loaded(long_text, truncation=True)["input_ids"]) == length
+    with pytest.raises(ValueError, match="model_max_length must be a positive int"):
+        save_tokenizer(tokenizer, tmp_path / "bad", model_max_length=0)
+
+
+_LOAD_WITHOUT_LMBLOCKS = """
+import builtins, json, sys
+sys.path.append({site_packages!r})  # without its .pth files, so lmblocks' editable install is not active
+try:
+    import lmblocks
+except ModuleNotFoundError:
+    pass
+else:
+    raise SystemExit("lmblocks is importable; the test would prove nothing")
+prompts = []
+builtins.input = lambda prompt="": prompts.append(prompt) or "n"  # decline any trust_remote_code question
+from transformers import AutoTokenizer
+
+result = {{}}
+for name, kwargs in [("declined", {{}}), ("trust_remote_code=False", {{"trust_remote_code": False}})]:
+    before = len(prompts)
+    tokenizer = AutoTokenizer.from_pretrained({folder!r}, **kwargs)
+    result[name] = {{
+        "class": type(tokenizer).__module__ + "." + type(tokenizer).__name__,
+        "ids": tokenizer({text!r})["input_ids"],
+        "questions": len(prompts) - before,
+    }}
+result["remote_modules"] = [m for m in sys.modules if m.startswith(("transformers_modules", "lmblocks"))]
+print(json.dumps(result))
+"""
+
+
+def test_tokenizer_beside_an_lmblocks_model_loads_without_lmblocks(tmp_path, trained):
+    import sysconfig
+
+    from lmblocks import LmbGPT2Config, LmbGPT2LMHeadModel
+
+    tokenizer = trained["gpt2"]
+    folder = tmp_path / "checkpoint"
+    LmbGPT2LMHeadModel(LmbGPT2Config.from_preset("tiny", **config_kwargs_from_tokenizer(tokenizer))).save_pretrained(
+        folder
+    )
+    tokenizer.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "lmb_gpt2" and "AutoConfig" in config["auto_map"]
+
+    text = ADVERSARIAL[3]
+    script = _LOAD_WITHOUT_LMBLOCKS.format(
+        site_packages=sysconfig.get_paths()["purelib"], folder=str(folder), text=text
+    )
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
+           "HOME": str(tmp_path)}
+    # -I: no user site, no PYTHON* variables, no script directory on sys.path; -S: no site-packages .pth files.
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = tokenizer(text)["input_ids"]
+    for name in ["declined", "trust_remote_code=False"]:
+        assert result[name]["class"] == "transformers.models.gpt2.tokenization_gpt2.GPT2Tokenizer", result
+        assert result[name]["ids"] == expected
+    assert result["remote_modules"] == []  # no lmblocks code ran, not even the config's
+    # The tokenizer needs no remote code. The one question left is AutoConfig's, about config.json's auto_map:
+    # AutoTokenizer reads the model config before tokenizer_config.json (transformers 5.23), and declining it, or
+    # passing trust_remote_code=False, still gives transformers' own tokenizer class.
+    assert result["trust_remote_code=False"]["questions"] == 0
+    assert result["declined"]["questions"] <= 1
+
+
+def test_a_list_of_texts_is_an_error_that_says_how(tmp_path):
+    lines = make_corpus_lines(50) + ["thought Alice *very* [hard]?"]  # glob characters too
+    for corpus in [lines, tuple(lines), ["a single line of text"]]:
+        with pytest.raises(FileNotFoundError, match=r"a list or tuple names files: .* pass iter\(texts\)"):
+            train_tokenizer(corpus, "llama", vocab_size=300, show_progress=False)
+    tokenizer = train_tokenizer(iter(lines), "llama", vocab_size=300, show_progress=False)
+    assert len(tokenizer) == 300
+    # A list naming a real file with a missing one still reports the missing file by name.
+    (tmp_path / "real.txt").write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        train_tokenizer([str(tmp_path / "real.txt"), str(tmp_path / "missing.txt")], "gpt2", show_progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -341,7 +502,7 @@ def test_unreadable_corpus_is_an_error(tmp_path, corpus_file):
         train_tokenizer(tmp_path / "missing.txt", "gpt2", show_progress=False)
     with pytest.raises(FileNotFoundError, match="matches no file"):
         train_tokenizer(str(tmp_path / "*.json"), "gpt2", show_progress=False)
-    with pytest.raises(FileNotFoundError, match="pass an iterator"):
+    with pytest.raises(FileNotFoundError, match=r"pass iter\(texts\)"):
         train_tokenizer(["some text, not a path"], "gpt2", show_progress=False)
     with pytest.raises(ValueError, match="is a directory"):
         train_tokenizer(tmp_path, "gpt2", show_progress=False)
@@ -381,7 +542,7 @@ def test_likelihood_and_frequency_choose_different_merges(tmp_path):
     assert learnt == {"frequency": ["##ug"], "likelihood": ["##gs"]}
 
 
-def naive_likelihood_wordpiece(word_counts: dict[str, int], vocab_size: int, min_frequency: int) -> list[str]:
+def naive_wordpiece(word_counts: dict[str, int], vocab_size: int, min_frequency: int, criterion: str) -> list[str]:
     """The definition, recounting everything for each merge: the reference for the incremental trainer."""
     words = {word: [word[0]] + ["##" + c for c in word[1:]] for word in word_counts}
     alphabet = {piece for pieces in words.values() for piece in pieces} | set("".join(word_counts))
@@ -397,10 +558,10 @@ def naive_likelihood_wordpiece(word_counts: dict[str, int], vocab_size: int, min
         candidates = [pair for pair, count in pairs.items() if count >= min_frequency]
         if not candidates:
             break
-        best = min(
-            candidates,
-            key=lambda p: (-pairs[p] / (symbols[p[0]] * symbols[p[1]]), order.index(p[0]), order.index(p[1])),
-        )
+        def score(p):
+            return -pairs[p] / (symbols[p[0]] * symbols[p[1]]) if criterion == "likelihood" else -pairs[p]
+
+        best = min(candidates, key=lambda p: (score(p), order.index(p[0]), order.index(p[1])))
         new = best[0] + best[1].removeprefix("##")
         if new not in order:
             order.append(new)
@@ -418,16 +579,17 @@ def naive_likelihood_wordpiece(word_counts: dict[str, int], vocab_size: int, min
     return vocab
 
 
+@pytest.mark.parametrize("criterion", ["likelihood", "frequency"])
 @pytest.mark.parametrize("seed", range(4))
-def test_incremental_likelihood_matches_the_naive_definition(seed):
+def test_incremental_trainer_matches_the_naive_definition(seed, criterion):
     rng = random.Random(seed)
     letters = "abcde"
     word_counts = {
         "".join(rng.choice(letters) for _ in range(rng.randint(1, 7))): rng.randint(1, 30) for _ in range(60)
     }
     for min_frequency in [0, 3]:
-        expected = naive_likelihood_wordpiece(word_counts, vocab_size=60, min_frequency=min_frequency)
-        vocab = train_wordpiece_likelihood(word_counts, vocab_size=60, min_frequency=min_frequency)
+        expected = naive_wordpiece(word_counts, vocab_size=60, min_frequency=min_frequency, criterion=criterion)
+        vocab = train_wordpiece(word_counts, vocab_size=60, criterion=criterion, min_frequency=min_frequency)
         assert list(vocab) == expected
         assert list(vocab.values()) == list(range(len(vocab)))
 
