@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import re
 import sys
@@ -105,8 +106,10 @@ def check_config_overrides(config_class: type, overrides: dict[str, Any]) -> Non
     for key, value in overrides.items():
         if key not in fields:
             continue  # the config names unknown options itself, with the list of known ones
-        annotation = fields[key].type if isinstance(fields[key].type, str) else getattr(fields[key].type, "__name__", "")
-        allowed = [t.strip() for t in str(annotation).split("|")]
+        annotation = fields[key].type
+        if not isinstance(annotation, str):
+            annotation = getattr(annotation, "__name__", "")
+        allowed = [t.strip() for t in annotation.split("|")]
         if value is None and "None" in allowed:
             continue
         accepted = [_TYPES[t] for t in allowed if t in _TYPES]
@@ -147,7 +150,7 @@ def check_checkpoint_path(path: str, what: str = "checkpoint") -> None:
     must exist; a Hub id (`org/name`) is left to the loader."""
     if Path(path).exists():
         return
-    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
+    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
     if looks_local or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
         raise UsageError(f"The {what} folder {path} does not exist.")
 
@@ -266,6 +269,9 @@ def train(trainer, resume_from_checkpoint: str | None = None):
 
     start = _StartStep()
     trainer.add_callback(start)
+    quiet = _TiedKeysFilter(trainer.model)
+    trainer_logger = logging.getLogger("transformers.trainer")
+    trainer_logger.addFilter(quiet)
     try:
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     except KeyboardInterrupt:
@@ -277,8 +283,29 @@ def train(trainer, resume_from_checkpoint: str | None = None):
                           "starts from the beginning (--save_steps N saves one every N steps).") from None
     finally:
         trainer.remove_callback(start)
+        trainer_logger.removeFilter(quiet)
     trainer.steps_this_run = trainer.state.global_step - start.start
     return result
+
+
+class _TiedKeysFilter(logging.Filter):
+    """Drops the Trainer's "missing keys in the checkpoint" warning on resume when the only keys missing are tied
+    weights (a tied `lm_head.weight` is not saved, and it is the same tensor as the embedding: the resume is exact)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.tied = set(getattr(base, "all_tied_weights_keys", None) or {})
+        tie = getattr(getattr(base, "config", None), "tie_word_embeddings", False)
+        self.prefixes = ("", "base_model.model.") if tie else None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.prefixes is None or not message.startswith("There were missing keys in the checkpoint model loaded"):
+            return True
+        missing = re.findall(r"'([^']+)'", message)
+        return not missing or not all(
+            any(key.startswith(p) and key[len(p):] in self.tied for p in self.prefixes) for key in missing)
 
 
 @contextmanager

@@ -5,7 +5,8 @@ and code files for `trust_remote_code`. This script writes a folder that transfo
 `GPT2Model` / `GPT2LMHeadModel` / `GPT2ForSequenceClassification` load with no lmblocks installed: a real
 `GPT2Config` (`model_type: "gpt2"`, `use_cache: true`), the weights (Conv1D layout, official key names, tied `lm_head`
 left out), for language models the generation config, and the checkpoint's tokenizer (with `model_max_length` =
-`n_positions`), so `pipeline("text-generation", model=output_folder)` works as it does for the official `gpt2`. The opposite direction needs no script:
+`n_positions`), so `pipeline("text-generation", model=output_folder)` works as it does for the official `gpt2`.
+The opposite direction needs no script:
 `LmbGPT2LMHeadModel.from_pretrained(folder_saved_by_transformers_gpt2)` reads such a folder directly.
 
 Usage:

@@ -123,13 +123,15 @@ def load_model(model_args: ModelArguments, num_labels: int | None, id2label: dic
     from lmblocks.cli import loading
 
     with loading(model_args.model_name_or_path):
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path,
+                                            trust_remote_code=model_args.trust_remote_code)
     kwargs = {"trust_remote_code": model_args.trust_remote_code}
     if model_args.task == "seq_cls":
         kwargs.update(num_labels=num_labels, id2label=id2label, label2id={v: k for k, v in id2label.items()})
         if model_args.lm_loss_weight is not None:
             if not hasattr(config, "lm_loss_weight"):
-                raise UsageError(f"--lm_loss_weight (λ) is a GPT-2 option; {config.model_type} has no auxiliary LM loss.")
+                raise UsageError(f"--lm_loss_weight (λ) is a GPT-2 option; {config.model_type} has no auxiliary LM "
+                                 "loss.")
             kwargs["lm_loss_weight"] = model_args.lm_loss_weight
         auto_class = AutoModelForSequenceClassification
     else:

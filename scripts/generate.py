@@ -101,7 +101,8 @@ def generate(args: GenerateArguments) -> list[str]:
     positions = model_positions(model.config)
     use_template = args.chat_template and bool(getattr(tokenizer, "chat_template", None))
     set_seed(args.seed)
-    gen_kwargs = dict(do_sample=args.do_sample, num_beams=args.num_beams, num_return_sequences=args.num_return_sequences)
+    gen_kwargs = dict(do_sample=args.do_sample, num_beams=args.num_beams,
+                      num_return_sequences=args.num_return_sequences)
     if args.do_sample:
         gen_kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.repetition_penalty is not None:

@@ -4,7 +4,7 @@
 GPT-2 and LLaMA train as causal language models on the corpus packed into blocks of `--block_size` tokens; BERT
 trains with masked-LM + next-sentence prediction. The held-out end of the corpus gives the evaluation perplexity.
 Everything `TrainingArguments` offers works as in transformers' example scripts (`--output_dir`,
-`--per_device_train_batch_size`, `--gradient_accumulation_steps`, `--gradient_checkpointing`, `--bf16`,
+`--per_device_train_batch_size`, `--gradient_accumulation_steps`, `--activation_checkpointing`, `--bf16`,
 `--report_to`, `--resume_from_checkpoint`, `--push_to_hub`, ...), and so does `accelerate launch` / `torchrun`.
 
 Examples:

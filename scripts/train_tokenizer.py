@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit_alphabet", type=int)
     parser.add_argument("--max_token_length", type=int)
     parser.add_argument("--wordpiece_criterion", choices=("likelihood", "frequency"), help="bert only")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (there are none either when stderr is not a terminal)")
     args = parser.parse_args(argv)
     if bool(args.files) == bool(args.dataset):
         parser.error("give either text files or --dataset")
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             max_token_length=args.max_token_length,
             wordpiece_criterion=args.wordpiece_criterion,
             text_column=args.text_column,
-            show_progress=not args.quiet,
+            show_progress=not args.quiet and sys.stderr.isatty(),  # bars print blank lines into log files
             output_dir=args.output_dir,
         )
     except (ValueError, TypeError, OSError) as err:
