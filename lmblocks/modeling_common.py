@@ -12,7 +12,12 @@ import sys
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
 from .layers import check_cache_capacity, check_model_inputs
 
@@ -76,13 +81,42 @@ def register_for_auto_classes(config_class: type, auto_classes: dict[str, type[P
         model_class.register_for_auto_class(auto_class_name)
 
 
-class DecoderPreamble:
-    """The start of a decoder's forward, the same in every decoder family: check the inputs, embed the tokens,
-    create the KV cache, derive the positions, build the causal mask.
+class DecoderModel:
+    """The forward of a decoder's base model, the same in every decoder family: check the inputs, embed the tokens,
+    create the KV cache, derive the positions, build the causal mask, run the family's blocks (`run_layers`).
 
     Families with learned absolute positions give `learned_positions` (their number), and a sequence that would
     run past them is refused with a clear error instead of an index error inside the embedding.
     """
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
+        inputs_embeds, position_ids, past_key_values, causal_mask = self.decoder_inputs(
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache
+        )
+        hidden_states = self.run_layers(inputs_embeds, causal_mask, position_ids, past_key_values, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+    def run_layers(
+        self,
+        inputs_embeds: torch.Tensor,
+        causal_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor,
+        past_key_values: Cache | None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        """The family's part: embeddings (B, T, C) -> final hidden states (B, T, C)."""
+        raise NotImplementedError
 
     def decoder_inputs(
         self,
@@ -154,6 +188,6 @@ __all__ = [
     "LmbPreTrainedModel",
     "family_auto_map",
     "register_for_auto_classes",
-    "DecoderPreamble",
+    "DecoderModel",
     "check_positions",
 ]

@@ -20,18 +20,15 @@ from transformers.cache_utils import Cache
 from transformers.core_model_loading import Transpose, WeightConverter
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
-from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_gpt2 import LmbGPT2Config
 from .heads import CausalLMHead, LastTokenClassifierHead, _normalise
 from .integrations import register_lora_target_modules, weight_conversions_while_loading
 from .layers import MultiHeadAttention
-from .modeling_common import DecoderPreamble, LmbPreTrainedModel, register_for_auto_classes
+from .modeling_common import DecoderModel, LmbPreTrainedModel, register_for_auto_classes
 
 logger = logging.get_logger(__name__)
 
@@ -103,6 +100,7 @@ class LmbGPT2PreTrainedModel(LmbPreTrainedModel):
     config: LmbGPT2Config
     config_class = LmbGPT2Config
     base_model_prefix = "transformer"
+    _input_embed_layer = "wte"  # for get/set_input_embeddings
     _no_split_modules = ["LmbGPT2Block"]
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": LmbGPT2Block, "attentions": LmbGPT2Attention}
@@ -150,7 +148,7 @@ class LmbGPT2PreTrainedModel(LmbPreTrainedModel):
         self.config.n_positions = new_num_position_embeddings
 
 
-class LmbGPT2Model(DecoderPreamble, LmbGPT2PreTrainedModel):
+class LmbGPT2Model(DecoderModel, LmbGPT2PreTrainedModel):
     """The GPT-2 transformer: token + position embeddings, `n_layer` blocks, final LayerNorm."""
 
     def __init__(self, config: LmbGPT2Config) -> None:
@@ -163,33 +161,18 @@ class LmbGPT2Model(DecoderPreamble, LmbGPT2PreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.wte
-
-    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
-        self.wte = new_embeddings
-
-    @merge_with_config_defaults
-    @capture_outputs
-    def forward(
+    def run_layers(
         self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
+        inputs_embeds: torch.Tensor,
+        causal_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor,
+        past_key_values: Cache | None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> BaseModelOutputWithPast:
-        inputs_embeds, position_ids, past_key_values, causal_mask = self.decoder_inputs(
-            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache
-        )
+    ) -> torch.Tensor:
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))  # (B, T, C)
         for block in self.h:
             hidden_states = block(hidden_states, causal_mask, past_key_values, position_ids=position_ids, **kwargs)
-        hidden_states = self.ln_f(hidden_states)
-
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return self.ln_f(hidden_states)
 
     @property
     def learned_positions(self) -> int:

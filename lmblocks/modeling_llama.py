@@ -12,17 +12,14 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
-from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_llama import LmbLlamaConfig
 from .heads import CausalLMHead, LastTokenClassifierHead
 from .integrations import register_lora_target_modules
 from .layers import MultiHeadAttention, RMSNorm, RotaryEmbedding, SwiGLUMLP
-from .modeling_common import DecoderPreamble, LmbPreTrainedModel, register_for_auto_classes
+from .modeling_common import DecoderModel, LmbPreTrainedModel, register_for_auto_classes
 
 # peft's default LoRA targets for this family (`LoraConfig()` without `target_modules`).
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -93,7 +90,7 @@ class LmbLlamaPreTrainedModel(LmbPreTrainedModel):
     _can_record_outputs = {"hidden_states": LmbLlamaDecoderLayer, "attentions": LmbLlamaAttention}
 
 
-class LmbLlamaModel(DecoderPreamble, LmbLlamaPreTrainedModel):
+class LmbLlamaModel(DecoderModel, LmbLlamaPreTrainedModel):
     """The LLaMA decoder: token embeddings, `num_hidden_layers` blocks, final RMSNorm. No position embeddings are
     added to the input: positions enter through RoPE, computed once here and shared by every layer."""
 
@@ -107,27 +104,14 @@ class LmbLlamaModel(DecoderPreamble, LmbLlamaPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
-        self.embed_tokens = new_embeddings
-
-    @merge_with_config_defaults
-    @capture_outputs
-    def forward(
+    def run_layers(
         self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
+        inputs_embeds: torch.Tensor,
+        causal_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor,
+        past_key_values: Cache | None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> BaseModelOutputWithPast:
-        inputs_embeds, position_ids, past_key_values, causal_mask = self.decoder_inputs(
-            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache
-        )
+    ) -> torch.Tensor:
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)  # cos, sin: (B, T, hs)
         for layer in self.layers:
@@ -139,9 +123,7 @@ class LmbLlamaModel(DecoderPreamble, LmbLlamaPreTrainedModel):
                 position_ids=position_ids,
                 **kwargs,
             )
-        hidden_states = self.norm(hidden_states)
-
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return self.norm(hidden_states)
 
 
 class LmbLlamaForCausalLM(CausalLMHead, LmbLlamaPreTrainedModel, GenerationMixin):
