@@ -33,7 +33,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 
 from .layers import last_token_index
-from .losses import causal_lm_loss
+from .losses import causal_lm_head_loss, causal_lm_loss, trains_without_logits
 
 
 def _normalise(loss_sum: torch.Tensor, count, num_items_in_batch) -> torch.Tensor:
@@ -90,7 +90,11 @@ class ModelWithHead:
 class CausalLMHead(ModelWithHead):
     """A decoder with the language-modelling head. `labels` gives the causal-LM loss (position t predicts label
     t + 1, shifted inside; -100 ignored); `num_items_in_batch` (from Trainer) makes it exact under accumulation.
-    `logits_to_keep`: logits for the last N positions only (0 = all), which saves memory in generation."""
+    `logits_to_keep`: logits for the last N positions only (0 = all), which saves memory in generation.
+
+    In training mode with `labels` (and the default `loss_function`), the loss comes straight from the hidden states,
+    chunk by chunk (`losses.causal_lm_head_loss`: the (tokens × vocab) logits never exist) and `logits` is None.
+    In eval mode — `generate`, `Trainer.evaluate`, metrics — the logits are computed as always."""
 
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
@@ -129,12 +133,15 @@ class CausalLMHead(ModelWithHead):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])  # (B, T', vocab)
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        loss = logits = None
+        all_positions = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        if all_positions and trains_without_logits(self, labels, causal_lm_loss):
+            loss = causal_lm_head_loss(hidden_states, self.lm_head, labels, self.config.vocab_size, **kwargs)
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, keep, :])  # (B, T', vocab)
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
         return CausalLMOutputWithPast(
             loss=loss,

@@ -342,6 +342,13 @@ def linear_cross_entropy_sum(
     return _LinearCrossEntropySum.apply(hidden_states, head.weight, head.bias, targets, labelled, chunk_rows, needs)
 
 
+def trains_without_logits(model: nn.Module, labels: torch.Tensor | None, default_loss) -> bool:
+    """The heads' rule for fusing the LM head with its loss: the model is in training mode, has `labels`, and uses
+    its default loss `default_loss` (a `model.loss_function = f` set by the user receives the logits as before).
+    Then `logits` is None in the output; in eval mode (`generate`, `Trainer.evaluate`, metrics) nothing changes."""
+    return labels is not None and model.training and model.loss_function is default_loss
+
+
 def causal_lm_head_loss(
     hidden_states: torch.Tensor,
     head: nn.Module,
@@ -406,6 +413,7 @@ __all__ = [
     "causal_lm_loss",
     "masked_lm_loss",
     "linear_cross_entropy_sum",
+    "trains_without_logits",
     "causal_lm_head_loss",
     "masked_lm_head_loss",
 ]

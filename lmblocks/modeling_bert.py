@@ -35,7 +35,7 @@ from .configuration_bert import LmbBertConfig
 from .heads import ModelWithHead, sequence_classification_loss
 from .integrations import register_lora_target_modules
 from .layers import MultiHeadAttention, check_model_inputs
-from .losses import masked_lm_loss
+from .losses import masked_lm_head_loss, masked_lm_loss, trains_without_logits
 from .modeling_common import LmbPreTrainedModel, check_positions, register_for_auto_classes
 
 # peft's default LoRA targets for this family (`LoraConfig()` without `target_modules`).
@@ -357,6 +357,21 @@ class _LmbBertMLMMixin:
     # `model.loss_function = f` still overrides it.
     loss_function = staticmethod(masked_lm_loss)
 
+    def mlm_logits_and_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor | None, **kwargs):
+        """(logits, loss) of the MLM head. In training mode with `labels` (and the default `loss_function`) the loss
+        comes from the hidden states chunk by chunk, the transform and decoder running on the labelled rows only
+        (`losses.masked_lm_head_loss`), and the logits are None; otherwise as always."""
+        if trains_without_logits(self, labels, masked_lm_loss):
+            predictions = self.cls.predictions
+            loss = masked_lm_head_loss(hidden_states, predictions.decoder, labels, self.config.vocab_size,
+                                       transform=predictions.transform, **kwargs)
+            return None, loss
+        logits = self.cls.predictions(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        return logits, loss
+
     def get_output_embeddings(self) -> nn.Linear:
         return self.cls.predictions.decoder
 
@@ -414,12 +429,10 @@ class LmbBertForPreTraining(_LmbBertMLMMixin, LmbBertHead):
         **kwargs: Unpack[TransformersKwargs],
     ) -> LmbBertForPreTrainingOutput:
         outputs = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
-        prediction_logits = self.cls.predictions(outputs.last_hidden_state)
+        prediction_logits, mlm_loss = self.mlm_logits_and_loss(outputs.last_hidden_state, labels, **kwargs)
         seq_relationship_logits = self.cls.seq_relationship(outputs.pooler_output)
 
-        loss = mlm_loss = nsp_loss = None
-        if labels is not None:
-            mlm_loss = self.loss_function(prediction_logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        loss = nsp_loss = None
         if next_sentence_label is not None:
             nsp_loss = _pretraining_nsp_loss(
                 seq_relationship_logits, next_sentence_label, labels, kwargs.get("num_items_in_batch")
@@ -461,10 +474,7 @@ class LmbBertForMaskedLM(_LmbBertMLMMixin, LmbBertTokenHead):
         **kwargs: Unpack[TransformersKwargs],
     ) -> MaskedLMOutput:
         outputs = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
-        logits = self.cls.predictions(outputs.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        logits, loss = self.mlm_logits_and_loss(outputs.last_hidden_state, labels, **kwargs)
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                               attentions=outputs.attentions)
 

@@ -243,9 +243,9 @@ def test_num_items_in_batch_gives_sum_over_items():
     model = LmbGPT2LMHeadModel(LmbGPT2Config.from_preset("tiny", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
     batch = _batch()
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    out = model(**batch, labels=labels, num_items_in_batch=torch.tensor(50))
+    out = model(**batch, labels=labels, num_items_in_batch=torch.tensor(50))  # training mode: the fused loss, no logits
 
-    shifted_logits = out.logits[:, :-1].reshape(-1, model.config.vocab_size)
+    shifted_logits = model.eval()(**batch).logits[:, :-1].reshape(-1, model.config.vocab_size)
     shifted_labels = labels[:, 1:].reshape(-1)
     token_loss_sum = torch.nn.functional.cross_entropy(shifted_logits, shifted_labels, ignore_index=-100,
                                                        reduction="sum")

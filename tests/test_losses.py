@@ -346,3 +346,69 @@ def test_compiled_head_loss_matches_eager():
     hidden, head, labels, params = _head_batch(0.5, bias=True)
     compiled = torch.compile(causal_lm_head_loss, backend="eager", fullgraph=True)
     _assert_same(compiled(hidden(), head, labels, VOCAB), causal_lm_head_loss(hidden(), head, labels, VOCAB), params)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The models: in training mode with labels the heads use the fused loss and return no logits.
+
+from families import FAMILIES  # noqa: E402
+
+
+def _lm_classes():
+    for family in FAMILIES:
+        for cls in (family.causal_lm_class, family.masked_lm_class, getattr(family, "pretraining_class", None)):
+            if cls is not None:
+                yield pytest.param(family, cls, id=cls.__name__)
+
+
+@pytest.mark.parametrize("family,model_class", list(_lm_classes()))
+def test_models_train_through_the_fused_loss(family, model_class):
+    """Same loss and gradients as the head + loss on the full logits (forced by setting `loss_function`), dropout on
+    (same seed, same masks); `logits` None in training, computed as before in eval mode."""
+    torch.manual_seed(0)
+    model = model_class(family.tiny_config()).train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 90, (2, 12), generator=g)
+    labels = ids.masked_fill(torch.rand(ids.shape, generator=g) > 0.5, -100)
+    extra = {"next_sentence_label": torch.tensor([0, 1])} if "PreTraining" in model_class.__name__ else {}
+
+    def run():
+        torch.manual_seed(1)
+        out = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(9), **extra)
+        grads = torch.autograd.grad(out.loss, [p for p in model.parameters() if p.requires_grad])
+        return out, grads
+
+    fused, fused_grads = run()
+    assert fused.get("logits", fused.get("prediction_logits")) is None
+    default = model.loss_function
+    model.loss_function = lambda *args, **kwargs: default(*args, **kwargs)  # not the default: the full logits
+    unfused, unfused_grads = run()
+    assert unfused.get("logits", unfused.get("prediction_logits")) is not None
+    torch.testing.assert_close(fused.loss, unfused.loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fused_grads, unfused_grads, atol=1e-6, rtol=1e-5)
+    del model.loss_function
+    assert model.eval()(input_ids=ids, labels=labels, **extra).loss is not None
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.causal_lm_class is not None], ids=lambda f: f.name)
+def test_lora_on_the_lm_head_trains_through_the_fused_loss(family):
+    """peft's LoRA on `lm_head` (the generic, recomputing path): the adapter's gradients equal the unfused ones."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = family.causal_lm_class(family.tiny_config())
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False,
+                                             lora_dropout=0.0)).train()
+    ids = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run():
+        torch.manual_seed(1)
+        out = model(input_ids=ids, labels=ids)
+        return out.loss, torch.autograd.grad(out.loss, params)
+
+    fused = run()
+    inner = model.get_base_model()
+    default = inner.loss_function
+    inner.loss_function = lambda *args, **kwargs: default(*args, **kwargs)
+    torch.testing.assert_close(fused, run(), atol=1e-6, rtol=1e-5)
