@@ -389,4 +389,16 @@ def test_tools_setting_their_own_config_attributes_warn_nothing(tmp_path, lmbloc
         Trainer(model=model, args=args, train_dataset=examples).train()
         with init_empty_weights():
             family.pretraining_class(family.tiny_config())
+    # TRL's SFTTrainer on a decoder (it reads the logits of the training forward for its token-accuracy metric).
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    lines = ["Alice was beginning to get very tired of sitting by her sister"] * 8
+    tokenizer = lmblocks.train_tokenizer(iter(lines * 4), "gpt2", vocab_size=300, show_progress=False)
+    tokenizer.pad_token = tokenizer.eos_token
+    model = lmblocks.LmbGPT2LMHeadModel(LmbGPT2Config.from_preset("tiny", **lmblocks.config_kwargs_from_tokenizer(tokenizer)))
+    sft_args = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                         per_device_train_batch_size=4, disable_tqdm=True, max_length=32)
+    SFTTrainer(model=model, args=sft_args, train_dataset=datasets.Dataset.from_dict({"text": lines}),
+               processing_class=tokenizer).train()
     assert not [m for m in lmblocks_log if "did you mean" in m]
