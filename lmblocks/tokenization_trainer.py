@@ -55,7 +55,7 @@ _TOKENIZER_CLASSES: dict[str, type[PreTrainedTokenizerFast]] = {
     "bert": BertTokenizer,
 }
 # Chosen by bench/bench_tokenizer_quality.py (README, "Tokenizers").
-DEFAULT_WORDPIECE_CRITERION = "likelihood"
+DEFAULT_WORDPIECE_CRITERION = "frequency"
 # Rows per batch when reading a `datasets` dataset.
 _DATASET_BATCH = 1000
 

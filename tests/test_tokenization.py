@@ -195,6 +195,13 @@ def test_same_corpus_same_vocabulary(corpus_file, trained, kind, kwargs):
     assert again.backend_tokenizer.to_str() == first.backend_tokenizer.to_str()
 
 
+def test_bert_default_is_the_frequency_criterion(corpus_file, trained):
+    # Chosen by bench/bench_tokenizer_quality.py: at small vocabularies likelihood cuts held-out text into about twice
+    # as many pieces, and the small models trained on it reach worse bits per byte.
+    default = train_tokenizer(corpus_file, "bert", vocab_size=400, show_progress=False)
+    assert default.get_vocab() == trained["bert-frequency"].get_vocab()
+
+
 @pytest.mark.parametrize("kind, kwargs", CONFIGS, ids=CONFIG_IDS)
 def test_every_corpus_form_gives_the_same_tokenizer(tmp_path, corpus_file, kind, kwargs):
     lines = corpus_file.read_text(encoding="utf-8").splitlines(keepends=True)  # files reach the trainer so
