@@ -118,6 +118,9 @@ FAMILIES: dict[str, FamilySpec] = {
                          num_attention_heads=4, num_key_value_heads=2),
             "small": dict(vocab_size=32000, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
                           num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048),
+            # The small model with Llama 3's 128,256-token vocabulary: the LM head is most of it (bench/limits.py).
+            "small_v128k": dict(vocab_size=128256, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                                num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048),
             # GPT-2 124M's width and depth with LLaMA's blocks (SwiGLU 2048 ≈ 8/3·768, grouped-query attention).
             "base": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                          num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048),
@@ -351,6 +354,11 @@ def time_phase(job: dict[str, Any]) -> list[dict[str, Any]]:
     context = job["work"]["train_seq"] if phase.startswith("train") else (
         job["work"]["fwd_seq"] if phase == "forward" else job["work"]["prompt"] + job["work"]["new_tokens"] // 2)
     fpt = flops_per_token(model, context) * (3 if phase.startswith("train") else 1)
+    if phase.startswith("generate"):
+        import limits
+
+        weights, kv = limits.bytes_per_token(model, context)
+        extra.update(bytes_per_token=weights + kv, weight_bytes_per_token=weights, kv_bytes_per_token=kv)
     records = []
     for impl in IMPLS:
         record = dict(kind="time", family=family, size=size, phase=phase, impl=impl, device=device,
@@ -401,11 +409,11 @@ def measure_memory(job: dict[str, Any]) -> list[dict[str, Any]]:
         base = _rss_mb("VmRSS")
         reset = _reset_peak_rss()
     runner = Runner(family, model, phase, job["work"], device)
-    for _ in range(2 + (1 if "compile" in phase or "static" in phase else 0)):
+    for _ in range(job.get("steps", 2) + (1 if "compile" in phase or "static" in phase else 0)):
         runner.step()
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb("VmHWM")
     record = dict(kind="memory", family=family, size=size, phase=phase, impl=impl, device=device, dtype=job["dtype"],
-                  attn=job["attn"], baseline_mb=base, peak_mb=peak, phase_mb=peak - base,
+                  attn=job["attn"], baseline_mb=base, peak_mb=peak, phase_mb=peak - base, work=job["work"],
                   metric="cuda_max_allocated" if cuda else "VmHWM")
     if not cuda and not reset:
         record["note"] = "peak RSS could not be reset; includes model construction"
@@ -418,6 +426,10 @@ def run_job(job: dict[str, Any]) -> list[dict[str, Any]]:
         dtype = getattr(torch, job["dtype"])
         return [dict(kind="peak", device=job["device"], dtype=job["dtype"], threads=job["threads"],
                      matmul_flops=matmul_peak_flops(job["device"], dtype))]
+    if job["kind"] == "bandwidth":
+        import limits
+
+        return limits.bandwidth_probe(job)
     if job["kind"] == "time":
         return time_phase(job)
     return measure_memory(job)

@@ -51,6 +51,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import harness  # noqa: E402
+import limits  # noqa: E402
 import lmblocks  # noqa: E402,F401  (registers the families)
 
 # Work per measurement. Train/forward: batch × sequence; generate: prompt length and new tokens (batch in the phase).
@@ -132,7 +133,8 @@ def run_forked(job: dict[str, Any], timeout_s: float) -> list[dict[str, Any]]:
 
 
 def _job_key(job: dict[str, Any]) -> str:
-    return "/".join(str(job.get(k)) for k in ("kind", "family", "size", "phase", "impl", "device", "attn") if k in job)
+    keys = ("kind", "family", "size", "phase", "impl", "device", "dtype", "attn", "section")
+    return "/".join(str(job.get(k)) for k in keys if k in job)
 
 
 def _compiled(phase: str) -> bool:
@@ -172,6 +174,8 @@ def plan(mode: str, families: list[str], device: str, dtype: str, attn: str, thr
                     for impl in harness.IMPLS:
                         jobs.append(dict(kind="memory", family=family, size=size, phase=phase, impl=impl,
                                          work=work, **common))
+    if not device.startswith("cuda") and mode != "smoke":
+        jobs += limits.jobs(mode, families, WORK[mode], reps, common)
     # Cheap before expensive, so an interrupted run still has every family: eager timings, eager memory, then the
     # compiled phases (minutes of compilation each).
     jobs = sorted(jobs, key=lambda job: (job["kind"] != "peak", _compiled(job.get("phase", "")), job["kind"] == "memory"))
@@ -213,7 +217,8 @@ def _fmt(x: float | None, digits: int = 0) -> str:
 
 def table(records: list[dict[str, Any]]) -> list[str]:
     """The Markdown table: one row per family/size/phase (and device/attention), ratios lmblocks ÷ transformers
-    (> 1 means lmblocks is faster, or for memory uses more)."""
+    (> 1 means lmblocks is faster, or for memory uses more). The limits section has its own (`limits.table`)."""
+    records = [r for r in records if r.get("section") != "limits"]
     peaks: dict[tuple[str, str], float] = {}
     for r in records:
         if r["kind"] == "peak":
@@ -267,6 +272,8 @@ def write_report(out_dir: Path, mode: str, records: list[dict[str, Any]], notes:
     machine = next(r for r in records if r["kind"] == "machine")
     peaks = [r for r in records if r["kind"] == "peak"]
     errors = [r for r in records if r["kind"] == "error"]
+    timed = [r for r in records if r["kind"] == "time" and r.get("section") != "limits"]
+    where = "; ".join(sorted({f"{r['dtype']}, {r['attn']} attention on {r['device'].upper()}" for r in timed})) or "–"
     lines = [
         f"# lmblocks vs transformers — `{mode}` run",
         "",
@@ -275,10 +282,10 @@ def write_report(out_dir: Path, mode: str, records: list[dict[str, Any]], notes:
         f"lmblocks {machine['lmblocks']} ({machine['commit']}) · wall {machine.get('wall_s', 0) / 60:.1f} min · "
         f"load average {machine['load_average_start']:.1f} at start, {machine.get('load_average_end', 0):.1f} at end",
         "",
-        "Same weights, fp32, sdpa attention on CPU. tok/s: median over interleaved reps (min–max). *ratio* = "
+        f"Same weights, {where}. tok/s: median over interleaved reps (min–max). *ratio* = "
         "lmblocks median ÷ transformers median (> 1: lmblocks faster); *paired* = median of per-rep ratios of "
         "back-to-back runs (less sensitive to load drift). Generate: new tokens/s and median ms per decoding step "
-        "(prefill excluded). MFU: model FLOPs/s ÷ the best 1024³ matmul FLOP/s measured at the start and the end "
+        "(prefill excluded). MFU: model FLOPs/s ÷ the best square matmul FLOP/s measured at the start and the end "
         "of this run (" + ", ".join(f"{p['device']}/{p['dtype']} {p['matmul_flops'] / 1e9:,.1f}" for p in peaks)
         + " GFLOP/s)"
         + ". Peak MB: peak RSS of a process holding one model through the phase (Δ: rise over the loaded model); "
@@ -286,6 +293,7 @@ def write_report(out_dir: Path, mode: str, records: list[dict[str, Any]], notes:
         "",
         *table(records),
         "",
+        *limits.table(records),
     ]
     if errors:
         lines += ["Failed measurements:", ""] + [f"- `{e['job']}`: {e['error']}" for e in errors] + [""]
@@ -357,11 +365,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-tokenizers", action="store_true",
                         help="full runs: do not rerun bench/bench_tokenizers.py (its last table is included)")
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU section even if CUDA is present")
+    parser.add_argument("--limits", action="store_true",
+                        help="only the limits section of the full run (bench/limits.py) and the fp32 batch-1 decoding "
+                             "it compares with; report in limits.{jsonl,md}")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1, see above)")
     parser.add_argument("--report-only", action="store_true", help="rebuild <mode>.md from <mode>.jsonl; run nothing")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="output folder")
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    if args.limits:
+        mode = "limits"
+        WORK["limits"], REPS["limits"], JOB_TIMEOUT_S["limits"] = WORK["full"], REPS["full"], JOB_TIMEOUT_S["full"]
+        PHASES_BY_MODE["limits"], MEMORY_PHASES_BY_MODE["limits"] = ("generate_dynamic_b1",), ()
     if args.report_only:
         print(rewrite_report(args.out, mode).read_text())
         return 0
@@ -407,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     for i, job in enumerate(jobs, 1):
         t0 = time.monotonic()
         new = run_forked(job, timeout)
+        for r in new:
+            if "section" in job:
+                r["section"] = job["section"]
         records += new
         status = "; ".join(_one_line(r) for r in new)
         print(f"[{i}/{len(jobs)} {time.monotonic() - started:6.0f}s] {_job_key(job)} ({time.monotonic() - t0:.0f}s): "
@@ -416,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         write_report(args.out, mode, records, notes + [f"Partial: {i} of {len(jobs)} measurements done."])
 
     # Quick runs include the tokenizer table of the last quick tokenizer run rather than spend two more minutes on it.
-    if mode == "full" and not args.no_tokenizers:
+    if mode == "limits":
+        pass
+    elif mode == "full" and not args.no_tokenizers:
         tok_records, tok_notes = tokenizer_figures(mode, 480)
         records += tok_records
         notes += tok_notes
@@ -438,6 +458,8 @@ def _one_line(r: dict[str, Any]) -> str:
         return f"{r['impl']} peak {r['peak_mb']:,.0f} MB ({r['phase_mb']:+,.0f})"
     if r["kind"] == "peak":
         return f"matmul {r['matmul_flops'] / 1e9:,.1f} GFLOP/s"
+    if r["kind"] == "bandwidth":
+        return f"copy {r['copy_gbs']:.1f} / triad {r['triad_gbs']:.1f} / matvec {r['matvec_gbs']:.1f} GB/s"
     return f"ERROR {r.get('error')}"
 
 

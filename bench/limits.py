@@ -1,0 +1,193 @@
+"""How close each model gets to the machine's limits, measured in the same run as everything else.
+
+- **Memory of training.** Peak RSS rise of one training step with labels (forward, backward, AdamW step) at batch
+  8 × 512 and width 6 × 384, for GPT-2 (vocabulary 50,257) and LLaMA with a 128,256-token vocabulary: the
+  (tokens × vocab) logits matrix, its gradient and the softmax work are most of it in transformers' classes
+  (2.1 GB per copy for the 128k vocabulary), which lmblocks' fused LM-head loss never builds.
+- **Memory bandwidth.** A STREAM-like probe: copy (`b = a`, 2 × 8 bytes per element moved), triad
+  (`a = b + s·c`, 3 ×) over 256 MiB arrays, and a 128 MiB float32 matrix-vector product (what decoding does),
+  best of several reps, with the run's torch thread count.
+- **Decoding against the roofline.** Batch-1 decoding is bound by reading the weights: per token it reads every
+  matmul weight once (the LM head included, tied or not; not the embedding tables, of which it reads one row) and the
+  KV cache so far. roofline fraction = (bytes read per token ÷ seconds per token) ÷ the best bandwidth the probe
+  measured. The built-in's fraction is given beside lmblocks'.
+- **bf16 against fp32 decoding**, for both implementations: what halving the bytes does on this CPU. Reported, not a
+  speed-up over the built-ins (both can do it).
+
+The jobs carry `section="limits"` so their rows stay out of the main table; `table()` renders them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+# (family, size) trained at 8 × 512 for the memory rows; the 128k-vocabulary LLaMA also gets a timed training row.
+MEMORY_MODELS = (("gpt2", "small"), ("llama", "small_v128k"))
+MEMORY_WORK = dict(train_batch=8, train_seq=512, fwd_batch=8, fwd_seq=512, prompt=16, new_tokens=128)
+TARGETS = {"gpt2": 0.45, "llama": 0.30}  # issue 17: peak-rise ratio lmblocks ÷ transformers
+STREAM_BYTES = 256 * 2**20
+MATVEC_BYTES = 128 * 2**20
+
+
+def jobs(mode: str, families: list[str], work: dict[str, dict[str, Any]], reps: dict[str, int], common: dict,
+         ) -> list[dict[str, Any]]:
+    """The limits section of a run: the bandwidth probe; in full runs the 8 × 512 training-memory jobs (one
+    training step each), the 128k-vocabulary training timing, and bf16 batch-1 decoding at the small size."""
+    section = dict(section="limits", **common)
+    out: list[dict[str, Any]] = [dict(kind="bandwidth", **section)]
+    if mode not in ("full", "limits"):
+        return out
+    for family, size in MEMORY_MODELS:
+        if family not in families:
+            continue
+        for impl in ("lmblocks", "transformers"):
+            out.append(dict(kind="memory", family=family, size=size, phase="train_eager", impl=impl,
+                            work=MEMORY_WORK, steps=1, **section))
+    if "llama" in families:
+        out.append(dict(kind="time", family="llama", size="small_v128k", phase="train_eager", work=work["small"],
+                        reps=reps["train"], warmup=1, **section))
+    for family in ("gpt2", "llama"):
+        if family in families:
+            out.append(dict(kind="time", family=family, size="small", phase="generate_dynamic_b1",
+                            work=work["small"], reps=reps["generate"], warmup=1,
+                            **{**section, "dtype": "bfloat16"}))
+    return out
+
+
+def _best_seconds(fn, reps: int, device: str) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bandwidth_probe(job: dict[str, Any], reps: int = 8) -> list[dict[str, Any]]:
+    """STREAM copy and triad, and a float32 matrix-vector product, on `job["device"]`: GB/s (10⁹ bytes per
+    second), best of `reps` (the first rep also faults the pages in)."""
+    device = job["device"]
+    n = STREAM_BYTES // 4
+    a, b, c = (torch.rand(n, device=device) for _ in range(3))
+    copy_s = _best_seconds(lambda: b.copy_(a), reps, device)
+    triad_s = _best_seconds(lambda: torch.add(b, c, alpha=3.0, out=a), reps, device)
+    del a, b, c
+    cols = 4096
+    matrix, vector = torch.rand(MATVEC_BYTES // 4 // cols, cols, device=device), torch.rand(cols, device=device)
+    matvec_s = _best_seconds(lambda: torch.mv(matrix, vector), reps, device)
+    return [dict(kind="bandwidth", device=device, threads=job["threads"], section="limits",
+                 copy_gbs=2 * STREAM_BYTES / copy_s / 1e9, triad_gbs=3 * STREAM_BYTES / triad_s / 1e9,
+                 matvec_gbs=MATVEC_BYTES / matvec_s / 1e9)]
+
+
+def bytes_per_token(model: torch.nn.Module, context: float) -> tuple[float, float]:
+    """(weight bytes, KV-cache bytes) one batch-1 decoding step reads at `context` cached positions."""
+    from harness import matmul_params
+
+    element = next(model.parameters()).element_size()
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv = 2 * cfg.num_hidden_layers * kv_heads * head_dim * context * element
+    return float(matmul_params(model) * element), float(kv)
+
+
+def harness_vocab(family: str, size: str) -> int:
+    """The vocabulary of a benchmark model (the size's own, or the config class's default)."""
+    import harness
+
+    vocab = harness.FAMILIES[family].sizes[size].get("vocab_size")
+    if vocab is None:
+        vocab = harness.FAMILIES[family].lmb_classes()[0]().vocab_size
+    return vocab
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}×" if b > 0 else "–"
+
+
+def _pair(records, **match) -> dict[str, dict]:
+    return {r["impl"]: r for r in records if all(r.get(k) == v for k, v in match.items())}
+
+
+def table(records: list[dict[str, Any]]) -> list[str]:
+    """The limits section of the report (Markdown lines); empty if the run had none of it."""
+    probes = [r for r in records if r["kind"] == "bandwidth"]
+    if not probes:
+        return []
+    bw = max(max(p["copy_gbs"], p["triad_gbs"], p["matvec_gbs"]) for p in probes)
+    probe = probes[0]
+    lines = ["## Limits", "",
+             f"Memory bandwidth ({probe['threads']} torch thread(s)): copy {probe['copy_gbs']:.1f} GB/s, triad "
+             f"{probe['triad_gbs']:.1f} GB/s, float32 matrix-vector product (128 MiB) {probe['matvec_gbs']:.1f} GB/s; "
+             f"the roofline below uses the best, {bw:.1f} GB/s.", ""]
+    limits = [r for r in records if r.get("section") == "limits"]
+    mem_rows = []
+    for family, size in dict.fromkeys((r["family"], r["size"]) for r in limits if r["kind"] == "memory"):
+        pair = _pair(limits, kind="memory", family=family, size=size)
+        if len(pair) == 2:
+            a, b = pair["lmblocks"], pair["transformers"]
+            target = f"≤ {TARGETS[family]:.2f}×" if (family, size) in MEMORY_MODELS else "–"
+            vocab = harness_vocab(family, size)
+            mem_rows.append(f"| {family} {size} (vocab {vocab:,}) | {a['work']['train_batch']} × "
+                            f"{a['work']['train_seq']} | {a['phase_mb']:,.0f} | {b['phase_mb']:,.0f} | "
+                            f"**{_ratio(a['phase_mb'], b['phase_mb'])}** | {target} |")
+    if mem_rows:
+        metric = "peak RSS" if limits[0]["device"] == "cpu" else "peak `torch.cuda.max_memory_allocated`"
+        lines += [f"One training step with labels (forward, backward, AdamW): {metric} rise over the loaded model, "
+                  "one model per process (CPU) or per reset of the allocator statistics (CUDA).", "",
+                  "| model | tokens | lmblocks MB | transformers MB | ratio | target |", "|---|---|---|---|---|---|",
+                  *mem_rows, ""]
+    train = _pair(limits, kind="time", family="llama", size="small_v128k", phase="train_eager")
+    if len(train) == 2:
+        a, b = train["lmblocks"]["tokens_per_s"]["median"], train["transformers"]["tokens_per_s"]["median"]
+        lines += [f"Training LLaMA small with the 128k vocabulary ({train['lmblocks']['reps']} interleaved reps, "
+                  f"median): lmblocks {a:,.0f} tok/s, transformers {b:,.0f} tok/s, **{a / b:.2f}×** (paired "
+                  f"{train['lmblocks']['paired_ratio_median']:.2f}×).", ""]
+    roof_rows = []
+    for r in records:
+        if r["kind"] != "time" or r.get("impl") != "lmblocks" or not r["phase"].endswith("_b1") or \
+                "bytes_per_token" not in r or r.get("section") == "limits":
+            continue
+        other = _pair(records, kind="time", family=r["family"], size=r["size"], phase=r["phase"],
+                      device=r["device"], dtype=r["dtype"], section=r.get("section"))
+        if len(other) != 2:
+            continue
+        fractions = []
+        for impl in ("lmblocks", "transformers"):
+            s = other[impl]["ms_per_step"]["median"] / 1e3
+            fractions.append((other[impl]["bytes_per_token"] / s / 1e9, other[impl]["ms_per_step"]["median"]))
+        roof_rows.append(f"| {r['family']} | {r['size']} | {r['phase']} ({r['dtype']}) | "
+                         f"{r['bytes_per_token'] / 1e6:,.0f} | "
+                         f"{fractions[0][1]:.1f} / {fractions[1][1]:.1f} | "
+                         f"{fractions[0][0]:.1f} / {fractions[1][0]:.1f} | "
+                         f"**{100 * fractions[0][0] / bw:.0f} %** / {100 * fractions[1][0] / bw:.0f} % |")
+    if roof_rows:
+        lines += ["Batch-1 decoding against the bandwidth roofline (bytes per token: matmul weights, LM head included, "
+                  "+ KV cache at the mean context; GB/s = bytes ÷ median ms per step).", "",
+                  "| family | size | phase | MB per token | ms/step lmb / tf | GB/s lmb / tf | roofline lmb / tf |",
+                  "|---|---|---|---|---|---|---|", *roof_rows, ""]
+    bf16_rows = []
+    for family in ("gpt2", "llama"):
+        low = _pair(limits, kind="time", family=family, size="small", phase="generate_dynamic_b1", dtype="bfloat16")
+        full = _pair([r for r in records if r.get("section") != "limits"], kind="time", family=family,
+                     size="small", phase="generate_dynamic_b1", dtype="float32")
+        if len(low) == 2 and len(full) == 2:
+            cells = []
+            for impl in ("lmblocks", "transformers"):
+                f32, b16 = full[impl]["ms_per_step"]["median"], low[impl]["ms_per_step"]["median"]
+                cells.append(f"{f32:.1f} → {b16:.1f} ms (**{f32 / b16:.2f}×**)")
+            bf16_rows.append(f"| {family} small | {cells[0]} | {cells[1]} |")
+    if bf16_rows:
+        lines += ["Batch-1 decoding, fp32 → bf16 weights (ms per step, speed-up): a property of the CPU, the same for "
+                  "both implementations, not a speed-up over the built-ins.", "",
+                  "| model | lmblocks | transformers |", "|---|---|---|", *bf16_rows, ""]
+    return lines
