@@ -2,8 +2,9 @@
 
 For each trainer, one fresh Python process trains on the same corpus and reports its training time and its own peak
 RSS (``ru_maxrss``, imports included; the RSS after imports is reported too). Trainers: lmblocks' gpt2, llama, bert
-(frequency and likelihood WordPiece); the bare ``tokenizers`` trainers configured the same way (byte-level BPE,
-Metaspace BPE, WordPieceTrainer); and SentencePiece BPE. Then one streaming run trains the gpt2 kind from a generator
+(frequency and likelihood WordPiece, both lmblocks' own deterministic merge loop in Python); the bare ``tokenizers``
+trainers configured the same way (byte-level BPE, Metaspace BPE, WordPieceTrainer: Rust, but not reproducible run to
+run); and SentencePiece BPE. Then one streaming run trains the gpt2 kind from a generator
 of about 1 GB of text, never held in memory.
 
 The corpus is the default one (the Canterbury books from the brotli sdist and botchan.txt from the sentencepiece sdist,
@@ -44,7 +45,7 @@ TRAINERS = {
     "bare-bpe-bytelevel": ("tokenizers BpeTrainer, ByteLevel", "lmb-gpt2"),
     "lmb-llama": ("lmblocks llama: Metaspace BPE + byte fallback", None),
     "bare-bpe-metaspace": ("tokenizers BpeTrainer, line-break Split + Metaspace", "lmb-llama"),
-    "lmb-bert-frequency": ("lmblocks bert, frequency WordPiece", None),
+    "lmb-bert-frequency": ("lmblocks bert, frequency WordPiece (own deterministic merge loop)", None),
     "bare-wordpiece": ("tokenizers WordPieceTrainer, BERT normaliser", "lmb-bert-frequency"),
     "lmb-bert-likelihood": ("lmblocks bert, likelihood WordPiece", None),
     "sentencepiece-bpe": ("sentencepiece BPE (byte fallback)", None),

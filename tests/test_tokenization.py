@@ -613,6 +613,31 @@ def test_likelihood_limit_alphabet_drops_rare_characters():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Quality benchmark (bench/bench_tokenizer_quality.py): its pieces on tiny inputs
+
+
+def test_quality_bench_pieces(trained):
+    bench = runpy.run_path(str(REPO / "bench" / "bench_tokenizer_quality.py"))
+    lines = make_corpus_lines(40, seed=1)
+    records = []
+    for name, config_id in [("bert frequency", "bert-frequency"), ("gpt2", "gpt2")]:
+        tokenizer = trained[config_id]
+        figures = bench["intrinsic"](tokenizer, lines)
+        assert figures["tokens_per_word"] >= 1 and 0 < figures["whole_words"] <= 1
+        assert figures["tokens_per_byte"] == pytest.approx(figures["tokens"] / figures["bytes"])
+        records.append({"what": "intrinsic", "name": name, "vocab_size": 400, "train_seconds": 0.1, **figures})
+        ids = bench["encode_lines"](tokenizer, lines)
+        for objective in ["mlm", "clm"] if config_id.startswith("bert") else ["clm"]:
+            result = bench["downstream"](objective, tokenizer, ids, ids, figures["tokens_per_byte"], steps=2,
+                                         batch_size=2, block=16)
+            assert result["bits_per_byte"] > 0
+            records.append({"what": "downstream", "name": name, "vocab_size": 400,
+                            "tokens_per_byte": figures["tokens_per_byte"], **result})
+    report = bench["markdown"](records, "machine", "command")
+    assert "| 400 | **" in report and "| mlm | bert frequency |" in report and "| clm | gpt2 |" in report
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Script
 
 
