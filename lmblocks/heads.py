@@ -217,7 +217,56 @@ class LastTokenClassifierHead(ModelWithHead):
         return None
 
 
+class EncoderHead(ModelWithHead):
+    """A task head over an encoder, for heads whose targets come as `labels`: run the encoder, then the head's
+    `logits_and_loss`. Heads with other targets (BERT's pretraining: `labels` + `next_sentence_label`; spans:
+    `start_positions` / `end_positions`; multiple choice's (B, choices, T) inputs) write their own `forward` on
+    `encode`, so the encoder is called one way everywhere."""
+
+    output_class: ClassVar[type]
+
+    def encode(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        token_type_ids: torch.LongTensor | None,
+        position_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        **kwargs: Unpack[TransformersKwargs],
+    ):
+        return self.base_model(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ):
+        outputs = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
+        logits, loss = self.logits_and_loss(outputs, labels, **kwargs)
+        return self.output_class(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+    def logits_and_loss(self, outputs, labels: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's scores from the encoder's outputs, and its loss when `labels` are given."""
+        raise NotImplementedError
+
+
 __all__ = [
+    "EncoderHead",
     "sequence_classification_loss",
     "ModelWithHead",
     "CausalLMHead",

@@ -32,7 +32,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_bert import LmbBertConfig
-from .heads import ModelWithHead, sequence_classification_loss
+from .heads import EncoderHead, sequence_classification_loss
 from .integrations import register_lora_target_modules
 from .layers import MultiHeadAttention, check_model_inputs
 from .losses import masked_lm_head_loss, masked_lm_loss, trains_without_logits
@@ -239,6 +239,7 @@ class LmbBertPreTrainedModel(LmbPreTrainedModel):
     config: LmbBertConfig
     config_class = LmbBertConfig
     base_model_prefix = "bert"
+    _input_embed_layer = "word_embeddings"  # under `embeddings`, for get/set_input_embeddings
     _no_split_modules = ["LmbBertEmbeddings", "LmbBertLayer"]
     _can_record_outputs = {"hidden_states": LmbBertLayer, "attentions": LmbBertSelfAttention}
 
@@ -268,12 +269,6 @@ class LmbBertModel(LmbBertPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embeddings.word_embeddings
-
-    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
-        self.embeddings.word_embeddings = new_embeddings
-
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -301,35 +296,28 @@ class LmbBertModel(LmbBertPreTrainedModel):
         return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=pooled_output)
 
 
-class LmbBertHead(ModelWithHead, LmbBertPreTrainedModel):
-    """A task head over `LmbBertModel` (with its pooler): builds it under `bert` and runs it the same way for every
-    head."""
+class LmbBertHead(EncoderHead, LmbBertPreTrainedModel):
+    """A task head over `LmbBertModel` (with its pooler), built under `bert`; `encode` runs it the same way for every
+    head, and heads whose targets are `labels` share `EncoderHead.forward`."""
 
     base_model_class = LmbBertModel
-
-    def encode(
-        self,
-        input_ids: torch.LongTensor | None,
-        attention_mask: torch.Tensor | None,
-        token_type_ids: torch.LongTensor | None,
-        position_ids: torch.LongTensor | None,
-        inputs_embeds: torch.Tensor | None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> BaseModelOutputWithPooling:
-        return self.bert(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
-        )
 
 
 class LmbBertTokenHead(LmbBertHead):
     """A head that reads every token's state, so the encoder is built without the pooler (as in the checkpoints)."""
 
     base_model_kwargs = {"add_pooling_layer": False}
+
+
+def _classifier_dropout(config: LmbBertConfig) -> nn.Dropout:
+    """Dropout before a classifier: `classifier_dropout`, or `hidden_dropout_prob` where that is not set."""
+    return nn.Dropout(config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob)
+
+
+def _per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Cross-entropy with one label per sequence (next sentence, multiple choice): Trainer's `num_items_in_batch`
+    counts those sequences, so sum ÷ it is exact under gradient accumulation."""
+    return fixed_cross_entropy(logits.float(), labels.view(-1).to(logits.device), num_items_in_batch=num_items_in_batch)
 
 
 @dataclass
@@ -455,6 +443,7 @@ class LmbBertForMaskedLM(_LmbBertMLMMixin, LmbBertTokenHead):
     """BERT with the masked-LM head (decoder tied to the word embeddings); `labels` -100 are ignored."""
 
     _tied_weights_keys = _TIED_MLM_DECODER
+    output_class = MaskedLMOutput
 
     def __init__(self, config: LmbBertConfig) -> None:
         super().__init__(config)
@@ -462,25 +451,14 @@ class LmbBertForMaskedLM(_LmbBertMLMMixin, LmbBertTokenHead):
         self.cls = LmbBertHeads(config, mlm=True, nsp=False)
         self.post_init()
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.LongTensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> MaskedLMOutput:
-        outputs = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
-        logits, loss = self.mlm_logits_and_loss(outputs.last_hidden_state, labels, **kwargs)
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                              attentions=outputs.attentions)
+    def logits_and_loss(self, outputs, labels, **kwargs):
+        return self.mlm_logits_and_loss(outputs.last_hidden_state, labels, **kwargs)
 
 
 class LmbBertForNextSentencePrediction(LmbBertHead):
     """BERT with the next-sentence head on the pooled [CLS]; `labels` (B,): 0 = IsNext, 1 = random segment."""
+
+    output_class = NextSentencePredictorOutput
 
     def __init__(self, config: LmbBertConfig) -> None:
         super().__init__(config)
@@ -488,89 +466,50 @@ class LmbBertForNextSentencePrediction(LmbBertHead):
         self.cls = LmbBertHeads(config, mlm=False, nsp=True)
         self.post_init()
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.LongTensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> NextSentencePredictorOutput:
-        outputs = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
-        logits = self.cls.seq_relationship(outputs.pooler_output)
-        loss = None
-        if labels is not None:  # one label per sequence: Trainer's num_items_in_batch counts sequences
-            loss = fixed_cross_entropy(logits.float(), labels.view(-1).to(logits.device),
-                                       num_items_in_batch=kwargs.get("num_items_in_batch"))
-        return NextSentencePredictorOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                                           attentions=outputs.attentions)
+    def logits_and_loss(self, outputs, labels, **kwargs):
+        logits = self.cls.seq_relationship(outputs.pooler_output)  # (B, 2)
+        loss = _per_sequence_loss(logits, labels, kwargs.get("num_items_in_batch")) if labels is not None else None
+        return logits, loss
 
 
 class LmbBertForSequenceClassification(LmbBertHead):
     """BERT with a linear classifier (or regressor, `num_labels=1`) on the pooled [CLS]."""
 
+    output_class = SequenceClassifierOutput
+
     def __init__(self, config: LmbBertConfig) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
         self.build_base_model(config)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = _classifier_dropout(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.LongTensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> SequenceClassifierOutput:
-        outputs = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
-        logits = self.classifier(self.dropout(outputs.pooler_output))
+    def logits_and_loss(self, outputs, labels, **kwargs):
+        logits = self.classifier(self.dropout(outputs.pooler_output))  # (B, num_labels)
         loss = None
         if labels is not None:
             loss = sequence_classification_loss(logits, labels, self.config, kwargs.get("num_items_in_batch"))
-        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                                        attentions=outputs.attentions)
+        return logits, loss
 
 
 class LmbBertForTokenClassification(LmbBertTokenHead):
     """BERT with a per-token linear classifier (NER, POS tagging); `labels` -100 are ignored."""
 
+    output_class = TokenClassifierOutput
+
     def __init__(self, config: LmbBertConfig) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
         self.build_base_model(config)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = _classifier_dropout(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.LongTensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> TokenClassifierOutput:
-        outputs = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
-        logits = self.classifier(self.dropout(outputs.last_hidden_state))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.config, **kwargs)
-        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                                     attentions=outputs.attentions)
+    def logits_and_loss(self, outputs, labels, **kwargs):
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))  # (B, T, num_labels)
+        loss = self.loss_function(logits, labels, self.config, **kwargs) if labels is not None else None
+        return logits, loss
 
 
 class LmbBertForQuestionAnswering(LmbBertTokenHead):
@@ -612,8 +551,7 @@ class LmbBertForMultipleChoice(LmbBertHead):
     def __init__(self, config: LmbBertConfig) -> None:
         super().__init__(config)
         self.build_base_model(config)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = _classifier_dropout(config)
         self.classifier = nn.Linear(config.hidden_size, 1)
         self.post_init()
 
@@ -643,8 +581,7 @@ class LmbBertForMultipleChoice(LmbBertHead):
         logits = self.classifier(self.dropout(outputs.pooler_output)).view(-1, num_choices)  # (B, N)
         loss = None
         if labels is not None:
-            loss = fixed_cross_entropy(logits.float(), labels.view(-1).to(logits.device),
-                                       num_items_in_batch=kwargs.get("num_items_in_batch"))
+            loss = _per_sequence_loss(logits, labels, kwargs.get("num_items_in_batch"))
         return MultipleChoiceModelOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                          attentions=outputs.attentions)
 
