@@ -34,7 +34,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -44,11 +43,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts
 
-from transformers import HfArgumentParser  # noqa: E402
 from trl import DPOConfig  # noqa: E402
 
+from lmblocks.cli import parse_arguments, run_script  # noqa: E402
 from lmblocks.data import CorpusError  # noqa: E402
-from lmblocks.training import UsageError, run_cli  # noqa: E402
+from lmblocks.training import UsageError  # noqa: E402
 
 
 @dataclass
@@ -61,6 +60,8 @@ class ModelArguments:
     merge_lora: bool = field(default=False, metadata={"help": "Merge the adapter into the weights when saving."})
     license: str = field(default="apache-2.0")
     time_budget_seconds: float | None = field(default=None, metadata={"help": "Stop training after this long."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start afresh in an --output_dir that holds an earlier run's checkpoint-* folders."})
 
 
 @dataclass
@@ -125,12 +126,12 @@ def load_policy(model_name_or_path: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
     import lmblocks  # noqa: F401  (registers the families)
+    from lmblocks.cli import check_checkpoint_path, loading
     from lmblocks.training import FAMILIES, family_of_config, get_family
 
-    try:
+    check_checkpoint_path(model_name_or_path)
+    with loading(model_name_or_path):
         config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"Cannot read the checkpoint {model_name_or_path}: {error}") from error
     try:
         family = family_of_config(config)
     except UsageError:
@@ -141,10 +142,8 @@ def load_policy(model_name_or_path: str, trust_remote_code: bool):
     if not family.is_decoder:
         raise UsageError(f"{model_name_or_path} is a {family.name} checkpoint ({config.model_type}), not a causal "
                          f"language model: DPO needs a model that generates answers (gpt2 or llama).")
-    try:
+    with loading(model_name_or_path):
         model = family.causal_lm_class.from_pretrained(model_name_or_path)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"Cannot load {model_name_or_path} as a {family.name} causal LM: {error}") from error
     return model, family
 
 
@@ -196,14 +195,17 @@ def run_alignment(model_args: ModelArguments, data_args: DataArguments, training
     from trl import DPOTrainer
 
     from finetune import load_rows
-    from lmblocks.hub import push_folder, write_model_card
-    from lmblocks.training import check_hub_credentials, staged_directory, time_budget_callback, use_live_loss_bar
+    from lmblocks.cli import check_output_dir, loading, train
+    from lmblocks.hub import save_trained_model
+    from lmblocks.training import check_hub_credentials, time_budget_callback, use_live_loss_bar
 
     if model_args.lora_r < 0:
         raise UsageError(f"--lora_r must be ≥ 0, got {model_args.lora_r}.")
     if model_args.merge_lora and not model_args.lora_r:
         raise UsageError("--merge_lora needs a LoRA run (--lora_r > 0).")
     check_hub_credentials(training_args.push_to_hub, training_args.hub_token)
+    training_args.resume_from_checkpoint = check_output_dir(
+        training_args.output_dir, training_args.resume_from_checkpoint, model_args.overwrite_output_dir)
     set_seed(training_args.seed)
     if train_dataset is None:
         try:
@@ -218,10 +220,8 @@ def run_alignment(model_args: ModelArguments, data_args: DataArguments, training
         eval_dataset = preference_rows(eval_dataset, data_args, "validation")
 
     model, family = load_policy(model_args.model_name_or_path, training_args.trust_remote_code)
-    try:
+    with loading(model_args.model_name_or_path, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"Cannot load the tokenizer of {model_args.model_name_or_path}: {error}") from error
     if tokenizer.eos_token is None:
         raise UsageError(f"The tokenizer of {model_args.model_name_or_path} has no end-of-sequence token; DPO ends "
                          f"every answer with one. Set tokenizer.eos_token and save the tokenizer again.")
@@ -265,7 +265,7 @@ def run_alignment(model_args: ModelArguments, data_args: DataArguments, training
             print(f"[align] held-out before: preference accuracy {metrics['preference_accuracy_before']:.3f}, "
                   f"margin {metrics['preference_margin_before']:+.3f} nats", flush=True)
 
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_result = train(trainer, training_args.resume_from_checkpoint)
     metrics.update(train_result.metrics)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     if losses:
@@ -285,47 +285,25 @@ def run_alignment(model_args: ModelArguments, data_args: DataArguments, training
                   f"margin {metrics['preference_margin_after']:+.3f} nats; reward accuracy "
                   f"{metrics['reward_accuracy']:.3f}, reward margin {metrics['reward_margin']:+.4f}", flush=True)
 
-    if trainer.is_world_process_zero():
-        output_dir = Path(training_args.output_dir)
-        with staged_directory(output_dir) as staging:
-            model = trainer.model
-            if model_args.lora_r:
-                model.save_pretrained(staging / "adapter" if model_args.merge_lora else staging)
-                if model_args.merge_lora:
-                    model.merge_and_unload().save_pretrained(staging)
-            else:
-                model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            (staging / "all_results.json").write_text(json.dumps(metrics, indent=2))
-            (staging / "trainer_state.json").write_text(json.dumps({"log_history": trainer.state.log_history}))
-            write_model_card(
-                staging, model_name=training_args.hub_model_id or output_dir.name, family=family.name,
-                task="instruct", license=model_args.license,
-                datasets=[data_args.dataset_name] if data_args.dataset_name else [],
-                base_model=model_args.model_name_or_path if not Path(model_args.model_name_or_path).exists()
-                else None,
-                results={k: metrics[k] for k in ("final_train_loss", "eval_loss", "preference_accuracy_before",
-                                                 "preference_accuracy_after", "reward_accuracy", "reward_margin")
-                         if k in metrics},
-                training_args={"method": "DPO", "beta": training_args.beta, "loss_type": training_args.loss_type,
-                               "lora_r": model_args.lora_r, "lora_alpha": model_args.lora_alpha,
-                               "learning_rate": training_args.learning_rate, "max_steps": training_args.max_steps},
-                extra_text="Aligned with preference pairs by direct preference optimisation (DPO, TRL's "
-                           "`DPOTrainer`).",
-            )
-        print(f"[align] saved to {output_dir}", flush=True)
-        if push_to_hub:
-            repo_id = training_args.hub_model_id or output_dir.name
-            push_folder(output_dir, repo_id, token=training_args.hub_token, private=training_args.hub_private_repo,
-                        revision=training_args.hub_revision)
-            print(f"[align] pushed to {repo_id}", flush=True)
+    save_trained_model(
+        trainer, tokenizer, family=family.name, task="instruct", metrics=metrics,
+        card_metrics=("final_train_loss", "eval_loss", "preference_accuracy_before", "preference_accuracy_after",
+                      "reward_accuracy", "reward_margin"),
+        hyperparameters={"method": "DPO (trl.DPOTrainer)", "beta": training_args.beta,
+                         "loss_type": training_args.loss_type, "lora_r": model_args.lora_r,
+                         "lora_alpha": model_args.lora_alpha, "learning_rate": training_args.learning_rate,
+                         "max_steps": training_args.max_steps, "max_length": training_args.max_length},
+        license=model_args.license, datasets=[data_args.dataset_name] if data_args.dataset_name else [],
+        base_model=model_args.model_name_or_path, merge_lora=model_args.merge_lora, push_to_hub=push_to_hub,
+        save_trainer_state=True, log_prefix="[align]",
+    )
     metrics["output_dir"] = str(training_args.output_dir)
     return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, AlignConfig]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, AlignConfig))
-    return parser.parse_args_into_dataclasses(args=argv)
+    """Flags, or a single .json / .yaml file of them; a misspelt flag is a one-line error."""
+    return parse_arguments((ModelArguments, DataArguments, AlignConfig), argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -333,4 +311,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_script(main)

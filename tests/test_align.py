@@ -3,7 +3,7 @@
 The preference to learn is plain (the chosen answers say yes, the rejected ones no), so a few optimizer steps show
 the DPO loss falling below log 2 and the held-out reward margin rising. LoRA: the adapter saves and reloads through
 peft's Auto class. Bad input: one `error:` line, exit status 2, no folder that looks like a checkpoint. The script is
-called in-process (`align.main(argv)` under `run_cli`, as `python scripts/align.py` runs it) to spare a Python
+called in-process (`align.main(argv)` under `run_script`, as `python scripts/align.py` runs it) to spare a Python
 start-up per case.
 """
 
@@ -121,10 +121,10 @@ def test_dpo_loss_falls_and_reward_margin_rises(align, workdir, tmp_path, family
 
 
 def _error(align, argv: list[str], capsys) -> str:
-    from lmblocks.training import run_cli
+    from lmblocks.cli import run_script
 
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: align.main(argv))
+        run_script(lambda: align.main(argv))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
