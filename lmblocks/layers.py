@@ -228,15 +228,20 @@ def check_cache_capacity(past_key_values: Cache | None, new_tokens: int) -> None
     """Raises a clear error when `new_tokens` more tokens do not fit a fixed-size cache (`StaticCache`).
 
     A static cache writes each token at its position in a preallocated buffer; past its end the write fails deep in
-    `index_copy_` on CPU and as a device-side assert on GPU. Skipped while compiling: the check reads the cache's
-    position counter, a tensor, which would break the graph (compiled decoding sizes the cache from `max_length`).
+    `index_copy_` on CPU and as a device-side assert on GPU. The cache's position counter is a tensor on the cache's
+    device: it is read only where that costs no device sync (a Python int, or a CPU tensor) and never while compiling,
+    so decoding on an accelerator never stalls on this check.
     """
     if past_key_values is None or torch.compiler.is_compiling():
         return
     max_length = past_key_values.get_max_length(0)  # -1 for caches that grow
     if max_length < 0:
         return
-    cached = int(past_key_values.get_seq_length())
+    cached = past_key_values.get_seq_length()
+    if torch.is_tensor(cached):
+        if cached.device.type != "cpu":
+            return
+        cached = int(cached)
     if cached + new_tokens > max_length:
         raise ValueError(
             f"The sequence does not fit the {type(past_key_values).__name__}: {cached} cached + {new_tokens} new "
