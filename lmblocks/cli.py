@@ -146,11 +146,12 @@ def check_length_fits(config, length: int, flag: str) -> None:
 
 
 def check_checkpoint_path(path: str, what: str = "checkpoint") -> None:
-    """A path that is clearly meant as a local folder (absolute, relative with ./ or ../, or more than one '/')
-    must exist; a Hub id (`org/name`) is left to the loader."""
+    """A path that is clearly meant as a local folder (absolute, relative with ./ or ../, more than one '/', or
+    inside a folder that exists here, like `outputs/gtp2`) must exist; a Hub id (`org/name`) is left to the loader."""
     if Path(path).exists():
         return
-    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
+    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path \
+        or ("/" in path and Path(path.split("/")[0]).is_dir())
     if looks_local or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
         raise UsageError(f"The {what} folder {path} does not exist.")
 
@@ -175,6 +176,9 @@ def loading(path: str, what: str = "checkpoint") -> Iterator[None]:
         if isinstance(error, UsageError):
             raise
         message = " ".join(str(error).split())
+        if not Path(path).exists():
+            raise UsageError(f"Cannot load the {what} from {path}: there is no such folder here, and as a Hub id: "
+                             f"{message}") from error
         raise UsageError(f"Cannot load the {what} from {path}: {message}") from error
 
 

@@ -114,6 +114,8 @@ def validate_inputs(model_args: ModelArguments, data_args: DataArguments, traini
             raise UsageError(f"Unknown {family.name} preset {model_args.preset!r}. Available presets: {presets}.")
         config = new_config(model_args, family)
     check_length_fits(config, data_args.block_size, "--block_size")
+    if model_args.tokenizer_name_or_path:
+        check_checkpoint_path(model_args.tokenizer_name_or_path, "tokenizer")
     vocab_override = parse_overrides(model_args).get("vocab_size")
     if vocab_override is not None and model_args.tokenizer_name_or_path is None and not model_args.model_name_or_path \
             and vocab_override < model_args.tokenizer_vocab_size:
@@ -152,19 +154,15 @@ def new_config(model_args: ModelArguments, family, **tokenizer_kwargs):
 def get_tokenizer(model_args: ModelArguments, family, texts: list[str]):
     from transformers import AutoTokenizer
 
+    from lmblocks.cli import check_checkpoint_path, loading
+
     source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     if source:
-        try:
+        check_checkpoint_path(source, "tokenizer")
+        with loading(source, "tokenizer"):
             return AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError) as error:
-            raise UsageError(f"Cannot load a tokenizer from {source}: {error}") from error
-    try:
-        from lmblocks.tokenization_trainer import train_tokenizer
-    except ImportError as error:
-        raise UsageError(
-            "This lmblocks install has no tokenizer trainer (lmblocks.tokenization_trainer); pass "
-            "--tokenizer_name_or_path."
-        ) from error
+    from lmblocks.tokenization_trainer import train_tokenizer
+
     # A list would be read as file paths: pass the documents as an iterator.
     try:
         return train_tokenizer(iter(texts), kind=family.name, vocab_size=model_args.tokenizer_vocab_size,
@@ -176,17 +174,9 @@ def get_tokenizer(model_args: ModelArguments, family, texts: list[str]):
 
 def tokenizer_config_kwargs(tokenizer) -> dict:
     """vocab_size and special-token ids for the model config, from the tokenizer."""
-    try:
-        from lmblocks.tokenization_trainer import config_kwargs_from_tokenizer
+    from lmblocks.tokenization_trainer import config_kwargs_from_tokenizer
 
-        return config_kwargs_from_tokenizer(tokenizer)
-    except ImportError:
-        kwargs = {"vocab_size": len(tokenizer)}
-        for name in ("pad", "bos", "eos"):
-            token_id = getattr(tokenizer, f"{name}_token_id")
-            if token_id is not None:
-                kwargs[f"{name}_token_id"] = token_id
-        return kwargs
+    return config_kwargs_from_tokenizer(tokenizer)
 
 
 def build_model(model_args: ModelArguments, family, tokenizer, block_size: int):
