@@ -2,8 +2,9 @@
 
 Happy paths: pretrain (GPT-2 from text files with eval perplexity and resume, LLaMA from a `datasets` folder with a
 tokenizer trained on the fly, BERT MLM + NSP), generate (streaming and sampling), finetune (sequence classification
-with the GPT auxiliary loss and LoRA merged for export; instruction tuning with a LoRA adapter) and the main job in its
-quick mode. Bad input: a clear one-line error, exit status 2, and no folder that looks like a finished checkpoint.
+with the GPT auxiliary loss and LoRA merged for export; instruction tuning with a LoRA adapter); the main job's
+quick mode is in test_main_job.py. Bad input: a clear one-line error, exit status 2, and no folder that looks like a
+finished checkpoint.
 """
 
 from __future__ import annotations
@@ -178,18 +179,6 @@ def test_pretrain_bert_mlm_nsp(workdir, tmp_path):
     assert "saved bert" in result.stdout
     assert json.loads((out / "config.json").read_text())["model_type"] == "lmb_bert"
     assert "eval_loss" in json.loads((out / "all_results.json").read_text())
-
-
-def test_main_job_quick(tmp_path):
-    out = tmp_path / "main"
-    result = ok(run_script("main.py", "--quick", "--output_dir", str(out), timeout=400))
-    report = out / "report.md"
-    assert f"Report: {report}" in result.stdout
-    text = report.read_text()
-    for family in ("gpt2", "llama", "bert"):
-        assert (out / f"{family}_loss.png").stat().st_size > 1000
-        assert f"| {family} |" in text
-    assert "LoRA fine-tuning" in text and (out / "gpt2-books-lora" / "config.json").exists()
 
 
 # --- bad input ----------------------------------------------------------------------------------------------------
