@@ -190,8 +190,8 @@ def instruct_example(tokenizer, instruction: str, response: str) -> tuple[list[i
     if not full.startswith(prompt):
         raise UsageError("The tokenizer's chat template does not render a conversation as its prompt plus the "
                          "answer, so the loss cannot be put on the answer alone.")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
+    response_ids = tokenizer(full[len(prompt):], add_special_tokens=False, verbose=False)["input_ids"]
     return prompt_ids, response_ids
 
 
@@ -242,8 +242,10 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, trainin
         print("[finetune] the tokenizer has no chat template: using lmblocks' instruction template "
               "(### Instruction: / ### Response:), saved with the tokenizer", flush=True)
     model = load_model(model_args, len(labels) if id2label else None, id2label)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    # The padding token was just chosen: tell the config and the generation config (the Trainer would, with a warning).
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     family = family_of_config(model.config)
 
     train_dataset = preprocess(model_args.task, train_rows, tokenizer, data_args, label2id)
@@ -310,7 +312,7 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, trainin
 def report_cut_rows(dataset, rows, tokenizer, task: str, data_args: DataArguments) -> int:
     """Say how many training rows were longer than --max_length and cut (nothing is cut silently)."""
     if task == "seq_cls":
-        lengths = [len(ids) for ids in tokenizer(list(rows[data_args.text_column]))["input_ids"]]
+        lengths = [len(ids) for ids in tokenizer(list(rows[data_args.text_column]), verbose=False)["input_ids"]]
     else:
         lengths = [sum(map(len, instruct_example(tokenizer, i, r)))
                    for i, r in zip(rows[data_args.instruction_column], rows[data_args.response_column])]
