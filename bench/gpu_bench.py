@@ -74,7 +74,8 @@ def run(jobs: list[dict[str, Any]], out_dir: Path, mode: str, notes: list[str], 
     import harness
     import run as cpu_run
 
-    records: list[dict[str, Any]] = [cpu_run.machine_info(threads=1)]
+    cuda_name = torch.cuda.get_device_name(0) if device.startswith("cuda") else None
+    records: list[dict[str, Any]] = [cpu_run.machine_info(threads=1, cuda_name=cuda_name)]
     started = time.monotonic()
     for i, job in enumerate(jobs, 1):
         t0 = time.monotonic()

@@ -426,6 +426,8 @@ def run_job(job: dict[str, Any]) -> list[dict[str, Any]]:
         dtype = getattr(torch, job["dtype"])
         return [dict(kind="peak", device=job["device"], dtype=job["dtype"], threads=job["threads"],
                      matmul_flops=matmul_peak_flops(job["device"], dtype))]
+    if job["kind"] == "device_name":
+        return [dict(kind="device_name", name=torch.cuda.get_device_name(0))]
     if job["kind"] == "bandwidth":
         import limits
 

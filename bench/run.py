@@ -45,6 +45,9 @@ if __name__ == "__main__" and any(os.environ.get(k) != v for k, v in MALLOC_ENV.
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The parent forks the measurements, and a CUDA runtime call made before a fork leaves the children unable to use
+# CUDA: ask NVML whether a GPU is there, and read its name in a child (`_cuda_name`).
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
@@ -186,7 +189,15 @@ def plan(mode: str, families: list[str], device: str, dtype: str, attn: str, thr
 # Report.
 
 
-def machine_info(threads: int) -> dict[str, Any]:
+def _cuda_name() -> str | None:
+    """The GPU's name, read in a forked child so that this process never initialises CUDA (see above)."""
+    if not torch.cuda.is_available():
+        return None
+    records = run_forked(dict(kind="device_name", threads=1), 120)
+    return records[0].get("name") if records and records[0]["kind"] == "device_name" else None
+
+
+def machine_info(threads: int, cuda_name: str | None = None) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -204,7 +215,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         kind="machine", date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         cpu=cpu, cores=os.cpu_count(), threads=threads, python=platform.python_version(), torch=torch.__version__,
         transformers=transformers.__version__, lmblocks=lmblocks.__version__, commit=commit,
-        cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        cuda=cuda_name,
         load_average_start=os.getloadavg()[0],
     )
 
@@ -386,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_memory:
         MEMORY_PHASES_BY_MODE[mode] = ()
     started = time.monotonic()
-    records: list[dict[str, Any]] = [machine_info(args.threads)]
+    records: list[dict[str, Any]] = [machine_info(args.threads, _cuda_name())]
     notes: list[str] = []
     families = []
     for family in args.families:
