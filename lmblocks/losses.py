@@ -289,13 +289,16 @@ def _generic_head_loss_sum(hidden, head, targets, chunk_rows, vocab_size, ignore
         logits = head(h)
         if logits.shape[-1] != vocab_size:
             raise ValueError(f"The head maps to {logits.shape[-1]} outputs, but vocab_size is {vocab_size}.")
+        # A head placed on another device (accelerate's device_map hooks move `h`) gets the labels there too.
+        y = y.to(logits.device)
         return nn.functional.cross_entropy(logits.float(), y, ignore_index=ignore_index, reduction="sum")
 
     grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_rows):
         h, y = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
-        loss = loss + (checkpoint(chunk_loss, h, y, use_reentrant=False) if grad else chunk_loss(h, y))
+        chunk = checkpoint(chunk_loss, h, y, use_reentrant=False) if grad else chunk_loss(h, y)
+        loss = loss + chunk.to(loss.device)
     return loss
 
 
