@@ -16,7 +16,6 @@ recomputed when a field they derive from changes after construction, unless they
 
 from __future__ import annotations
 
-import contextvars
 import copy
 import dataclasses
 import difflib
@@ -47,8 +46,13 @@ _TRANSFORMERS_KEYS = frozenset(
     }
 )
 
-# True while a config is built from a file (`from_dict`): unknown keys are then kept, not refused.
-_reading_file: contextvars.ContextVar[bool] = contextvars.ContextVar("lmblocks_reading_config_file", default=False)
+# Passed by `from_dict` to the constructor: the keys come from a file, so unknown ones are kept, not refused. A keyword
+# rather than module state: vLLM pickles remote-code classes with the globals their methods use, and a ContextVar or
+# thread-local would not pickle.
+_FROM_FILE = "_lmblocks_from_file"
+# Set by `get_config_dict` on a file of transformers' own class for this family, whose `model_type` it rewrites so
+# that transformers does not warn about instantiating one model type from another.
+_FOREIGN = "_lmblocks_foreign_model_type"
 
 
 class LmbPretrainedConfig(PreTrainedConfig):
@@ -70,8 +74,9 @@ class LmbPretrainedConfig(PreTrainedConfig):
     extra_accepted_keys: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self, **kwargs):
+        from_file = kwargs.pop(_FROM_FILE, False)
         unknown = sorted(key for key in kwargs if not self._is_known_key(key))
-        if unknown and not _reading_file.get():
+        if unknown and not from_file:
             raise ValueError(
                 f"{type(self).__name__} got unknown option(s) {unknown}. Known options: {', '.join(self._options())}."
             )
@@ -139,12 +144,16 @@ class LmbPretrainedConfig(PreTrainedConfig):
         """Builds the config from a `config.json` dict: lmblocks' own, or one of transformers' built-in class for
         this family (`foreign_model_type`), translated. Keys lmblocks does not use are kept; keys that would change
         the computation are refused unless they hold the value lmblocks implements."""
-        config_dict = cls._translate(config_dict)
-        token = _reading_file.set(True)
-        try:
-            return super().from_dict(config_dict, **kwargs)
-        finally:
-            _reading_file.reset(token)
+        return super().from_dict({**cls._translate(config_dict), _FROM_FILE: True}, **kwargs)
+
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
+        """transformers' `get_config_dict`, with the `model_type` of a file written by transformers' own class for
+        this family (`gpt2`, `llama`, `bert`) read as lmblocks': loading such a file is supported, not a mismatch."""
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if cls.foreign_model_type is not None and config_dict.get("model_type") == cls.foreign_model_type:
+            config_dict = {**config_dict, "model_type": cls.model_type, _FOREIGN: cls.foreign_model_type}
+        return config_dict, kwargs
 
     @classmethod
     def _translate(cls, config_dict: dict[str, Any]) -> dict[str, Any]:
@@ -156,10 +165,11 @@ class LmbPretrainedConfig(PreTrainedConfig):
                     f"way {cls.__name__} does not implement (it supports only {key}={supported!r})."
                 )
             config_dict.pop(key, None)
-        if cls.foreign_model_type is not None and config_dict.get("model_type") == cls.foreign_model_type:
-            for foreign, ours in cls.renamed_keys.items():
-                if foreign in config_dict:
-                    config_dict.setdefault(ours, config_dict.pop(foreign))
+        foreign = config_dict.pop(_FOREIGN, None) or config_dict.get("model_type")
+        if cls.foreign_model_type is not None and foreign == cls.foreign_model_type:
+            for theirs, ours in cls.renamed_keys.items():
+                if theirs in config_dict:
+                    config_dict.setdefault(ours, config_dict.pop(theirs))
             config_dict["model_type"] = cls.model_type
             # transformers' class names (`GPT2LMHeadModel`) would make `architectures` point at the wrong classes.
             config_dict.pop("architectures", None)

@@ -261,6 +261,9 @@ class LmbBertModel(LmbBertPreTrainedModel):
     """The BERT encoder: embeddings, `num_hidden_layers` post-LN blocks, and (unless `add_pooling_layer=False`) the
     pooler. Returns `last_hidden_state` (B, T, C) and `pooler_output` (B, C)."""
 
+    # Loaded from a pretraining checkpoint (embeddings for retrieval, serving): its heads are not part of the encoder.
+    _keys_to_ignore_on_load_unexpected = [r"^cls\."]
+
     def __init__(self, config: LmbBertConfig, add_pooling_layer: bool = True) -> None:
         super().__init__(config)
         self.embeddings = LmbBertEmbeddings(config)
@@ -442,6 +445,9 @@ class LmbBertForPreTraining(_LmbBertMLMMixin, LmbBertHead):
 class LmbBertForMaskedLM(_LmbBertMLMMixin, LmbBertTokenHead):
     """BERT with the masked-LM head (decoder tied to the word embeddings); `labels` -100 are ignored."""
 
+    # Loaded from a pretraining checkpoint (the usual way): its pooler and NSP head are not used here.
+    _keys_to_ignore_on_load_unexpected = [r"^bert\.pooler\.", r"^cls\.seq_relationship\."]
+
     _tied_weights_keys = _TIED_MLM_DECODER
     output_class = MaskedLMOutput
 
@@ -457,6 +463,9 @@ class LmbBertForMaskedLM(_LmbBertMLMMixin, LmbBertTokenHead):
 
 class LmbBertForNextSentencePrediction(LmbBertHead):
     """BERT with the next-sentence head on the pooled [CLS]; `labels` (B,): 0 = IsNext, 1 = random segment."""
+
+    # Loaded from a pretraining checkpoint: its MLM head is not used here.
+    _keys_to_ignore_on_load_unexpected = [r"^cls\.predictions\."]
 
     output_class = NextSentencePredictorOutput
 
@@ -474,6 +483,9 @@ class LmbBertForNextSentencePrediction(LmbBertHead):
 
 class LmbBertForSequenceClassification(LmbBertHead):
     """BERT with a linear classifier (or regressor, `num_labels=1`) on the pooled [CLS]."""
+
+    # Loaded from a pretraining checkpoint: its MLM and NSP heads are not used here.
+    _keys_to_ignore_on_load_unexpected = [r"^cls\."]
 
     output_class = SequenceClassifierOutput
 
@@ -496,6 +508,9 @@ class LmbBertForSequenceClassification(LmbBertHead):
 class LmbBertForTokenClassification(LmbBertTokenHead):
     """BERT with a per-token linear classifier (NER, POS tagging); `labels` -100 are ignored."""
 
+    # Loaded from a pretraining checkpoint: its pooler and both heads are not used here.
+    _keys_to_ignore_on_load_unexpected = [r"^bert\.pooler\.", r"^cls\."]
+
     output_class = TokenClassifierOutput
 
     def __init__(self, config: LmbBertConfig) -> None:
@@ -514,6 +529,9 @@ class LmbBertForTokenClassification(LmbBertTokenHead):
 
 class LmbBertForQuestionAnswering(LmbBertTokenHead):
     """BERT with a span head (SQuAD): start and end logits per token; the loss averages the two cross-entropies."""
+
+    # Loaded from a pretraining checkpoint: its pooler and both heads are not used here.
+    _keys_to_ignore_on_load_unexpected = [r"^bert\.pooler\.", r"^cls\."]
 
     def __init__(self, config: LmbBertConfig) -> None:
         super().__init__(config)
@@ -547,6 +565,9 @@ class LmbBertForQuestionAnswering(LmbBertTokenHead):
 class LmbBertForMultipleChoice(LmbBertHead):
     """BERT scoring each of `num_choices` candidate sequences (SWAG): inputs (B, num_choices, T) -> logits
     (B, num_choices), one score per choice from the pooled [CLS]."""
+
+    # Loaded from a pretraining checkpoint: its MLM and NSP heads are not used here.
+    _keys_to_ignore_on_load_unexpected = [r"^cls\."]
 
     def __init__(self, config: LmbBertConfig) -> None:
         super().__init__(config)

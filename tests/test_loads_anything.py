@@ -402,3 +402,28 @@ def test_tools_setting_their_own_config_attributes_warn_nothing(tmp_path, lmbloc
     SFTTrainer(model=model, args=sft_args, train_dataset=datasets.Dataset.from_dict({"text": lines}),
                processing_class=tokenizer).train()
     assert not [m for m in lmblocks_log if "did you mean" in m]
+
+
+# --- files written by others load quietly --------------------------------------------------------------------------
+
+
+def test_bert_heads_load_from_a_pretraining_checkpoint_without_unexpected_keys(tmp_path):
+    lmblocks.LmbBertForPreTraining(BERT.tiny_config()).save_pretrained(tmp_path)
+    for model_class in BERT.all_classes:
+        _, info = model_class.from_pretrained(tmp_path, output_loading_info=True)
+        assert not info["unexpected_keys"], (model_class.__name__, info["unexpected_keys"])
+
+
+def test_transformers_gpt2_folder_loads_without_a_model_type_warning(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=99)).save_pretrained(tmp_path)
+    logger = hf_logging.get_logger("transformers.configuration_utils")
+    records = _Records()
+    logger.addHandler(records)
+    try:
+        model = lmblocks.LmbGPT2LMHeadModel.from_pretrained(tmp_path)
+    finally:
+        logger.removeHandler(records)
+    assert model.config.model_type == "lmb_gpt2"
+    assert not [m for m in records.messages if "to instantiate a model of type" in m], records.messages
