@@ -74,7 +74,8 @@ def corpus_paths() -> tuple[list[str], list[str]]:
 
         runpy.run_path(str(REPO / "scripts" / "fetch_assets.py"))["fetch_corpus"](CACHE)
     held_out = (CACHE / "corpus" / HELD_OUT).read_text(encoding="utf-8-sig")  # botchan.txt starts with a BOM
-    return [str(CACHE / "corpus" / name) for name in TRAIN_FILES], [line for line in held_out.splitlines() if line.strip()]
+    train_files = [str(CACHE / "corpus" / name) for name in TRAIN_FILES]
+    return train_files, [line for line in held_out.splitlines() if line.strip()]
 
 
 def reference_vocab() -> Path | None:

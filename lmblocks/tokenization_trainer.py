@@ -128,9 +128,9 @@ def _resolve_files(paths: Sequence[str | os.PathLike]) -> list[str]:
 
 
 def _check_not_texts(paths: Sequence[str | os.PathLike]) -> None:
-    """A list or tuple names files; if none of its strings is a file or a matching glob, it is surely a list of texts."""
+    """A list or tuple names files; if none of its strings is a file or a matching glob, it is a list of texts."""
     if not paths or not all(isinstance(path, str) for path in paths):
-        return  # empty (reported as such), or a Path among them: the caller meant files, and a missing one is reported by name
+        return  # empty (reported as such), or a Path among them: files meant, a missing one is reported by name
     if any(os.path.exists(path) or (glob.has_magic(path) and glob.glob(path, recursive=True)) for path in paths):
         return
     raise FileNotFoundError(
