@@ -77,8 +77,8 @@ def parse_arguments(dataclass_types: Sequence[type], argv: list[str] | None = No
         _, unknown = parser.parse_known_args(args=args)
         if unknown:
             names = [a.lstrip("-").split("=", 1)[0] for a in unknown if a.startswith("-")]
-            hint = f" ({_with_suggestions(names, known)})" if names else ""
-            raise UsageError(f"Unrecognised argument(s) {' '.join(unknown)}{hint}. See --help.")
+            what = _with_suggestions(names, known, prefix="--") if names else " ".join(unknown)
+            raise UsageError(f"Unrecognised argument(s): {what}. See --help.")
         return parser.parse_args_into_dataclasses(args=args)
     except UsageError:
         raise
@@ -86,11 +86,11 @@ def parse_arguments(dataclass_types: Sequence[type], argv: list[str] | None = No
         raise UsageError(str(error).strip()) from error
 
 
-def _with_suggestions(names: Sequence[str], known: Sequence[str]) -> str:
+def _with_suggestions(names: Sequence[str], known: Sequence[str], prefix: str = "") -> str:
     parts = []
     for name in names:
         close = difflib.get_close_matches(name, known, n=1)
-        parts.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        parts.append(f"{prefix}{name} (did you mean {prefix}{close[0]}?)" if close else f"{prefix}{name}")
     return ", ".join(parts)
 
 

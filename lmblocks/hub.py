@@ -203,11 +203,11 @@ def save_trained_model(
     with staged_directory(output_dir) as staging:
         if is_adapter and merge_lora:
             model.save_pretrained(staging / "adapter")
-            tokenizer.save_pretrained(staging / "adapter")
+            _save_tokenizer(tokenizer, staging / "adapter", family)
             model.merge_and_unload().save_pretrained(staging)
         else:
             model.save_pretrained(staging, state_dict=state_dict)
-        tokenizer.save_pretrained(staging)
+        _save_tokenizer(tokenizer, staging, family)
         if save_trainer_state:
             trainer.state.save_to_json(str(staging / "trainer_state.json"))
         (staging / "all_results.json").write_text(json.dumps(metrics, indent=2))
@@ -229,6 +229,17 @@ def save_trained_model(
         print(f"{log_prefix} pushed to {repo_id}: {url}", flush=True)
     _barrier()
     return output_dir
+
+
+def _save_tokenizer(tokenizer, folder: Path, family: str) -> None:
+    """`save_pretrained`, plus the classic vocabulary files (vocab.json + merges.txt, vocab.txt) for the families
+    that have them, also when the tokenizer was loaded as transformers' own class."""
+    if family in ("gpt2", "bert"):
+        from .tokenization_trainer import save_tokenizer
+
+        save_tokenizer(tokenizer, folder)
+    else:
+        tokenizer.save_pretrained(folder)
 
 
 def _barrier() -> None:

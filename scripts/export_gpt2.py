@@ -32,6 +32,7 @@ from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 import lmblocks  # noqa: E402
 from lmblocks.cli import check_checkpoint_path, loading, run_script  # noqa: E402
 from lmblocks.modeling_gpt2 import TRANSFORMERS_GPT2_ARCHITECTURES, export_to_transformers_gpt2  # noqa: E402
+from lmblocks.tokenization_trainer import save_tokenizer  # noqa: E402
 from lmblocks.training import UsageError  # noqa: E402
 
 
@@ -60,9 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         model = by_name[architecture].from_pretrained(args.checkpoint)
     model.config.use_cache = True  # the Trainer saves False; a loaded model should decode with its cache
     export_to_transformers_gpt2(model, args.output, max_shard_size=args.max_shard_size)
-    if tokenizer is not None:
-        tokenizer.model_max_length = model.config.n_positions
-        tokenizer.save_pretrained(args.output)
+    if tokenizer is not None:  # with vocab.json + merges.txt, as the official gpt2 folders have them
+        save_tokenizer(tokenizer, args.output, model_max_length=model.config.n_positions)
     print(f"Wrote {TRANSFORMERS_GPT2_ARCHITECTURES[type(model)]} checkpoint to {args.output}"
           + ("" if tokenizer is not None else " (without a tokenizer: the checkpoint has none; copy one in before "
              "using it with pipeline or AutoTokenizer)"))

@@ -89,6 +89,7 @@ def test_saved_tokenizer_knows_the_context(checkpoint):
     out, _, _ = checkpoint
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.model_max_length == POSITIONS
+    assert (out / "vocab.json").exists() and (out / "merges.txt").exists()  # the classic files too (issue 14)
     assert len(tokenizer("Alice was beginning to get very tired " * 20, truncation=True)["input_ids"]) == POSITIONS
 
 
@@ -131,7 +132,7 @@ def test_overrides_are_checked_before_a_tokenizer_is_trained(files, tmp_path, mo
 
 
 def test_misspelt_flags_and_unknown_json_keys(files, tmp_path):
-    with pytest.raises(UsageError, match="max_stepz \\(did you mean max_steps\\?\\)"):
+    with pytest.raises(UsageError, match="argument\\(s\\): --max_stepz \\(did you mean --max_steps\\?\\)"):
         pretrain.main(pretrain_argv(files, tmp_path / "out", "--max_stepz", "2"))
     args_file = tmp_path / "args.json"
     args_file.write_text(json.dumps({"model_family": "gpt2", "preset": "tiny", "output_dir": str(tmp_path / "o"),
@@ -200,7 +201,8 @@ def test_command_line_contract_and_ctrl_c(checkpoint, files, tmp_path, capsys):
                              str(tmp_path / "nope"), "--max_new_tokenz", "3"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: Unrecognised argument(s) --max_new_tokenz")
+    assert result.stderr.strip().splitlines()[-1] == \
+        "error: Unrecognised argument(s): --max_new_tokenz (did you mean --max_new_tokens?). See --help."
 
     from transformers import TrainerCallback
 
@@ -274,7 +276,7 @@ def test_export_carries_the_tokenizer_and_the_cache(checkpoint, tmp_path):
     out, _, _ = checkpoint
     exported = tmp_path / "exported"
     export_gpt2.main([str(out), str(exported)])
-    assert (exported / "tokenizer.json").exists()
+    assert {"tokenizer.json", "vocab.json", "merges.txt"} <= {p.name for p in exported.iterdir()}
     assert json.loads((exported / "config.json").read_text())["use_cache"] is True
     generator = pipeline("text-generation", model=GPT2LMHeadModel.from_pretrained(exported),
                          tokenizer=str(exported))
