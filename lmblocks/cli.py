@@ -34,7 +34,7 @@ def run_script(main: Callable[[], Any]) -> None:
     try:
         main()
     except (UsageError, CorpusError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, whatever the message holds
         sys.exit(2)
     except Interrupted as error:
         print(f"interrupted: {error}", file=sys.stderr)
