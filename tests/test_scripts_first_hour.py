@@ -168,6 +168,10 @@ def test_generate_dtype_device_and_folder_errors(checkpoint, tmp_path):
     out, _, _ = checkpoint
     base = ["--model_name_or_path", str(out), "--prompt", "Alice", "--max_new_tokens", "2", "--no_stream"]
     assert generate.main(base + ["--dtype", "fp32"])  # the short names are accepted
+    args_file = tmp_path / "generate.json"  # a file of options works as the flags do
+    args_file.write_text(json.dumps({"model_name_or_path": str(out), "prompt": ["Alice"], "max_new_tokens": 2,
+                                     "stream": False, "dtype": "bf16"}))
+    assert generate.main([str(args_file)])[0].startswith("Alice")
     with pytest.raises(UsageError, match="--dtype float8 is not one of float32, fp32"):
         generate.main(base + ["--dtype", "float8"])
     if not torch.cuda.is_available():
