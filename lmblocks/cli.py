@@ -234,7 +234,9 @@ def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 def quiet_training_defaults(training_args, n_train_examples: int) -> None:
     """Defaults that fit the run: no pinned memory without an accelerator (the DataLoader warns on every run
-    otherwise), and, when `--logging_steps` was left at transformers' 500, a loss about 20 times per run."""
+    otherwise), and, when `--logging_steps` was left at transformers' 500, a loss about 20 times per run (and, with
+    `--eval_strategy steps` but no `--eval_steps`, which transformers then copies from `logging_steps`, an evaluation
+    about 5 times per run)."""
     import torch
 
     accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
@@ -245,7 +247,7 @@ def quiet_training_defaults(training_args, n_train_examples: int) -> None:
         steps = planned_steps(training_args, n_train_examples)
         if steps < 10_000:
             training_args.logging_steps = max(1, steps // 20)
-            if training_args.eval_strategy == "steps" and training_args.eval_steps is None:
+            if training_args.eval_strategy == "steps" and training_args.eval_steps in (None, 500):
                 training_args.eval_steps = max(1, steps // 5)
 
 

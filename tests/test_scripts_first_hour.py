@@ -54,14 +54,16 @@ def pretrain_argv(files: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def checkpoint(files):
-    """pretrain.py for 4 steps with checkpoints at 2 and 4, default logging (no --logging_steps)."""
+    """pretrain.py for 4 steps with checkpoints at 2 and 4, default logging and evaluation intervals (no
+    --logging_steps, --eval_strategy steps without --eval_steps)."""
     import warnings
 
     out = files / "gpt2"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         metrics = pretrain.main(pretrain_argv(files, out, "--max_steps", "4", "--save_strategy", "steps",
-                                              "--save_steps", "2", "--learning_rate", "1e-3"))
+                                              "--save_steps", "2", "--learning_rate", "1e-3", "--eval_strategy",
+                                              "steps"))
     pin_memory = [str(w.message) for w in caught if "pin_memory" in str(w.message)]
     return out, metrics, pin_memory
 
@@ -248,6 +250,7 @@ def test_checkpoint_card_cache_and_logging(checkpoint):
     # Default logging_steps (500) on a 4-step run: a loss at every step instead of none.
     state = json.loads((out / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4]
+    assert [h["step"] for h in state["log_history"] if "eval_loss" in h][:4] == [1, 2, 3, 4]
     assert metrics["steps_this_run"] == 4
     assert pin_memory == []
 
