@@ -187,9 +187,13 @@ def convert(
     rotary = model.model.rotary_emb
     fresh = type(rotary)(config)
     rotary.inv_freq, rotary.original_inv_freq = fresh.inv_freq, fresh.original_inv_freq
-    model.save_pretrained(output_dir, max_shard_size=max_shard_size)
-    if (input_dir / "tokenizer.model").exists():
-        shutil.copy(input_dir / "tokenizer.model", output_dir / "tokenizer.model")
+    from lmblocks.training import staged_directory
+
+    # Staged: config.json lands last, so an interrupted conversion never leaves a folder that looks complete.
+    with staged_directory(output_dir) as staging:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        if (input_dir / "tokenizer.model").exists():
+            shutil.copy(input_dir / "tokenizer.model", staging / "tokenizer.model")
     return output_dir
 
 
@@ -201,6 +205,10 @@ def main() -> None:
                         help="context length (default: that of the release, guessed from params.json)")
     parser.add_argument("--max-shard-size", default="5GB")
     args = parser.parse_args()
+    input_dir = Path(args.input_dir)
+    if not (input_dir / "params.json").is_file() or not list(input_dir.glob("consolidated.*.pth")):
+        parser.error(f"{input_dir} is not a Meta LLaMA release folder: it needs params.json and "
+                     "consolidated.00.pth ... (one file per model-parallel shard).")
     out = convert(args.input_dir, args.output_dir, args.max_position_embeddings, args.max_shard_size)
     print(f"wrote {out}")
 
