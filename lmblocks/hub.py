@@ -1,6 +1,7 @@
-"""Model cards and pushes for checkpoints the scripts write.
+"""Saving, model cards and pushes for the checkpoints the scripts write.
 
-`write_model_card` puts a README.md with Hub metadata (library_name, tags, license, datasets, base_model, model-index
+`save_trained_model` is the tail every training script shares (pretrain, finetune, align): staged save of the model
+or adapter and its tokenizer, results, card, push. `write_model_card` puts a README.md with Hub metadata (library_name, tags, license, datasets, base_model, model-index
 with the training results) into a checkpoint folder. `push_folder` uploads a finished folder (model, tokenizer,
 remote-code files, card) to a Hub repository, leaving out the Trainer's intermediate `checkpoint-*` folders.
 """
