@@ -589,7 +589,8 @@ def main(argv=None) -> Path:
     import lmblocks  # noqa: F401  (registers the families with the Auto classes)
     import torch
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count (the test suite sets 1) wins
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
     documents, corpus_name = load_documents(args)
     texts = [text for _, text in documents]
     say(f"corpus: {corpus_name}: {len(texts)} documents, {sum(map(len, texts)):,} characters")
