@@ -10,10 +10,10 @@ rows of a BERT masked-LM batch, the last position of every causal-LM sequence, p
 
 `causal_lm_head_loss` / `masked_lm_head_loss` take the hidden states and the head instead of the logits. For a plain
 `nn.Linear` head, one autograd Function walks the tokens in chunks of a few hundred rows: chunk logits →
-log-sum-exp → loss, and at once the chunk's gradient (softmax − one-hot) → its share of the hidden-state gradient and
-of the weight (and bias) gradient, accumulated in place. The same three matmuls as an unfused head, but the largest
-buffer is one chunk of logits instead of the whole matrix and its gradient (for GPT-2 at 8 × 1024 tokens: 1.6 GB per
-copy). Any other head (peft's LoRA `Linear`, a hooked or quantised layer) is run per chunk under activation
+log-softmax → loss, and at once the chunk's gradient (softmax − one-hot) → its share of the hidden-state gradient
+and of the weight (and bias) gradient, accumulated in place. The same three matmuls as an unfused head, but the
+largest buffers are two chunks of logits instead of the whole matrix and its gradient (for GPT-2 at 8 × 1024 tokens:
+1.6 GB per copy). On CPU it is also faster than the head plus a cross-entropy (bench/README.md). Any other head (peft's LoRA `Linear`, a hooked or quantised layer) is run per chunk under activation
 checkpointing: same memory bound, one extra head forward.
 
 Host reads. On an accelerator, a tensor value read by Python (`.tolist()`, `int(t)`, `nonzero`) waits for the device
