@@ -44,14 +44,17 @@ def test_gpu_bench_plans_the_issue_rows():
     assert all(j["device"] == "cuda" and j["dtype"] == "bfloat16" for j in jobs)
 
 
-def test_gpu_bench_report_path_runs_on_a_tiny_cpu_plan(tmp_path):
+def test_gpu_bench_report_path_runs_on_a_tiny_cpu_plan(tmp_path, monkeypatch):
     """The same plan, shrunk to tiny models on the CPU in fp32 (compiled phases left out: minutes on CPU), goes
     through `run()` and writes a report with the timed rows, the memory rows and the roofline."""
     sys.path.insert(0, str(REPO_ROOT / "bench"))
     try:
         import gpu_bench
+        import limits
     finally:
         sys.path.pop(0)
+    monkeypatch.setattr(limits, "STREAM_BYTES", 16 * 2**20)  # a light probe: the numbers are not the point here
+    monkeypatch.setattr(limits, "MATVEC_BYTES", 8 * 2**20)
     tiny_work = dict(train_batch=2, train_seq=16, fwd_batch=2, fwd_seq=16, prompt=4, new_tokens=4)
     jobs = []
     for job in gpu_bench.plan(quick=True, attns=["sdpa"]):
