@@ -354,7 +354,8 @@ def existing_tokenizer_table(mode: str) -> list[str]:
 def rewrite_report(out_dir: Path, mode: str) -> Path:
     """Rebuilds `<mode>.md` from `<mode>.jsonl` (after editing the table code, or to add the tokenizer table)."""
     records = [json.loads(line) for line in (out_dir / f"{mode}.jsonl").read_text().splitlines()]
-    notes = [] if any(r["kind"] == "tokenizers" for r in records) else existing_tokenizer_table(mode)
+    has_table = any(r["kind"] == "tokenizers" for r in records) or mode == "limits"
+    notes = [] if has_table else existing_tokenizer_table(mode)
     kept = records[0].get("notes")
     if kept is None:  # results written before notes were stored
         kept = [] if records[0].get("cuda") or mode == "smoke" else [GPU_SKIPPED]
