@@ -412,3 +412,17 @@ def test_lora_on_the_lm_head_trains_through_the_fused_loss(family):
     default = inner.loss_function
     inner.loss_function = lambda *args, **kwargs: default(*args, **kwargs)
     torch.testing.assert_close(fused, run(), atol=1e-6, rtol=1e-5)
+
+
+def test_head_loss_under_cpu_autocast():
+    """Trainer's `bf16=True` on CPU: float32 weights, bf16 matmuls under autocast; same loss and gradients as the
+    unfused head under the same autocast, to bf16 rounding, and gradients in the parameters' float32."""
+    hidden, head, labels, params = _head_batch(0.5, bias=True, tied=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = _fused("causal", hidden, head, labels, chunk_size=4)
+        theirs = _reference("causal", hidden, head, labels)
+    ours_grads, theirs_grads = torch.autograd.grad(ours, params), torch.autograd.grad(theirs, params)
+    torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=1e-3)
+    for a, b in zip(ours_grads, theirs_grads):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
