@@ -5,7 +5,7 @@
 Both run in the vLLM venv, on the checkpoint's own code (trust_remote_code), in fp32: the server
 (`scripts/serve.py`, eager unless `--compile`) answers one `/v1/completions` request holding `--batch` prompts, and
 `generate` decodes the same prompts as one left-padded batch; every row makes exactly `--new-tokens` tokens (eos held
-back on both sides). Each side is warmed up once, then timed once: a ratio from one run, not a benchmark table (see
+back on both sides), torch on one thread on both sides. Each side is warmed up once, then timed once: a ratio from one run, not a benchmark table (see
 bench/README.md for those). Prints one line per side and the ratio, tokens/s of vLLM ÷ transformers.
 """
 
@@ -80,6 +80,9 @@ def transformers_tokens_per_second(checkpoint: str, prompts: list[str], new_toke
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # vLLM's CPU worker runs torch on one thread per rank, bound to a core (it logs "Reducing Torch threads ... for
+    # serving"); transformers gets the same, so the ratio compares the engines, not thread counts.
+    torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=True)
     tokenizer.padding_side = "left"
