@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         split = argv.index("--")
         argv, extra = argv[:split], argv[split + 1:]
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Options after `--` go to vLLM's server unchanged, e.g. `-- --tensor-parallel-size 2 --enforce-eager`.",
+    )
     parser.add_argument("checkpoint", type=Path, help="a folder written by lmblocks' save_pretrained, with a tokenizer")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
