@@ -316,9 +316,12 @@ class _TiedKeysFilter(logging.Filter):
 
 @contextmanager
 def without_peft_deprecation_warning() -> Iterator[None]:
-    """peft reads `model.is_gradient_checkpointing`, which transformers 5 flags as deprecated on every LoRA run."""
+    """Hide transformers 5's deprecation warnings for the old gradient-checkpointing names (`is_gradient_checkpointing`,
+    `gradient_checkpointing_enable` / `_disable`), which peft reads on every LoRA run and TRL's trainers call while
+    training and evaluating: the user can do nothing about them."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*\b(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated.*",
+                                category=FutureWarning)
         yield
 
 

@@ -24,7 +24,8 @@ and after training DPO's implicit reward, β·(change of that log-ratio against 
 
 Every `TrainingArguments` / `DPOConfig` flag works (`--beta`, `--loss_type`, `--max_length`, `--learning_rate`,
 `--max_steps`, `--push_to_hub`, ...). Two defaults differ from TRL's, to match the other lmblocks scripts on CPU:
-`--gradient_checkpointing` is off, and `--bf16` is on only where a GPU supports it.
+activation (gradient) checkpointing is off (`--activation_checkpointing` turns it on), and `--bf16` is on only where a
+GPU supports it.
 
 Example:
     python scripts/align.py --model_name_or_path outputs/main/llama --train_file pairs.jsonl --lora_r 8 \\
@@ -80,9 +81,18 @@ class DataArguments:
 
 @dataclass
 class AlignConfig(DPOConfig):
-    """`DPOConfig` with the lmblocks scripts' CPU-friendly defaults (see the module docstring)."""
+    """`DPOConfig` with the lmblocks scripts' CPU-friendly defaults (see the module docstring).
 
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
+    Checkpointing: TRL 1.16's `DPOConfig` sets `gradient_checkpointing=True` by default, and transformers 5 keeps that
+    name only as a deprecated alias of `activation_checkpointing` (a value in it warns on every run). Here the alias
+    is left unset, so transformers' own default applies (off) and its `__post_init__` mirrors `activation_checkpointing`
+    into `gradient_checkpointing`, the field TRL reads. `--activation_checkpointing` turns it on;
+    `--gradient_checkpointing` still works, with transformers' deprecation warning.
+    """
+
+    gradient_checkpointing: bool | None = field(default=None, metadata={
+        "help": "Deprecated alias of --activation_checkpointing (transformers 5); off by default.", "nargs": "?",
+        "const": True})
     bf16: bool | None = field(default=None, metadata={
         "help": "bf16 mixed precision; default: on where a GPU supports it, off on CPU."})
 
@@ -195,7 +205,7 @@ def run_alignment(model_args: ModelArguments, data_args: DataArguments, training
     from trl import DPOTrainer
 
     from finetune import load_rows
-    from lmblocks.cli import check_output_dir, loading, train
+    from lmblocks.cli import check_output_dir, loading, train, without_peft_deprecation_warning
     from lmblocks.hub import save_trained_model
     from lmblocks.training import check_hub_credentials, time_budget_callback, use_live_loss_bar
 
@@ -243,9 +253,10 @@ def run_alignment(model_args: ModelArguments, data_args: DataArguments, training
         training_args.eval_strategy = "no"
     callbacks = [time_budget_callback(model_args.time_budget_seconds)] if model_args.time_budget_seconds else []
     try:
-        trainer = DPOTrainer(model=model, ref_model=ref_model, args=training_args, train_dataset=train_dataset,
-                             eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config,
-                             callbacks=callbacks)
+        with without_peft_deprecation_warning():  # peft reads model.is_gradient_checkpointing while wrapping
+            trainer = DPOTrainer(model=model, ref_model=ref_model, args=training_args, train_dataset=train_dataset,
+                                 eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config,
+                                 callbacks=callbacks)
     except ValueError as error:
         raise UsageError(f"DPO set-up failed: {error}") from error
     use_live_loss_bar(trainer)
@@ -265,7 +276,8 @@ def run_alignment(model_args: ModelArguments, data_args: DataArguments, training
             print(f"[align] held-out before: preference accuracy {metrics['preference_accuracy_before']:.3f}, "
                   f"margin {metrics['preference_margin_before']:+.3f} nats", flush=True)
 
-    train_result = train(trainer, training_args.resume_from_checkpoint)
+    with without_peft_deprecation_warning():  # TRL switches checkpointing off and on around reference forwards
+        train_result = train(trainer, training_args.resume_from_checkpoint)
     metrics.update(train_result.metrics)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     if losses:
@@ -278,8 +290,10 @@ def run_alignment(model_args: ModelArguments, data_args: DataArguments, training
         reward = training_args.beta * ((after[0] - before[0]) - (after[1] - before[1]))
         metrics["reward_accuracy"] = float((reward > 0).float().mean())
         metrics["reward_margin"] = float(reward.mean())
-        metrics.update({k: v for k, v in trainer.evaluate().items() if k in ("eval_loss", "eval_rewards/accuracies",
-                                                                               "eval_rewards/margins")})
+        with without_peft_deprecation_warning():
+            evaluated = trainer.evaluate()
+        metrics.update({k: v for k, v in evaluated.items() if k in ("eval_loss", "eval_rewards/accuracies",
+                                                                     "eval_rewards/margins")})
         if trainer.is_world_process_zero():
             print(f"[align] held-out after: preference accuracy {metrics['preference_accuracy_after']:.3f}, "
                   f"margin {metrics['preference_margin_after']:+.3f} nats; reward accuracy "

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -86,8 +87,14 @@ def test_dpo_loss_falls_and_reward_margin_rises(align, workdir, tmp_path, family
     argv = ["--model_name_or_path", str(workdir / family), "--train_file", str(workdir / "train.jsonl"),
             "--validation_file", str(workdir / "validation.jsonl"), "--output_dir", str(out), "--max_steps", "12",
             *COMMON]
-    argv += ["--lora_r", "8", "--learning_rate", "1e-2"] if lora else ["--learning_rate", "3e-3"]
-    metrics = align.main(argv)
+    # LoRA with activation checkpointing on (TRL then needs input gradients), full weights with it off (the default).
+    argv += ["--lora_r", "8", "--learning_rate", "1e-2", "--activation_checkpointing"] if lora else \
+        ["--learning_rate", "3e-3"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = align.main(argv)
+    # Neither peft's read of model.is_gradient_checkpointing nor TRL's gradient_checkpointing default may warn.
+    assert not [w for w in caught if "gradient_checkpointing" in str(w.message)], [(str(w.message)[:60], w.filename, w.lineno) for w in caught]
 
     assert metrics["first_train_loss"] == pytest.approx(math.log(2), abs=0.01)  # policy == reference at step 0
     assert metrics["final_train_loss"] < metrics["first_train_loss"] - 0.1
@@ -98,6 +105,8 @@ def test_dpo_loss_falls_and_reward_margin_rises(align, workdir, tmp_path, family
     saved = json.loads((out / "all_results.json").read_text())
     assert saved["reward_margin"] == pytest.approx(metrics["reward_margin"])
     assert "DPO" in (out / "README.md").read_text()
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]  # the main job plots it
+    assert [h["step"] for h in history if "loss" in h] == list(range(1, 13))
 
     # The saved model (adapter through peft's Auto class, or full weights) prefers the chosen answer.
     if lora:
