@@ -239,7 +239,7 @@ class Runner:
             self.batch.pop("labels")
             self.tokens = work["fwd_batch"] * work["fwd_seq"]
         else:
-            from transformers import CompileConfig
+            from lmblocks.decoding import compiled_decoding_config
 
             model.eval()
             batch = int(phase.rsplit("_b", 1)[1])
@@ -250,9 +250,9 @@ class Runner:
                 pad_token_id=0, eos_token_id=None,
             )
             if "_static_" in phase:
-                compile_config = CompileConfig(mode="default" if device == "cpu" else "reduce-overhead")
-                compile_config._compile_all_devices = True  # transformers only auto-compiles on accelerators
-                self.kwargs.update(cache_implementation="static", compile_config=compile_config)
+                # lmblocks' decoding settings, given to both implementations alike (lmblocks/decoding.py): on CPU
+                # inductor with frozen weights and q/k/v, gate/up concatenated into one product each.
+                self.kwargs.update(cache_implementation="static", compile_config=compiled_decoding_config(device))
             else:
                 self.kwargs.update(disable_compile=True)
             self.tokens = batch * self.new_tokens
@@ -359,6 +359,8 @@ def time_phase(job: dict[str, Any]) -> list[dict[str, Any]]:
 
         weights, kv = limits.bytes_per_token(model, context)
         extra.update(bytes_per_token=weights + kv, weight_bytes_per_token=weights, kv_bytes_per_token=kv)
+        if phase.endswith("_b1") and not device.startswith("cuda"):
+            extra.update(limits.matvec_ceiling(lmb, runners["lmblocks"].prompt))
     records = []
     for impl in IMPLS:
         record = dict(kind="time", family=family, size=size, phase=phase, impl=impl, device=device,

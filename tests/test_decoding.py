@@ -1,0 +1,48 @@
+"""Compiled decoding (lmblocks.decoding): the same tokens as eager decoding, before and after the weights change."""
+
+import pytest
+import torch
+
+from families import DECODERS
+from lmblocks.decoding import compiled_decoding_config, enable_compiled_decoding
+
+
+def test_cpu_config_freezes_and_concatenates_projections():
+    config = compiled_decoding_config("cpu")
+    assert config.options == {"freezing": True, "cpp.enable_concat_linear": True}
+    assert config._compile_all_devices and config.fullgraph and config.dynamic is False
+    assert compiled_decoding_config("cuda").mode == "reduce-overhead"
+
+
+@pytest.mark.parametrize("family", DECODERS, ids=lambda f: f.name)
+def test_compiled_decoding_matches_eager_and_follows_weight_updates(family):
+    torch.manual_seed(0)
+    model = family.causal_lm_class(family.tiny_config()).eval()
+    prompt = torch.randint(3, 99, (1, 5))
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+
+    def both():
+        eager = model.generate(prompt, disable_compile=True, cache_implementation="dynamic", **kwargs)
+        compiled = model.generate(prompt, **kwargs)
+        return eager, compiled
+
+    enable_compiled_decoding(model)
+    eager, compiled = both()
+    assert model.generation_config.cache_implementation == "static"
+    assert hasattr(model, "_compiled_call"), "generate did not compile the decoding step"
+    assert torch.equal(compiled, eager)
+
+    # A training step changes the weights in place: the compiled graph must not keep the old ones.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    eager_after, compiled_after = both()
+    assert not torch.equal(eager_after, eager)
+    assert torch.equal(compiled_after, eager_after)
+
+
+def test_refuses_models_without_static_cache_support():
+    from families import BERT
+
+    with pytest.raises(ValueError, match="static-cache"):
+        enable_compiled_decoding(BERT.base_class(BERT.tiny_config()))
