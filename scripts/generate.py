@@ -47,6 +47,9 @@ class GenerateArguments:
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Default: the checkpoint's."})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16 (fp32, bf16, fp16)."})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, mps, ..."})
+    compile: bool = field(default=False, metadata={
+        "help": "Decode with a static cache and a compiled step (lmblocks.decoding): each new prompt length "
+                "compiles first (tens of seconds on CPU), then every token is cheaper; for long generations."})
 
 
 def check_device(device: str) -> None:
@@ -99,6 +102,13 @@ def generate(args: GenerateArguments) -> list[str]:
     model, tokenizer = load_for_generation(args.model_name_or_path, args.trust_remote_code,
                                            args.tokenizer_name_or_path, args.dtype, args.device)
     positions = model_positions(model.config)
+    if args.compile:
+        from lmblocks.decoding import enable_compiled_decoding
+
+        try:
+            enable_compiled_decoding(model)
+        except ValueError as error:
+            raise UsageError(f"--compile: {error}") from error
     use_template = args.chat_template and bool(getattr(tokenizer, "chat_template", None))
     set_seed(args.seed)
     gen_kwargs = dict(do_sample=args.do_sample, num_beams=args.num_beams,

@@ -104,6 +104,13 @@ def test_generate_streams_and_samples(gpt2_checkpoint):
     assert result.stdout.count("The") >= 2
 
 
+def test_generate_compiled_gives_the_eager_text(gpt2_checkpoint):
+    args = ("generate.py", "--model_name_or_path", str(gpt2_checkpoint), "--prompt", "Alice was", "--max_new_tokens",
+            "6", "--no_stream")
+    eager = ok(run_script(*args)).stdout
+    assert ok(run_script(*args, "--compile")).stdout == eager
+
+
 def test_finetune_seq_cls_lora_merge_and_instruct(gpt2_checkpoint, workdir, tmp_path):
     rows = []
     for label in ("alice29", "botchan"):
@@ -118,7 +125,10 @@ def test_finetune_seq_cls_lora_merge_and_instruct(gpt2_checkpoint, workdir, tmp_
     assert (out / "adapter" / "adapter_config.json").exists()
     config = json.loads((out / "config.json").read_text())
     assert config["lm_loss_weight"] == 0.5 and set(config["label2id"]) == {"alice29", "botchan"}
-    assert "accuracy" in json.loads((out / "all_results.json").read_text())
+    results = json.loads((out / "all_results.json").read_text())
+    assert {"accuracy", "eval_loss_before", "eval_accuracy_before"} <= set(results)  # held out: before and after
+    assert [h["step"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h] \
+        == [1, 2]
 
     import lmblocks  # noqa: F401
     from transformers import AutoModelForSequenceClassification
@@ -133,6 +143,7 @@ def test_finetune_seq_cls_lora_merge_and_instruct(gpt2_checkpoint, workdir, tmp_
                   "--train_file", str(tmp_path / "ins.jsonl"), "--lora_r", "2", "--max_steps", "2",
                   "--save_strategy", "no", "--output_dir", str(out), *COMMON))
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    assert (out / "trainer_state.json").exists()  # the loss history, for plots
 
 
 def test_pretrain_llama_from_dataset_with_trained_tokenizer(workdir, tmp_path):
