@@ -239,7 +239,8 @@ class Runner:
             self.batch.pop("labels")
             self.tokens = work["fwd_batch"] * work["fwd_seq"]
         else:
-            from lmblocks.decoding import compiled_decoding_config
+            from lmblocks.decoding import compiled_decoding_config, frozen_call
+            from lmblocks.modeling_common import LmbPreTrainedModel
 
             model.eval()
             batch = int(phase.rsplit("_b", 1)[1])
@@ -253,6 +254,11 @@ class Runner:
                 # lmblocks' decoding settings, given to both implementations alike (lmblocks/decoding.py): on CPU
                 # inductor with frozen weights and q/k/v, gate/up concatenated into one product each.
                 self.kwargs.update(cache_implementation="static", compile_config=compiled_decoding_config(device))
+                if device == "cpu" and not isinstance(model, LmbPreTrainedModel):
+                    # lmblocks models run their frozen compiled step through `frozen_call` themselves
+                    # (modeling_common.py); transformers' get the same wrapper here.
+                    compiled_call = model.get_compiled_call
+                    model.get_compiled_call = lambda config: frozen_call(compiled_call(config))
             else:
                 self.kwargs.update(disable_compile=True)
             self.tokens = batch * self.new_tokens

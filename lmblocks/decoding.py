@@ -8,27 +8,91 @@ matrix-vector products too small to stream at full speed. transformers' generate
 settings that reach the bandwidth roofline on each device:
 
 - CUDA: transformers' default (`reduce-overhead`: the step replayed as one CUDA graph).
-- CPU: inductor with `freezing` (parameters become constants of the graph, so their layout is prepacked for the
-  matrix-vector products) and `cpp.enable_concat_linear` (products of the same input — q/k/v, gate/up — become one
-  larger product, read in one stream). The checkpoint keeps its layout; only the compiled graph changes. Frozen
-  graphs are for inference: in this torch version they still read the live parameters (tests/test_decoding.py
-  updates weights in place and generates again), but compile again after changing a model's weights if you rely
-  on it elsewhere.
+- CPU: inductor with `freezing` (parameters become constants of the graph, prepacked for MKL's matrix products),
+  `cpp.enable_concat_linear` (products of one input — q/k/v, gate/up — become one larger product, read in one
+  stream) and `cpp_wrapper` (the step runs from C++, not from generated Python). The checkpoint keeps its layout;
+  only the compiled graph changes.
 
-The same settings work for any transformers causal LM (the benchmark gives them to both implementations).
+Frozen graphs hold their own copies of the weights. lmblocks models notice when a parameter changed since the
+compilation (an optimizer step, `load_state_dict`, `.to()`) and compile again (`LmbPreTrainedModel.get_compiled_call`);
+give these settings to another model only for inference on fixed weights. The same settings work for any
+transformers causal LM (the benchmark gives them to both implementations).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import torch
+import torch._inductor.config  # noqa: F401  (torch._inductor is not imported by `import torch`)
 from transformers import CompileConfig, PreTrainedModel
+
+
+class FrozenWeightsInductor:
+    """`torch.compile` backend: inductor, for graphs traced under `frozen_weights()` (lmblocks models enter it around
+    their compiled step). Each instance is a distinct backend to dynamo, so a new instance compiles anew rather than
+    reusing graphs frozen with older weights."""
+
+    freezes_weights = True  # read by duck typing: remote code has its own copy of this class
+
+    def __deepcopy__(self, memo: dict) -> FrozenWeightsInductor:
+        # generate() deep-copies its generation config; a copied backend would be a new backend to dynamo and to
+        # transformers' compiled-call cache, and every generate would compile again.
+        return self
+
+    def __call__(self, graph_module: torch.fx.GraphModule, example_inputs: list) -> object:
+        from torch._inductor.compile_fx import compile_fx
+
+        with frozen_weights():
+            return compile_fx(graph_module, example_inputs)
+
+
+@contextlib.contextmanager
+def frozen_weights() -> Iterator[None]:
+    """Inductor's `freezing`, `cpp.enable_concat_linear` and `cpp_wrapper` for what compiles inside. The C++
+    wrapper calls the step's ~150 kernels and products from C++ instead of generated Python: a fifth of a base-size
+    LLaMA step on CPU was that Python.
+
+    Dynamo reads `freezing` while it traces (parameters become constants of the graph only then) and inductor while
+    it compiles, so both are set around the compiled call. Passed as `torch.compile(options=...)` they reach inductor
+    only: the weights stay graph inputs and nothing is frozen (torch 2.13; tests/test_decoding.py checks this)."""
+    config = torch._inductor.config
+    saved = config.freezing, config.cpp.enable_concat_linear, config.cpp_wrapper
+    config.freezing, config.cpp.enable_concat_linear, config.cpp_wrapper = True, True, True
+    try:
+        yield
+    finally:
+        config.freezing, config.cpp.enable_concat_linear, config.cpp_wrapper = saved
+
+
+def frozen_call(compiled: Callable) -> Callable:
+    """`compiled` (a decoding step) run under `frozen_weights()`, with the KV cache's tensors as ordinary inputs.
+
+    transformers marks a static cache's tensors as static addresses (for CUDA graphs); freezing turns static inputs
+    into constants of the graph, the cache's length counter among them, which then stops advancing (the next
+    `generate` on the reused cache writes past its end). Unmarked, they stay inputs the graph updates in place."""
+
+    def call(*args, **kwargs):
+        for layer in getattr(kwargs.get("past_key_values"), "layers", ()):
+            for tensor in (getattr(layer, name, None) for name in ("keys", "values", "cumulative_length")):
+                if torch.is_tensor(tensor) and hasattr(tensor, "_dynamo_static_input_type"):
+                    del tensor._dynamo_static_input_type
+        with frozen_weights():
+            return compiled(*args, **kwargs)
+
+    return call
+
+
+def weights_stamp(model: torch.nn.Module) -> tuple[tuple[int, int], ...]:
+    """Changes whenever a parameter is modified in place (its version counter) or replaced or moved (its address)."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
 def compiled_decoding_config(device: torch.device | str) -> CompileConfig:
     """The `CompileConfig` for decoding on `device` (see the module docstring), forced on for every device."""
     if torch.device(device).type == "cpu":
-        config = CompileConfig(fullgraph=True, dynamic=False, mode=None,
-                               options={"freezing": True, "cpp.enable_concat_linear": True})
+        config = CompileConfig(fullgraph=True, dynamic=False, mode=None, backend=FrozenWeightsInductor())
     else:
         config = CompileConfig(fullgraph=True, dynamic=False)
     config._compile_all_devices = True  # transformers auto-compiles on accelerators only, unless told
@@ -47,4 +111,4 @@ def enable_compiled_decoding(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-__all__ = ["compiled_decoding_config", "enable_compiled_decoding"]
+__all__ = ["FrozenWeightsInductor", "frozen_call", "frozen_weights", "compiled_decoding_config", "enable_compiled_decoding", "weights_stamp"]

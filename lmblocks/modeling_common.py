@@ -19,6 +19,7 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from .decoding import frozen_call, weights_stamp
 from .layers import check_cache_capacity, check_model_inputs
 
 
@@ -42,6 +43,19 @@ class LmbPreTrainedModel(PreTrainedModel):
     def __init__(self, config, *inputs, **kwargs) -> None:
         config.validate()
         super().__init__(config, *inputs, **kwargs)
+
+    def get_compiled_call(self, compile_config):
+        """transformers' compiled decoding step, compiled again when a parameter changed since a compilation that
+        froze the weights into the graph (`lmblocks.decoding`): generating after an optimizer step, a
+        `load_state_dict` or a move never runs with the old weights."""
+        if compile_config is not None and getattr(compile_config.backend, "freezes_weights", False):
+            stamp = weights_stamp(self)
+            if getattr(self, "_frozen_weights_stamp", stamp) != stamp:
+                compile_config.backend = type(compile_config.backend)()  # a new backend: dynamo compiles anew
+                self.__dict__.pop("_compiled_call", None)
+            self._frozen_weights_stamp = stamp
+            return frozen_call(super().get_compiled_call(compile_config))
+        return super().get_compiled_call(compile_config)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if getattr(self, "_auto_class", None) is not None:

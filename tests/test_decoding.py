@@ -4,14 +4,32 @@ import pytest
 import torch
 
 from families import DECODERS
-from lmblocks.decoding import compiled_decoding_config, enable_compiled_decoding
+from lmblocks.decoding import compiled_decoding_config, enable_compiled_decoding, frozen_weights
 
 
 def test_cpu_config_freezes_and_concatenates_projections():
+    """Under `frozen_weights()` three products of one input become one prepacked product (passed as
+    `torch.compile(options=...)` they stay three `aten::mm` on the weights as graph inputs, in torch 2.13)."""
     config = compiled_decoding_config("cpu")
-    assert config.options == {"freezing": True, "cpp.enable_concat_linear": True}
     assert config._compile_all_devices and config.fullgraph and config.dynamic is False
     assert compiled_decoding_config("cuda").mode == "reduce-overhead"
+
+    class ThreeProducts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (torch.nn.Linear(64, 64, bias=False) for _ in range(3))
+
+        def forward(self, x):
+            return self.a(x) + self.b(x) * self.c(x)
+
+    model, x = ThreeProducts().eval(), torch.rand(1, 1, 64)
+    with torch.no_grad(), frozen_weights():
+        compiled = torch.compile(model, **config.to_dict())
+        torch.testing.assert_close(compiled(x), model(x))
+        with torch.profiler.profile() as prof:
+            compiled(x)
+    products = [e for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "mkl::_mkl_linear")]
+    assert sum(e.count for e in products) == 1, [(e.key, e.count) for e in products]
 
 
 @pytest.mark.parametrize("family", DECODERS, ids=lambda f: f.name)
