@@ -52,10 +52,6 @@ def jobs(mode: str, families: list[str], work: dict[str, dict[str, Any]], reps: 
                         reps=4, warmup=1, **section))
     for family in ("gpt2", "llama"):
         if family in families:
-            # Compiled static-cache decoding at the base size (the full run compiles at the small size only): the
-            # roofline target is for base sizes, and compiled decoding is how lmblocks means to reach it.
-            out.append(dict(kind="time", family=family, size="base", phase="generate_static_b1", work=work["base"],
-                            reps=3, warmup=1, **section))
             out.append(dict(kind="time", family=family, size="small", phase="generate_dynamic_b1",
                             work=work["small"], reps=reps["generate"], warmup=1,
                             **{**section, "dtype": "bfloat16"}))
