@@ -28,6 +28,7 @@ from .configuration_gpt2 import LmbGPT2Config
 from .heads import CausalLMHead, LastTokenClassifierHead, _normalise
 from .integrations import register_lora_target_modules, weight_conversions_while_loading
 from .layers import MultiHeadAttention
+from .losses import linear_cross_entropy_sum
 from .modeling_common import DecoderModel, LmbPreTrainedModel, register_for_auto_classes
 
 logger = logging.get_logger(__name__)
@@ -221,13 +222,13 @@ class LmbGPT2ForSequenceClassification(LastTokenClassifierHead, LmbGPT2PreTraine
             real = input_ids != self.config.pad_token_id
         else:
             real = torch.ones_like(input_ids, dtype=torch.bool)
-        targets = input_ids.masked_fill(~real, -100)[:, 1:]  # (B, T-1): position t predicts token t + 1
-        logits = self.lm_head(hidden_states[:, :-1])  # (B, T-1, vocab)
-        token_losses = nn.functional.cross_entropy(
-            logits.float().transpose(1, 2), targets.to(logits.device), reduction="none"
-        )  # (B, T-1), 0 where ignored
-        counts = (targets != -100).sum(dim=1).to(token_losses.device)
-        per_sequence = token_losses.sum(dim=1) / counts.clamp(min=1)  # a row with no target contributes 0
+        targets = input_ids.masked_fill(~real, -100)[:, 1:].to(hidden_states.device)  # position t predicts t + 1
+        counts = (targets != -100).sum(dim=1).clamp(min=1)  # a row with no target contributes 0
+        # Row by row through the fused LM-head loss (losses.py): the (B, T, vocab) logits matrix is never built.
+        per_sequence = torch.stack([
+            linear_cross_entropy_sum(hidden_states[row, :-1], self.lm_head, targets[row], self.config.vocab_size)
+            for row in range(targets.shape[0])
+        ]) / counts
         return self.config.lm_loss_weight * _normalise(per_sequence.sum(), per_sequence.numel(), num_items_in_batch)
 
 
