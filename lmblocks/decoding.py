@@ -13,10 +13,11 @@ settings that reach the bandwidth roofline on each device:
   stream) and `cpp_wrapper` (the step runs from C++, not from generated Python). The checkpoint keeps its layout;
   only the compiled graph changes.
 
-Frozen graphs hold their own copies of the weights. lmblocks models notice when a parameter changed since the
-compilation (an optimizer step, `load_state_dict`, `.to()`) and compile again (`LmbPreTrainedModel.get_compiled_call`);
-give these settings to another model only for inference on fixed weights. The same settings work for any
-transformers causal LM (the benchmark gives them to both implementations).
+Freezing must be on while dynamo traces, so lmblocks models run their compiled step through `frozen_call`
+(`LmbPreTrainedModel.get_compiled_call`). Frozen graphs hold their own copies of the weights: lmblocks models notice
+when a parameter changed since the compilation (an optimizer step, `load_state_dict`, `.to()`) and compile again.
+Another transformers model given this config compiles without freezing, unless its compiled call is wrapped in
+`frozen_call` too (bench/harness.py does so for the built-ins) — then only for inference on fixed weights.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
-import torch._inductor.config  # noqa: F401  (torch._inductor is not imported by `import torch`)
 from transformers import CompileConfig, PreTrainedModel
 
 
@@ -57,7 +57,8 @@ def frozen_weights() -> Iterator[None]:
     Dynamo reads `freezing` while it traces (parameters become constants of the graph only then) and inductor while
     it compiles, so both are set around the compiled call. Passed as `torch.compile(options=...)` they reach inductor
     only: the weights stay graph inputs and nothing is frozen (torch 2.13; tests/test_decoding.py checks this)."""
-    config = torch._inductor.config
+    import torch._inductor.config as config  # not imported by `import torch`; imported here, when first needed
+
     saved = config.freezing, config.cpp.enable_concat_linear, config.cpp_wrapper
     config.freezing, config.cpp.enable_concat_linear, config.cpp_wrapper = True, True, True
     try:
