@@ -76,7 +76,7 @@ WORK = {
 }
 # Timed repetitions per phase (after warm-up), by mode.
 REPS = {
-    "full": dict(train=6, forward=6, generate=3),
+    "full": dict(train=4, forward=4, generate=3),
     "quick": dict(train=4, forward=10, generate=3),
     "smoke": dict(train=1, forward=1, generate=1),
     "gpu": dict(train=10, forward=10, generate=3),
@@ -94,7 +94,8 @@ PHASES_BY_MODE = {
 MEMORY_PHASES_BY_MODE = {
     # Compiled training's memory was within 3 % of eager in every earlier run; its compilations (twice per model)
     # were the slowest memory jobs. `--phases train_compile` measures it.
-    "full": ("train_eager", "train_eager_gc", "forward", "generate_dynamic_b8"),
+    # Decoding memory (the KV cache, +26–41 MB in both implementations) is left to `--phases generate_dynamic_b8`.
+    "full": ("train_eager", "train_eager_gc", "forward"),
     "quick": ("train_eager", "train_eager_gc", "forward", "generate_dynamic_b8"),
     "smoke": ("train_eager",),
 }
@@ -148,16 +149,19 @@ def _compiled(phase: str) -> bool:
     return "compile" in phase or "static" in phase
 
 
-# On CPU each compiled phase runs at one size (compiling takes minutes on 2 cores): training at the small size, where
-# what compilation removes (Python and launch overhead) shows; batch-1 decoding at the base size, where the
-# bandwidth-roofline target is set (bench/limits.py).
-COMPILED_SIZE_ON_CPU = {"generate_static_b1": "base"}
+# The CPU budget (20 minutes on 2 cores; a full run of every phase at both sizes took 33). Compiled phases run at one
+# size (compiling takes minutes): training at the small size, where what compilation removes (Python and launch
+# overhead) shows; batch-1 decoding at the base size, where the bandwidth-roofline target is set (bench/limits.py).
+# Batch-8 decoding at the small size only (its base-size rows took five minutes). `--compile-all-sizes` lifts these.
+ONE_SIZE_ON_CPU = {"generate_static_b1": "base", "generate_dynamic_b8": "small"}
 
 
 def _skip_compiled_on_cpu(phase: str, size: str, device: str, compile_all_sizes: bool) -> bool:
-    if not _compiled(phase) or compile_all_sizes or device.startswith("cuda"):
+    if compile_all_sizes or device.startswith("cuda"):
         return False
-    return size != COMPILED_SIZE_ON_CPU.get(phase, "small")
+    if phase in ONE_SIZE_ON_CPU:
+        return size != ONE_SIZE_ON_CPU[phase]
+    return _compiled(phase) and size != "small"
 
 
 def plan(mode: str, families: list[str], device: str, dtype: str, attn: str, threads: int,
@@ -177,11 +181,16 @@ def plan(mode: str, families: list[str], device: str, dtype: str, attn: str, thr
                 continue
             phases = [p for p in PHASES_BY_MODE.get(mode, harness.PHASES) if spec.is_decoder or not p.startswith("generate")]
             phases = [p for p in phases if not _skip_compiled_on_cpu(p, size, device, compile_all_sizes)]
+            if not spec.is_decoder and not device.startswith("cuda") and not compile_all_sizes:
+                # BERT's compiled training tied in every CPU run (1.00-1.02×); two minutes of compiling.
+                phases = [p for p in phases if p != "train_compile"]
             for phase in phases:
                 kind = phase.split("_")[0]
                 jobs.append(dict(kind="time", family=family, size=size, phase=phase, work=work,
                                  reps=reps[kind], warmup=1, **common))
             for phase in MEMORY_PHASES_BY_MODE.get(mode, harness.PHASES):
+                if size != "small" and phase != "train_eager" and not device.startswith("cuda"):
+                    continue  # base sizes: the training step's memory only (the other ratios matched the small size)
                 # Decoding memory at the small size only on CPU: the KV cache is tens of MB either way, and a base-size
                 # batch-8 generate costs half a minute per process.
                 skip_generate = phase.startswith("generate") and size != "small" and not device.startswith("cuda")
@@ -357,10 +366,10 @@ def tokenizer_figures(mode: str, timeout_s: float) -> tuple[list[dict[str, Any]]
 
 
 def existing_tokenizer_table(mode: str) -> list[str]:
-    """The table of the last `bench/bench_tokenizers.py` run, when this run did not run it (`--no-tokenizers`)."""
+    """The table of the last `bench/bench_tokenizers.py` run, when this run did not run it (without `--tokenizers`)."""
     table_md = BENCH_DIR / "results" / ("tokenizers.md" if mode == "full" else "tokenizers_quick.md")
     if not table_md.exists():
-        return ["Tokenizer training: not run (`--no-tokenizers`) and no earlier table in bench/results/."]
+        return ["Tokenizer training: not run (add `--tokenizers`) and no earlier table in bench/results/."]
     return [f"Tokenizer training (not rerun here; the last `bench/bench_tokenizers.py` table, "
             f"`bench/results/{table_md.name}`):\n\n" + table_md.read_text()]
 
@@ -388,8 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-all-sizes", action="store_true",
                         help="compiled phases at the base sizes too (CPU: tens of minutes more)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
-    parser.add_argument("--no-tokenizers", action="store_true",
-                        help="full runs: do not rerun bench/bench_tokenizers.py (its last table is included)")
+    parser.add_argument("--tokenizers", action="store_true",
+                        help="full runs: rerun bench/bench_tokenizers.py (about 4 minutes; by default its last table "
+                             "is included)")
+    parser.add_argument("--no-tokenizers", action="store_true", help="the default now; kept for old command lines")
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU section even if CUDA is present")
     parser.add_argument("--limits", action="store_true",
                         help="only the limits section of the full run (bench/limits.py) and the fp32 batch-1 decoding "
@@ -462,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     # Quick runs include the tokenizer table of the last quick tokenizer run rather than spend two more minutes on it.
     if mode == "limits":
         pass
-    elif mode == "full" and not args.no_tokenizers:
+    elif mode == "full" and args.tokenizers and not args.no_tokenizers:
         tok_records, tok_notes = tokenizer_figures(mode, 480)
         records += tok_records
         notes += tok_notes
