@@ -30,9 +30,9 @@ from transformers import CompileConfig, PreTrainedModel
 
 
 class FrozenWeightsInductor:
-    """`torch.compile` backend: inductor, for graphs traced under `frozen_weights()` (lmblocks models enter it around
-    their compiled step). Each instance is a distinct backend to dynamo, so a new instance compiles anew rather than
-    reusing graphs frozen with older weights."""
+    """`torch.compile` backend: inductor, for graphs traced under `frozen_weights()` (`frozen_call` enters it around
+    the compiled step, so tracing and compiling both see it). Each instance is a distinct backend to dynamo, so a new
+    instance compiles anew rather than reusing graphs frozen with older weights."""
 
     freezes_weights = True  # read by duck typing: remote code has its own copy of this class
 
@@ -44,8 +44,7 @@ class FrozenWeightsInductor:
     def __call__(self, graph_module: torch.fx.GraphModule, example_inputs: list) -> object:
         from torch._inductor.compile_fx import compile_fx
 
-        with frozen_weights():
-            return compile_fx(graph_module, example_inputs)
+        return compile_fx(graph_module, example_inputs)
 
 
 @contextlib.contextmanager
@@ -75,10 +74,13 @@ def frozen_call(compiled: Callable) -> Callable:
     `generate` on the reused cache writes past its end). Unmarked, they stay inputs the graph updates in place."""
 
     def call(*args, **kwargs):
-        for layer in getattr(kwargs.get("past_key_values"), "layers", ()):
-            for tensor in (getattr(layer, name, None) for name in ("keys", "values", "cumulative_length")):
-                if torch.is_tensor(tensor) and hasattr(tensor, "_dynamo_static_input_type"):
-                    del tensor._dynamo_static_input_type
+        cache = kwargs.get("past_key_values")
+        if cache is not None and not getattr(cache, "_inputs_unmarked", False):  # once per cache, not per step
+            for layer in getattr(cache, "layers", ()):
+                for tensor in (getattr(layer, name, None) for name in ("keys", "values", "cumulative_length")):
+                    if torch.is_tensor(tensor) and hasattr(tensor, "_dynamo_static_input_type"):
+                        del tensor._dynamo_static_input_type
+            cache._inputs_unmarked = True
         with frozen_weights():
             return compiled(*args, **kwargs)
 
