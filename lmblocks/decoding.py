@@ -103,7 +103,7 @@ def compiled_decoding_config(device: torch.device | str) -> CompileConfig:
 
 
 def enable_compiled_decoding(model: PreTrainedModel) -> PreTrainedModel:
-    """Makes `model.generate` (and pipelines) decode with a static cache and a compiled step on the model's device.
+    """Makes `model.generate` decode with a static cache and a compiled step on the model's device.
 
     The first `generate` compiles (tens of seconds on CPU); later calls with the same cache length reuse it. Returns
     the model. Only for models that declare static-cache compilation support (`_can_compile_fullgraph`)."""
