@@ -81,8 +81,11 @@ class LmbPretrainedConfig(PreTrainedConfig):
                 f"{type(self).__name__} got unknown option(s) {unknown}. Known options: {', '.join(self._options())}."
             )
         if unknown:
-            logger.info_once(f"{type(self).__name__}: keys of this config.json that lmblocks does not use (kept as "
-                             f"they are, and saved again): {unknown}.")
+            # A warning, not info: lmblocks' loggers sit outside transformers' logger tree, so at the default level
+            # (Python's WARNING) an info line never shows, whatever transformers' verbosity.
+            named = ", ".join(f"{key!r}{self._did_you_mean(key)}" for key in unknown)
+            logger.warning_once(f"{type(self).__name__}: keys of this config.json that lmblocks does not use (kept "
+                                f"as they are, and saved again): {named}.")
         self._derive(initial=True)
         super().__post_init__(**kwargs)
 
@@ -115,11 +118,10 @@ class LmbPretrainedConfig(PreTrainedConfig):
         elif not key.startswith("_") and key not in self._field_names() and not self._is_known_key(key):
             # Tools (transformers, peft, TRL, accelerate) set attributes of their own on configs at run time, so an
             # unknown attribute cannot be refused; one that looks like a misspelt field is most likely a typo.
-            nearest = difflib.get_close_matches(key, self._options(), n=1, cutoff=0.7)
-            if nearest:
+            if hint := self._did_you_mean(key):
                 logger.warning_once(
-                    f"{type(self).__name__} has no option {key!r} (did you mean {nearest[0]!r}?): the attribute is "
-                    f"set, but the model does not read it."
+                    f"{type(self).__name__} has no option {key!r}{hint}: the attribute is set, but the model does not "
+                    f"read it."
                 )
 
     # --- strict keywords, lenient files -----------------------------------------------------------------------------
@@ -131,6 +133,12 @@ class LmbPretrainedConfig(PreTrainedConfig):
     @classmethod
     def _options(cls) -> list[str]:
         return sorted(name for name in cls._field_names() if not name.startswith("_"))
+
+    @classmethod
+    def _did_you_mean(cls, key: str) -> str:
+        """` (did you mean 'x'?)` when `key` looks like a misspelt option, else ''."""
+        nearest = difflib.get_close_matches(key, cls._options(), n=1, cutoff=0.7)
+        return f" (did you mean {nearest[0]!r}?)" if nearest else ""
 
     def _is_known_key(self, key: str) -> bool:
         return (
