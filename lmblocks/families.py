@@ -17,6 +17,7 @@ from . import modeling_bert, modeling_gpt2, modeling_llama, tokenization_trainer
 from .configuration_bert import LmbBertConfig
 from .configuration_gpt2 import LmbGPT2Config
 from .configuration_llama import LmbLlamaConfig
+from .integrations import register_peft_target_modules
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,9 @@ class FamilySpec:
         transformers.AutoConfig.register(self.model_type, self.config_class, exist_ok=True)
         for auto_class_name, model_class in self.auto_classes.items():
             getattr(transformers, auto_class_name).register(self.config_class, model_class, exist_ok=True)
+        # peft's defaults from the family's module table (inherited by a family built on another).
+        register_peft_target_modules(self.model_type, getattr(self.base_class, "peft_target_modules", None)
+                                     or {"projections": self.lora_target_modules})
 
 
 FAMILIES: dict[str, FamilySpec] = {

@@ -33,14 +33,22 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_bert import LmbBertConfig
 from .heads import EncoderHead, sequence_classification_loss
-from .integrations import register_lora_target_modules
+from .integrations import register_peft_target_modules
 from .layers import MultiHeadAttention, check_model_inputs
 from .losses import masked_lm_head_loss, masked_lm_loss, trains_without_logits
 from .modeling_common import LmbPreTrainedModel, check_positions, register_for_auto_classes
 
-# peft's default LoRA targets for this family (`LoraConfig()` without `target_modules`).
+# peft's default targets for this family, by role (`LoraConfig()`, `IA3Config()`, ... without `target_modules`;
+# integrations.register_peft_target_modules): LoRA and its relatives adapt the projections, IA3 scales the keys,
+# values and feed-forward output, LN tuning trains the norms.
 LORA_TARGET_MODULES = ("query", "key", "value", "dense")
-register_lora_target_modules(LmbBertConfig.model_type, list(LORA_TARGET_MODULES))
+PEFT_TARGET_MODULES = {
+    "projections": LORA_TARGET_MODULES,
+    "ia3": ("key", "value", "output.dense"),
+    "ia3_feedforward": ("output.dense",),
+    "norms": ("LayerNorm",),
+}
+register_peft_target_modules(LmbBertConfig.model_type, PEFT_TARGET_MODULES)
 
 
 def _is_tracing() -> bool:
@@ -238,6 +246,7 @@ class LmbBertHeads(nn.Module):
 class LmbBertPreTrainedModel(LmbPreTrainedModel):
     config: LmbBertConfig
     config_class = LmbBertConfig
+    peft_target_modules = PEFT_TARGET_MODULES  # a family built on this one inherits its peft defaults
     base_model_prefix = "bert"
     _input_embed_layer = "word_embeddings"  # under `embeddings`, for get/set_input_embeddings
     _no_split_modules = ["LmbBertEmbeddings", "LmbBertLayer"]
@@ -624,6 +633,7 @@ register_for_auto_classes(LmbBertConfig, AUTO_CLASSES)
 __all__ = [
     "AUTO_CLASSES",
     "LORA_TARGET_MODULES",
+    "PEFT_TARGET_MODULES",
     "LmbBertPreTrainedModel",
     "LmbBertModel",
     "LmbBertForPreTrainingOutput",

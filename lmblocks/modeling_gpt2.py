@@ -26,7 +26,7 @@ from transformers.utils import TransformersKwargs, logging
 
 from .configuration_gpt2 import LmbGPT2Config
 from .heads import CausalLMHead, LastTokenClassifierHead, _normalise
-from .integrations import register_lora_target_modules, weight_conversions_while_loading
+from .integrations import register_peft_target_modules, weight_conversions_while_loading
 from .layers import MultiHeadAttention
 from .losses import linear_cross_entropy_sum
 from .modeling_common import DecoderModel, LmbPreTrainedModel, register_for_auto_classes
@@ -35,9 +35,17 @@ logger = logging.get_logger(__name__)
 
 # The projections the official checkpoints store in Conv1D layout (in, out), transposed to nn.Linear's (out, in).
 CONV1D_PROJECTIONS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# peft's default LoRA targets for this family (`LoraConfig()` without `target_modules`).
+# peft's default targets for this family, by role (`LoraConfig()`, `IA3Config()`, ... without `target_modules`;
+# integrations.register_peft_target_modules): LoRA and its relatives adapt the projections, IA3 scales the keys,
+# values and feed-forward output, LN tuning trains the norms.
 LORA_TARGET_MODULES = ("c_attn", "c_proj", "c_fc")
-register_lora_target_modules(LmbGPT2Config.model_type, list(LORA_TARGET_MODULES))
+PEFT_TARGET_MODULES = {
+    "projections": LORA_TARGET_MODULES,
+    "ia3": ("c_attn", "mlp.c_proj"),
+    "ia3_feedforward": ("mlp.c_proj",),
+    "norms": ("ln_1", "ln_2", "ln_f"),
+}
+register_peft_target_modules(LmbGPT2Config.model_type, PEFT_TARGET_MODULES)
 
 
 class LmbGPT2Attention(MultiHeadAttention):
@@ -100,6 +108,7 @@ class LmbGPT2Block(GradientCheckpointingLayer):
 class LmbGPT2PreTrainedModel(LmbPreTrainedModel):
     config: LmbGPT2Config
     config_class = LmbGPT2Config
+    peft_target_modules = PEFT_TARGET_MODULES  # a family built on this one inherits its peft defaults
     base_model_prefix = "transformer"
     _input_embed_layer = "wte"  # for get/set_input_embeddings
     _no_split_modules = ["LmbGPT2Block"]
@@ -292,6 +301,7 @@ register_for_auto_classes(LmbGPT2Config, AUTO_CLASSES)
 __all__ = [
     "AUTO_CLASSES",
     "LORA_TARGET_MODULES",
+    "PEFT_TARGET_MODULES",
     "export_to_transformers_gpt2",
     "TRANSFORMERS_GPT2_ARCHITECTURES",
     "LmbGPT2PreTrainedModel",

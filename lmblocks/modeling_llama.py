@@ -17,13 +17,21 @@ from transformers.utils import TransformersKwargs
 
 from .configuration_llama import LmbLlamaConfig
 from .heads import CausalLMHead, LastTokenClassifierHead
-from .integrations import register_lora_target_modules
+from .integrations import register_peft_target_modules
 from .layers import MultiHeadAttention, RMSNorm, RotaryEmbedding, SwiGLUMLP
 from .modeling_common import DecoderModel, LmbPreTrainedModel, register_for_auto_classes
 
-# peft's default LoRA targets for this family (`LoraConfig()` without `target_modules`).
+# peft's default targets for this family, by role (`LoraConfig()`, `IA3Config()`, ... without `target_modules`;
+# integrations.register_peft_target_modules): LoRA and its relatives adapt the projections, IA3 scales the keys,
+# values and feed-forward output, LN tuning trains the norms.
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-register_lora_target_modules(LmbLlamaConfig.model_type, list(LORA_TARGET_MODULES))
+PEFT_TARGET_MODULES = {
+    "projections": LORA_TARGET_MODULES,
+    "ia3": ("k_proj", "v_proj", "down_proj"),
+    "ia3_feedforward": ("down_proj",),
+    "norms": ("input_layernorm", "post_attention_layernorm", "norm"),
+}
+register_peft_target_modules(LmbLlamaConfig.model_type, PEFT_TARGET_MODULES)
 
 
 class LmbLlamaAttention(MultiHeadAttention):
@@ -56,10 +64,12 @@ class LmbLlamaAttention(MultiHeadAttention):
 class LmbLlamaDecoderLayer(GradientCheckpointingLayer):
     """x + attn(rmsnorm(x)), then x + mlp(rmsnorm(x))."""
 
+    attention_class = LmbLlamaAttention  # a family built on LLaMA names its own (Qwen2)
+
     def __init__(self, config: LmbLlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, bias=config.rms_norm_bias)
-        self.self_attn = LmbLlamaAttention(config, layer_idx)
+        self.self_attn = self.attention_class(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, bias=config.rms_norm_bias)
         self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias, act=config.hidden_act)
 
@@ -84,6 +94,7 @@ class LmbLlamaPreTrainedModel(LmbPreTrainedModel):
 
     config: LmbLlamaConfig
     config_class = LmbLlamaConfig
+    peft_target_modules = PEFT_TARGET_MODULES  # a family built on this one inherits its peft defaults
     base_model_prefix = "model"
     _no_split_modules = ["LmbLlamaDecoderLayer"]
     _can_compile_fullgraph = True
@@ -94,11 +105,13 @@ class LmbLlamaModel(DecoderModel, LmbLlamaPreTrainedModel):
     """The LLaMA decoder: token embeddings, `num_hidden_layers` blocks, final RMSNorm. No position embeddings are
     added to the input: positions enter through RoPE, computed once here and shared by every layer."""
 
+    decoder_layer_class = LmbLlamaDecoderLayer  # a family built on LLaMA names its own (Qwen2)
+
     def __init__(self, config: LmbLlamaConfig) -> None:
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList([LmbLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([self.decoder_layer_class(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, bias=config.rms_norm_bias)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
@@ -152,6 +165,7 @@ register_for_auto_classes(LmbLlamaConfig, AUTO_CLASSES)
 __all__ = [
     "AUTO_CLASSES",
     "LORA_TARGET_MODULES",
+    "PEFT_TARGET_MODULES",
     "LmbLlamaPreTrainedModel",
     "LmbLlamaModel",
     "LmbLlamaForCausalLM",
