@@ -7,6 +7,7 @@ and exits with status 2 before anything is trained or written; Ctrl-C exits with
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 import logging
@@ -46,12 +47,81 @@ def run_script(main: Callable[[], Any]) -> None:
 
 # --- the command line ---------------------------------------------------------------------------------------------
 
-def parse_arguments(dataclass_types: Sequence[type], argv: list[str] | None = None) -> tuple:
-    """`HfArgumentParser` over `dataclass_types`, from `argv` (default: the command line) or from a single `.json` /
-    `.yaml` file argument. A misspelt flag or an unknown key is a `UsageError` naming it and the closest known one."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written (the scripts' docstrings hold examples), and every option's default."""
+
+
+class _LmbParserBehaviour:
+    """What every lmblocks parser shares: abbreviations are refused (`--max_step` is not `--max_steps`), a bad value
+    is one `error:` line (a `UsageError`, which `run_script` prints) instead of the usage and the error, and `--help`
+    shows every default. The help text it prints is kept for the next `--help` (see `scripts/_help_cache.py`)."""
+
+    @staticmethod
+    def _lmb_defaults(kwargs: dict) -> dict:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        return kwargs
+
+    def error(self, message: str):  # argparse's own prints the whole usage before the message
+        raise UsageError(f"{message}. See --help.")
+
+    def print_help(self, file=None) -> None:
+        text = self.format_help()
+        (file or sys.stdout).write(text)
+        remember_help(text)
+
+    def add_deprecated_alias(self, old: str, new: str) -> None:
+        """Accept the option string `old` for the option `new` (same value), with a deprecation warning on use."""
+        target = next(action for action in self._actions if new in action.option_strings)
+
+        class Deprecated(argparse.Action):
+            def __call__(self, parser, namespace, values, option_string=None):
+                print(f"warning: {old} is deprecated; use {new} (same meaning).", file=sys.stderr)
+                setattr(namespace, target.dest, values)
+
+        self.add_argument(old, dest=target.dest, nargs=target.nargs, type=target.type, default=argparse.SUPPRESS,
+                          action=Deprecated, help=argparse.SUPPRESS)
+
+
+class ArgumentParser(_LmbParserBehaviour, argparse.ArgumentParser):
+    """`argparse.ArgumentParser` with lmblocks' behaviour (no abbreviations, one-line errors, defaults in --help).
+    Bad input raises `UsageError`: run the script's `main` with `run_script`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **self._lmb_defaults(kwargs))
+
+
+def hf_argument_parser(dataclass_types: Sequence[type], **kwargs):
+    """transformers' `HfArgumentParser` over `dataclass_types`, with the behaviour of `ArgumentParser` above."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(dataclass_types)
+    class LmbHfArgumentParser(_LmbParserBehaviour, HfArgumentParser):
+        def __init__(self, types, **kw):
+            super().__init__(types, **self._lmb_defaults(kw))
+
+    return LmbHfArgumentParser(dataclass_types, **kwargs)
+
+
+def remember_help(text: str) -> None:
+    """Keep the help text where `scripts/_help_cache.py` asked (it sets LMBLOCKS_HELP_CACHE when it had no copy)."""
+    path = os.environ.get("LMBLOCKS_HELP_CACHE")
+    if not path:
+        return
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(f"{path}.{os.getpid()}")
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError:
+        pass  # a cache that cannot be written only costs time
+
+
+def parse_arguments(dataclass_types: Sequence[type], argv: list[str] | None = None,
+                    description: str | None = None) -> tuple:
+    """`HfArgumentParser` over `dataclass_types`, from `argv` (default: the command line) or from a single `.json` /
+    `.yaml` file argument. A misspelt flag or an unknown key is a `UsageError` naming it and the closest known one;
+    abbreviations are refused; a bad value is one line."""
+    parser = hf_argument_parser(dataclass_types, description=description)
     known = sorted({action.dest for action in parser._actions if action.dest != "help"})
     args = sys.argv[1:] if argv is None else argv
     try:
@@ -354,6 +424,8 @@ def ensure_chat_template(tokenizer) -> bool:
 __all__ = [
     "Interrupted",
     "run_script",
+    "ArgumentParser",
+    "hf_argument_parser",
     "parse_arguments",
     "check_config_overrides",
     "config_error_message",

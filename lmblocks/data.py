@@ -12,30 +12,175 @@ Example:
 
 from __future__ import annotations
 
+import codecs
+import glob
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import datasets
+    import torch
 
 
 class CorpusError(ValueError):
     """A corpus that cannot be trained on: missing files, an empty text column, too little text for one block."""
 
 
-def read_text_files(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """Read each file as one document (UTF-8, undecodable bytes replaced). Raises `CorpusError` naming every missing
-    or empty file."""
+# --- reading text files: one policy for every script ---------------------------------------------------------------
+# Text is UTF-8 unless the user names another encoding (`--encoding latin-1`). A file that is not valid UTF-8 is
+# refused with the file, line and byte where decoding failed: replacing the bytes would train on '\ufffd' tokens
+# without a word, and guessing an encoding would be wrong as often as right.
+
+_CHUNK = 1 << 20
+
+
+def check_encoding(encoding: str | None) -> str:
+    """The codec name to read text with: UTF-8 by default, or `encoding` when Python knows it (else `CorpusError`)."""
+    if encoding is None:
+        return "utf-8"
+    try:
+        return codecs.lookup(encoding).name
+    except LookupError:
+        raise CorpusError(f"--encoding {encoding}: Python knows no such text encoding (try utf-8, latin-1, cp1252, "
+                          "utf-16).") from None
+
+
+def expand_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """`paths` with globs expanded (sorted), each checked to be an existing file: a missing file, a glob that matches
+    nothing and a directory are `CorpusError`s naming them."""
     if not paths:
         raise CorpusError("No corpus files given.")
-    missing = [str(p) for p in paths if not Path(p).is_file()]
+    files: list[str] = []
+    missing: list[str] = []
+    for path in map(os.fspath, paths):
+        literal = Path(path).exists() or not glob.has_magic(path)
+        matches = [path] if literal else sorted(glob.glob(path, recursive=True))
+        if not matches:
+            missing.append(f"{path} (a glob that matches no file)")
+        files.extend(matches)
+    directories = [p for p in files if Path(p).is_dir()]
+    if directories:
+        raise CorpusError(f"{', '.join(directories)} {'is a directory' if len(directories) == 1 else 'are directories'}"
+                          f", not a text file; give the files in it, e.g. {os.path.join(directories[0], '*.txt')!r} "
+                          "(quoted, the script expands the glob).")
+    missing += [p for p in files if not Path(p).is_file()]
     if missing:
         raise CorpusError(f"Corpus file(s) not found: {', '.join(missing)}")
-    texts = [Path(p).read_text(encoding="utf-8", errors="replace") for p in paths]
-    empty = [str(p) for p, text in zip(paths, texts) if not text.strip()]
+    return files
+
+
+def read_text_file(path: str | os.PathLike, encoding: str | None = None) -> str:
+    """The text of one file, decoded strictly (UTF-8 unless `encoding` is given); see `check_encoding`."""
+    codec = check_encoding(encoding)
+    data = Path(path).read_bytes()
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError as error:
+        raise _decode_error(path, offset=0, lines_before=0, error=error, codec=codec) from None
+
+
+def iter_text_lines(paths: Sequence[str | os.PathLike], encoding: str | None = None) -> Iterator[str]:
+    """Every line of every file, decoded strictly as it is read (for corpora too large to hold in memory)."""
+    codec = check_encoding(encoding)
+    for path in paths:
+        decoder = codecs.getincrementaldecoder(codec)()
+        with open(path, "rb") as handle:
+            offset = 0
+            line_number = 0
+            while chunk := handle.read(_CHUNK):
+                try:
+                    text = decoder.decode(chunk)
+                except UnicodeDecodeError as error:
+                    # The decoder's bytes start with what it held back from the last chunk (a split character).
+                    raise _decode_error(path, offset + len(chunk) - len(error.object), line_number, error,
+                                        codec) from None
+                line_number += chunk.count(b"\n")
+                offset += len(chunk)
+                yield from text.splitlines(keepends=True)
+            try:
+                yield decoder.decode(b"", final=True)
+            except UnicodeDecodeError as error:
+                raise _decode_error(path, offset - len(error.object), line_number, error, codec) from None
+
+
+def _decode_error(path, offset: int, lines_before: int, error: UnicodeDecodeError, codec: str) -> CorpusError:
+    """The one line that says where `path` stops being `codec` text: line, byte offset and the bytes there.
+    `error.object` holds the bytes decoded, which start at byte `offset` of the file and line `lines_before` + 1."""
+    data = error.object
+    line = lines_before + data.count(b"\n", 0, error.start) + 1
+    bad = data[error.start:error.end]
+    way_out = "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8), or name its encoding with --encoding " \
+        "(e.g. --encoding latin-1)" if codec == "utf-8" else "check --encoding"
+    name = codec.upper() if codec.startswith("utf") else codec
+    return CorpusError(f"{path} is not {name} text: line {line}, byte {offset + error.start} ({bad!r} cannot be "
+                       f"decoded); {way_out}.")
+
+
+def check_text_files(paths: Sequence[str | os.PathLike], encoding: str | None = None) -> list[str]:
+    """Expand and check `paths` (see `expand_paths`), then decode each file through once, so that a file in the wrong
+    encoding is refused before any work, with its line and byte. Returns the files."""
+    files = expand_paths(paths)
+    for _ in iter_text_lines(files, encoding):
+        pass
+    return files
+
+
+def read_text_files(paths: Sequence[str | os.PathLike], encoding: str | None = None) -> list[str]:
+    """Read each file as one document, UTF-8 unless `encoding` is given; a file that does not decode is refused
+    with its line and byte. Raises `CorpusError` naming every missing or empty file, and a directory as such."""
+    files = expand_paths(paths)
+    texts = [read_text_file(p, encoding) for p in files]
+    empty = [str(p) for p, text in zip(files, texts) if not text.strip()]
     if empty:
         raise CorpusError(f"Corpus file(s) are empty: {', '.join(empty)}")
     return texts
+
+
+DATA_FILE_BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv"}
+
+
+def check_data_file(path: str | os.PathLike, encoding: str | None = None) -> str:
+    """A csv / json / jsonl file of rows, checked before `datasets` reads it: it exists, is a file, decodes (UTF-8
+    unless `encoding`), and, for JSON, parses, so a bad file is one `CorpusError` naming its line rather than a
+    traceback from inside `datasets`. Returns the `datasets` builder name ("json" or "csv")."""
+    path = Path(path)
+    builder = DATA_FILE_BUILDERS.get(path.suffix.lstrip(".").lower())
+    if builder is None:
+        raise CorpusError(f"{path}: data files must be .csv, .json or .jsonl.")
+    if path.is_dir():
+        raise CorpusError(f"{path} is a directory, not a data file.")
+    if not path.is_file():
+        raise CorpusError(f"Data file not found: {path}")
+    text = read_text_file(path, encoding)
+    if builder == "json":
+        try:
+            json.loads(text)  # one JSON document (a list of rows, or datasets' {"data": [...]})
+        except json.JSONDecodeError:
+            for number, line in enumerate(text.splitlines(), 1):  # or JSON lines
+                if line.strip():
+                    try:
+                        json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raise CorpusError(f"{path} line {number} is not valid JSON ({error.msg}, column "
+                                          f"{error.colno}): {line.strip()[:60]!r}") from None
+    return builder
+
+
+def load_data_files(builder: str, files: dict[str, str], **options):
+    """`datasets.load_dataset(builder, data_files=files)` (a `DatasetDict` with a split per file), its errors turned
+    into one `CorpusError` naming the files and what `datasets` found wrong (for csv, pandas names the line)."""
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return datasets.load_dataset(builder, data_files=files, **options)
+    except DatasetGenerationError as error:
+        cause = error.__cause__ or error.__context__ or error
+        reason = " ".join(str(cause).split()) or type(cause).__name__
+        raise CorpusError(f"Cannot read {' and '.join(files.values())} as {builder}: {reason}") from None
 
 
 def load_text_dataset(
@@ -99,12 +244,15 @@ def load_corpus(
     dataset_config_name: str | None = None,
     dataset_split: str = "train",
     text_column: str = "text",
+    encoding: str | None = None,
 ) -> list[str]:
-    """One of: text files, or a `datasets` dataset. Returns the documents."""
+    """One of: text files (UTF-8 unless `encoding` is given), or a `datasets` dataset. Returns the documents."""
     if bool(files) == bool(dataset_name):
         raise CorpusError("Give exactly one corpus: text files (--train_files) or a dataset (--dataset_name).")
     if files:
-        return read_text_files(files)
+        return read_text_files(files, encoding)
+    if encoding is not None:
+        raise CorpusError("--encoding applies to text files (--train_files); a dataset's text is decoded already.")
     return load_text_dataset(dataset_name, dataset_config_name, dataset_split, text_column)
 
 
@@ -119,8 +267,10 @@ def tokenize_documents(texts: Sequence[str], tokenizer, separator_id: int | None
     return stream
 
 
-def split_into_blocks(stream: Sequence[int], block_size: int) -> torch.Tensor:
+def split_into_blocks(stream: Sequence[int], block_size: int) -> "torch.Tensor":
     """(n_blocks, block_size); the tail shorter than one block is dropped."""
+    import torch
+
     n_blocks = len(stream) // block_size
     return torch.tensor(stream[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
 
@@ -149,7 +299,7 @@ def pack_causal_lm(
         )
     train_blocks, eval_blocks = blocks[: len(blocks) - n_eval], blocks[len(blocks) - n_eval :]
 
-    def to_dataset(tensor: torch.Tensor) -> datasets.Dataset:
+    def to_dataset(tensor: "torch.Tensor") -> "datasets.Dataset":
         ids = tensor.tolist()
         return datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
 
@@ -158,7 +308,14 @@ def pack_causal_lm(
 
 __all__ = [
     "CorpusError",
+    "check_encoding",
+    "expand_paths",
+    "read_text_file",
+    "iter_text_lines",
+    "check_text_files",
     "read_text_files",
+    "check_data_file",
+    "load_data_files",
     "load_text_dataset",
     "check_hub_reachable",
     "load_corpus",

@@ -41,6 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+if __name__ == "__main__":  # --help without the heavy imports below, when it was printed before
+    from _help_cache import print_cached_help
+
+    print_cached_help(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts
 
@@ -77,6 +81,9 @@ class DataArguments:
     rejected_column: str = field(default="rejected")
     use_chat_template: bool = field(default=False, metadata={
         "help": "Render plain-string rows as a user turn + an assistant turn with the tokenizer's chat template."})
+    encoding: str | None = field(default=None, metadata={
+        "help": "Encoding of --train_file / --validation_file (default: UTF-8; a file that is not is refused with "
+                "its line and byte)."})
 
 
 @dataclass
@@ -317,7 +324,7 @@ def run_alignment(model_args: ModelArguments, data_args: DataArguments, training
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, AlignConfig]:
     """Flags, or a single .json / .yaml file of them; a misspelt flag is a one-line error."""
-    return parse_arguments((ModelArguments, DataArguments, AlignConfig), argv)
+    return parse_arguments((ModelArguments, DataArguments, AlignConfig), argv, description=__doc__)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

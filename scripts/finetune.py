@@ -26,12 +26,17 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+if __name__ == "__main__":  # --help without the heavy imports below, when it was printed before
+    from _help_cache import print_cached_help
+
+    print_cached_help(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from transformers import TrainingArguments  # noqa: E402
 
 from lmblocks.cli import parse_arguments, run_script  # noqa: E402
-from lmblocks.data import CorpusError, check_hub_reachable  # noqa: E402
+from lmblocks.data import CorpusError, check_data_file, check_encoding, check_hub_reachable, \
+    load_data_files  # noqa: E402
 from lmblocks.training import UsageError  # noqa: E402
 
 # What lmblocks' chat template (lmblocks.cli.INSTRUCT_CHAT_TEMPLATE) renders for one instruction; kept for callers.
@@ -70,6 +75,9 @@ class DataArguments:
     response_column: str = field(default="response", metadata={"help": "instruct: the answer column."})
     max_length: int = field(default=128, metadata={
         "help": "Tokens per row; longer rows are cut (and counted). At most the model's positions."})
+    encoding: str | None = field(default=None, metadata={
+        "help": "Encoding of --train_file / --validation_file (default: UTF-8; a file that is not is refused with "
+                "its line and byte)."})
 
 
 def load_rows(data_args: DataArguments, seed: int):
@@ -78,19 +86,18 @@ def load_rows(data_args: DataArguments, seed: int):
 
     if bool(data_args.train_file) == bool(data_args.dataset_name):
         raise UsageError("Give exactly one of --train_file and --dataset_name.")
+    if data_args.encoding and not data_args.train_file:
+        raise UsageError("--encoding applies to --train_file / --validation_file.")
     try:
         if data_args.train_file:
             files = {"train": data_args.train_file}
             if data_args.validation_file:
                 files["validation"] = data_args.validation_file
-            for path in files.values():
-                if not Path(path).is_file():
-                    raise CorpusError(f"Data file not found: {path}")
-            suffix = Path(data_args.train_file).suffix.lstrip(".")
-            builder = {"jsonl": "json", "json": "json", "csv": "csv"}.get(suffix)
-            if builder is None:
-                raise UsageError(f"--train_file must be .csv, .json or .jsonl, got {data_args.train_file}.")
-            data = datasets.load_dataset(builder, data_files=files)
+            builders = {check_data_file(path, data_args.encoding) for path in files.values()}
+            if len(builders) > 1:
+                raise UsageError("--train_file and --validation_file must both be csv, or both json / jsonl.")
+            options = {"encoding": check_encoding(data_args.encoding)} if data_args.encoding else {}
+            data = load_data_files(builders.pop(), files, **options)
         elif Path(data_args.dataset_name).is_dir() and (Path(data_args.dataset_name) / "dataset_dict.json").exists():
             data = datasets.load_from_disk(data_args.dataset_name)
         else:
@@ -331,7 +338,8 @@ def report_cut_rows(dataset, rows, tokenizer, task: str, data_args: DataArgument
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args = parse_arguments((ModelArguments, DataArguments, TrainingArguments), argv)
+    model_args, data_args, training_args = parse_arguments((ModelArguments, DataArguments, TrainingArguments), argv,
+                                                           description=__doc__)
     return run_finetuning(model_args, data_args, training_args)
 
 

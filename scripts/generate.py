@@ -2,7 +2,10 @@
 """Generate text from a causal-LM checkpoint, streaming tokens as they are produced.
 
 Works for lmblocks checkpoints (with lmblocks installed, or through their remote code with `--trust_remote_code`),
-for a folder holding only remote code, and for any other causal LM transformers can load.
+for a folder holding only remote code, and for any other causal LM transformers can load. The class that runs is
+named on stderr; a transformers `gpt2` / `llama` folder (SmolLM2, for one) runs in transformers' class unless
+`--lmblocks` asks for lmblocks' own. Generation options are checked before the model loads; the speed (new tokens
+per second) is printed on stderr at the end.
 
 Examples:
     python scripts/generate.py --model_name_or_path outputs/main/gpt2 --prompt "Alice was" --max_new_tokens 40
@@ -13,9 +16,14 @@ Examples:
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+if __name__ == "__main__":  # --help without the heavy imports below, when it was printed before
+    from _help_cache import print_cached_help
+
+    print_cached_help(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from lmblocks.cli import parse_arguments, run_script  # noqa: E402
@@ -49,7 +57,54 @@ class GenerateArguments:
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, mps, ..."})
     compile: bool = field(default=False, metadata={
         "help": "Decode with a static cache and a compiled step (lmblocks.decoding): each new prompt length "
-                "compiles first (tens of seconds on CPU), then every token is cheaper; for long generations."})
+                "compiles first (tens of seconds on CPU), then every token is cheaper; for long generations. "
+                "Greedy or sampled decoding only (transformers does not compile beam search)."})
+    lmblocks: bool = field(default=False, metadata={
+        "help": "Run a transformers gpt2 / llama checkpoint in lmblocks' class of its family instead of "
+                "transformers' own (the weights load as they are)."})
+
+
+# Files one of which a tokenizer folder holds (a fast tokenizer, a slow one's vocabulary, or its settings).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+def generation_options(args: GenerateArguments) -> dict:
+    """The keyword arguments of `model.generate` for `args`, checked the way `generate` would check them (the
+    generation config's own rules, then each sampling option's range), so that a bad combination is one error before
+    the model loads rather than a traceback after."""
+    from transformers import GenerationConfig
+    from transformers.generation import logits_process as processors
+
+    if args.max_new_tokens < 1:
+        raise UsageError("--max_new_tokens must be at least 1.")
+    if args.num_beams < 1 or args.num_return_sequences < 1:
+        raise UsageError("--num_beams and --num_return_sequences must be at least 1.")
+    if args.compile and args.num_beams > 1:
+        raise UsageError(f"--compile decodes greedily or by sampling: transformers does not compile beam search, so "
+                         f"--num_beams {args.num_beams} would run uncompiled. Drop --compile or --num_beams.")
+    options = dict(do_sample=args.do_sample, num_beams=args.num_beams, num_return_sequences=args.num_return_sequences)
+    if args.do_sample:
+        options.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.repetition_penalty is not None:
+        options["repetition_penalty"] = args.repetition_penalty
+    try:
+        GenerationConfig(max_new_tokens=args.max_new_tokens, **options).validate(strict=True)
+        if args.do_sample:
+            processors.TemperatureLogitsWarper(args.temperature)
+            if args.top_k is not None:
+                processors.TopKLogitsWarper(args.top_k)
+            if args.top_p is not None:
+                processors.TopPLogitsWarper(args.top_p)
+        if args.repetition_penalty is not None:
+            processors.RepetitionPenaltyLogitsProcessor(args.repetition_penalty)
+    except ValueError as error:
+        message = " ".join(str(error).split()).replace("GenerationConfig is invalid: - ", "")
+        for name in ("num_return_sequences", "num_beams", "temperature", "top_k", "top_p", "repetition_penalty",
+                     "do_sample"):  # transformers' names are ours with "--"
+            message = message.replace(f"`{name}`", f"--{name}")
+        raise UsageError(f"Generation options: {message}") from None
+    return options
 
 
 def check_device(device: str) -> None:
@@ -67,11 +122,13 @@ def check_device(device: str) -> None:
 
 
 def load_for_generation(path: str, trust_remote_code: bool = False, tokenizer_path: str | None = None,
-                        dtype: str = "float32", device: str = "cpu"):
+                        dtype: str = "float32", device: str = "cpu", use_lmblocks: bool = False):
     """(model, tokenizer) through the Auto classes; lmblocks is imported first (by this script) so its families load
-    without remote code. Bad names, folders and files are `UsageError`s."""
+    without remote code. Bad names, folders and files are `UsageError`s naming the real problem: a file given for a
+    folder, a config.json that does not parse, a model without a causal-LM head, a folder without tokenizer files.
+    With `use_lmblocks`, a transformers gpt2 / llama checkpoint loads into lmblocks' class of its family."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from lmblocks.cli import check_checkpoint_path, loading
 
@@ -81,12 +138,63 @@ def load_for_generation(path: str, trust_remote_code: bool = False, tokenizer_pa
     check_checkpoint_path(path)
     if tokenizer_path:
         check_checkpoint_path(tokenizer_path, "tokenizer")
-    with loading(tokenizer_path or path, "tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path, trust_remote_code=trust_remote_code)
+    for folder, what in ((path, "--model_name_or_path"), (tokenizer_path, "--tokenizer_name_or_path")):
+        if folder and Path(folder).is_file():
+            raise UsageError(f"{what} {folder} is a file; give the checkpoint's folder (the one holding config.json, "
+                             "the weights and the tokenizer files).")
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise UsageError(f"{path} has no config.json: it is not a saved model (give the folder save_pretrained "
+                         "wrote).")
+    with loading(path, "model config"):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model_class = causal_lm_class(config, path, use_lmblocks)
+    tokenizer_source = tokenizer_path or path
+    if Path(tokenizer_source).is_dir() and not any((Path(tokenizer_source) / f).is_file() for f in TOKENIZER_FILES):
+        raise UsageError(f"No tokenizer files found in {tokenizer_source} (expected one of {', '.join(TOKENIZER_FILES)}"
+                         "); save the tokenizer next to the model, or give --tokenizer_name_or_path.")
+    with loading(tokenizer_source, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
     with loading(path, "causal LM"):
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                     dtype=getattr(torch, DTYPES[dtype]))
+        loader = model_class or AutoModelForCausalLM
+        extra = {} if model_class else {"trust_remote_code": trust_remote_code}
+        model = loader.from_pretrained(path, dtype=getattr(torch, DTYPES[dtype]), **extra)
+    print(f"[generate] {type(model).__name__} ({type(model).__module__.split('.')[0]}, model_type "
+          f"{config.model_type})" + (hint_lmblocks(config) if model_class is None else ""), file=sys.stderr,
+          flush=True)
     return model.to(device).eval(), tokenizer
+
+
+def causal_lm_class(config, path: str, use_lmblocks: bool):
+    """lmblocks' causal-LM class for `config` with `--lmblocks` (None: the Auto class decides). A family without a
+    causal-LM head (an encoder) is refused here, by name, rather than by transformers' list of every class it has."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from lmblocks.training import FAMILIES, FAMILY_OF_MODEL_TYPE
+
+    family = FAMILY_OF_MODEL_TYPE.get(config.model_type) or FAMILIES.get(config.model_type)
+    if family is not None and not family.is_decoder:
+        raise UsageError(f"{path} is a {family.name.upper()} checkpoint ({config.model_type}): an encoder with no "
+                         "causal-LM head, so it cannot generate text. Use a gpt2 or llama checkpoint here; for "
+                         f"{family.name.upper()}, fill masks (pipeline('fill-mask')) or fine-tune a classifier "
+                         "(finetune.py --task seq_cls).")
+    if use_lmblocks:
+        if family is None:
+            raise UsageError(f"--lmblocks: {path} is a {config.model_type!r} checkpoint, which no lmblocks family "
+                             f"reads ({', '.join(n for n, f in FAMILIES.items() if f.is_decoder)} can).")
+        return family.causal_lm_class
+    if family is None and type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not getattr(config, "auto_map", None):
+        raise UsageError(f"{path} is a {config.model_type!r} checkpoint, which has no causal-LM class in "
+                         "transformers: it cannot generate text.")
+    return None
+
+
+def hint_lmblocks(config) -> str:
+    """For a transformers checkpoint of a family lmblocks implements: how to run it in lmblocks' class."""
+    from lmblocks.training import FAMILIES, FAMILY_OF_MODEL_TYPE
+
+    if config.model_type in FAMILY_OF_MODEL_TYPE or config.model_type not in FAMILIES:
+        return ""
+    return f"; --lmblocks runs it in {FAMILIES[config.model_type].causal_lm_class.__name__}"
 
 
 def generate(args: GenerateArguments) -> list[str]:
@@ -97,10 +205,9 @@ def generate(args: GenerateArguments) -> list[str]:
 
     from lmblocks.cli import model_positions
 
-    if args.max_new_tokens < 1:
-        raise UsageError("--max_new_tokens must be at least 1.")
+    gen_kwargs = generation_options(args)
     model, tokenizer = load_for_generation(args.model_name_or_path, args.trust_remote_code,
-                                           args.tokenizer_name_or_path, args.dtype, args.device)
+                                           args.tokenizer_name_or_path, args.dtype, args.device, args.lmblocks)
     positions = model_positions(model.config)
     if args.compile:
         from lmblocks.decoding import enable_compiled_decoding
@@ -111,12 +218,6 @@ def generate(args: GenerateArguments) -> list[str]:
             raise UsageError(f"--compile: {error}") from error
     use_template = args.chat_template and bool(getattr(tokenizer, "chat_template", None))
     set_seed(args.seed)
-    gen_kwargs = dict(do_sample=args.do_sample, num_beams=args.num_beams,
-                      num_return_sequences=args.num_return_sequences)
-    if args.do_sample:
-        gen_kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    if args.repetition_penalty is not None:
-        gen_kwargs["repetition_penalty"] = args.repetition_penalty
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [encode_prompt(tokenizer, prompt, use_template) for prompt in args.prompt]
     if positions is not None:
@@ -126,6 +227,7 @@ def generate(args: GenerateArguments) -> list[str]:
             raise UsageError(f"The prompt {_short(prompt)!r} is {length} tokens; the model has {positions} positions, "
                              f"so it can take at most {positions - 1} prompt tokens. Shorten the prompt.")
     outputs = []
+    new_tokens, seconds = 0, 0.0
     for prompt, ids in zip(args.prompt, encoded):
         max_new_tokens = args.max_new_tokens
         if positions is not None and ids.shape[1] + max_new_tokens > positions:
@@ -136,15 +238,20 @@ def generate(args: GenerateArguments) -> list[str]:
         # Streaming shows one sequence as it grows; with several return sequences or beams the result is printed.
         streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True) \
             if args.stream and args.num_return_sequences == 1 and args.num_beams == 1 else None
+        start = time.perf_counter()
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad_id, streamer=streamer,
                                  max_new_tokens=max_new_tokens, **gen_kwargs)
+        seconds += time.perf_counter() - start
+        new_tokens += out[:, ids.shape[1]:].numel()
         for row in out:
             text = tokenizer.decode(row, skip_special_tokens=True)
             outputs.append(text)
             if streamer is None:
                 print(text, flush=True)
         print("-" * 40, flush=True)
+    print(f"[generate] {new_tokens} new tokens in {seconds:.2f} s: {new_tokens / max(seconds, 1e-9):.1f} tokens/s"
+          + (" (the first call compiles)" if args.compile else ""), file=sys.stderr, flush=True)
     return outputs
 
 
@@ -156,8 +263,8 @@ def encode_prompt(tokenizer, prompt: str, use_template: bool):
     if use_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                              tokenize=False)
-        return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False)["input_ids"]
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False, verbose=False)["input_ids"]
     if ids.shape[1] == 0:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if start is None:
@@ -171,7 +278,7 @@ def _short(text: str, limit: int = 40) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    (args,) = parse_arguments((GenerateArguments,), argv)
+    (args,) = parse_arguments((GenerateArguments,), argv, description=__doc__)
     return generate(args)
 
 

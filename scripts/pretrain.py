@@ -27,6 +27,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+if __name__ == "__main__":  # --help without the heavy imports below, when it was printed before
+    from _help_cache import print_cached_help
+
+    print_cached_help(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from transformers import TrainingArguments  # noqa: E402
@@ -66,6 +70,8 @@ class DataArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
     dataset_split: str = field(default="train", metadata={"help": "The dataset split to train on."})
     text_column: str = field(default="text", metadata={"help": "The dataset's text column."})
+    encoding: str | None = field(default=None, metadata={
+        "help": "Encoding of --train_files (default: UTF-8; a file that is not is refused with its line and byte)."})
     block_size: int = field(default=128, metadata={"help": "Tokens per training example."})
     eval_fraction: float = field(default=0.05, metadata={"help": "Held-out share of the corpus (0 = no eval)."})
     mlm_probability: float = field(default=0.15, metadata={"help": "BERT: share of tokens masked."})
@@ -74,7 +80,7 @@ class DataArguments:
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """Flags, or a single .json / .yaml file of them; a misspelt flag or key is a one-line error."""
-    return parse_arguments((ModelArguments, DataArguments, TrainingArguments), argv)
+    return parse_arguments((ModelArguments, DataArguments, TrainingArguments), argv, description=__doc__)
 
 
 def validate_inputs(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
@@ -125,7 +131,7 @@ def validate_inputs(model_args: ModelArguments, data_args: DataArguments, traini
     training_args.resume_from_checkpoint = check_output_dir(
         training_args.output_dir, training_args.resume_from_checkpoint, model_args.overwrite_output_dir)
     texts = load_corpus(data_args.train_files, data_args.dataset_name, data_args.dataset_config_name,
-                        data_args.dataset_split, data_args.text_column)
+                        data_args.dataset_split, data_args.text_column, data_args.encoding)
     return family, config, texts
 
 
