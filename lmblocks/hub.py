@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,15 @@ def write_model_card(
     extra_text: str = "",
     load_from: str | None = None,
     adapter: bool = False,
+    labels: Mapping[int, str] | None = None,
 ) -> Path:
     """Write `folder/README.md`. `task` is one of `causal_lm`, `mlm_nsp`, `seq_cls`, `instruct`; `results` holds
     metrics such as `eval_loss`, `perplexity`, `train_loss`, `tokens_per_second`.
 
     `load_from` is what the card's loading snippet passes to `from_pretrained`: the Hub id when the folder is pushed,
     else the local folder (default: `model_name`). `adapter=True` describes a folder that holds a LoRA adapter only,
-    loaded with peft on top of `base_model`."""
+    loaded with peft on top of `base_model`. `labels` (id -> name) are a classifier's: an adapter's snippet passes
+    them to peft, which builds the classification head on the base model, whose config knows nothing of them."""
     folder = Path(folder)
     results = dict(results or {})
     base_model_ref = base_model or "(see adapter_config.json)"
@@ -75,7 +77,17 @@ def write_model_card(
     )
     load_from = load_from or model_name
     auto_class = AUTO_CLASSES[task]
+    # trust_remote_code for the tokenizer too: AutoTokenizer reads the model's config.json first, and without it
+    # transformers asks whether to run the config's code (or, told no, warns that it reads `lmb_<family>` as a
+    # plain config).
+    load_tokenizer = f'tokenizer = AutoTokenizer.from_pretrained("{load_from}", trust_remote_code=True)'
     if adapter:
+        peft_class = f"AutoPeftModel{auto_class.removeprefix('AutoModel')}"
+        head_lines, head_kwargs = [], ""
+        if labels:
+            head_lines = ["# The classifier's labels: peft builds the head on the base model, whose config has none.",
+                          f"id2label = {dict(labels)!r}"]
+            head_kwargs = ", id2label=id2label, label2id={name: i for i, name in id2label.items()}"
         lines = [
             f"# {model_name}",
             "",
@@ -85,11 +97,11 @@ def write_model_card(
             "code comes with that checkpoint:",
             "",
             "```python",
-            f"from peft import AutoPeftModel{auto_class.removeprefix('AutoModel')}",
+            f"from peft import {peft_class}",
             "from transformers import AutoTokenizer",
-            f'model = AutoPeftModel{auto_class.removeprefix("AutoModel")}.from_pretrained("{load_from}", '
-            "trust_remote_code=True)",
-            f'tokenizer = AutoTokenizer.from_pretrained("{load_from}")',
+            *head_lines,
+            f'model = {peft_class}.from_pretrained("{load_from}", trust_remote_code=True{head_kwargs})',
+            load_tokenizer,
             "```",
             "",
         ]
@@ -103,7 +115,7 @@ def write_model_card(
             "```python",
             f"from transformers import {auto_class}, AutoTokenizer",
             f'model = {auto_class}.from_pretrained("{load_from}", trust_remote_code=True)',
-            f'tokenizer = AutoTokenizer.from_pretrained("{load_from}")',
+            load_tokenizer,
             "```",
             "",
         ]
@@ -201,10 +213,18 @@ def save_trained_model(
             if base_model:  # as the user named it, not the absolute path the loader resolved
                 adapter_config.base_model_name_or_path = base_model
 
+    # A classifier's labels: an adapter's card passes them to peft (the base model's config has none).
+    labels = dict(config.id2label) if task == "seq_cls" and config.id2label else None
+    card = dict(family=family, task=task, license=license, datasets=list(datasets), base_model=base_model,
+                results={k: metrics[k] for k in card_metrics if k in metrics}, training_args=hyperparameters,
+                labels=labels)
     with staged_directory(output_dir) as staging:
         if is_adapter and merge_lora:
             model.save_pretrained(staging / "adapter")
             _save_tokenizer(tokenizer, staging / "adapter", family)
+            # The adapter alone is a folder of its own, with the card that says how to load it.
+            write_model_card(staging / "adapter", model_name=f"{args.hub_model_id or output_dir.name} (adapter)",
+                             load_from=str(output_dir / "adapter"), adapter=True, **card)
             model.merge_and_unload().save_pretrained(staging)
         else:
             model.save_pretrained(staging, state_dict=state_dict)
@@ -213,13 +233,8 @@ def save_trained_model(
             trainer.state.save_to_json(str(staging / "trainer_state.json"))
         (staging / "all_results.json").write_text(json.dumps(metrics, indent=2))
         load_from = args.hub_model_id if (push_to_hub or args.hub_model_id) else str(output_dir)
-        write_model_card(
-            staging, model_name=args.hub_model_id or output_dir.name, family=family, task=task, license=license,
-            datasets=list(datasets), base_model=base_model,
-            results={k: metrics[k] for k in card_metrics if k in metrics},
-            training_args=hyperparameters, load_from=load_from or str(output_dir),
-            adapter=is_adapter and not merge_lora,
-        )
+        write_model_card(staging, model_name=args.hub_model_id or output_dir.name,
+                         load_from=load_from or str(output_dir), adapter=is_adapter and not merge_lora, **card)
     headline = next(((k, metrics[k]) for k in ("accuracy", "perplexity") if k in metrics), None)
     print(f"{log_prefix} saved {family} {task} to {output_dir}"
           + (f" ({headline[0]} {headline[1]:.3f})" if headline else ""), flush=True)
