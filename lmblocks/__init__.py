@@ -1,4 +1,5 @@
-"""lmblocks: GPT-2, BERT and LLaMA written out clearly as first-class Hugging Face models, and a tokenizer trainer.
+"""lmblocks: GPT-2, BERT, LLaMA and Qwen2 written out clearly as first-class Hugging Face models, and a tokenizer
+trainer.
 
 Importing lmblocks registers every family (`lmblocks.families.FAMILIES`) with transformers' Auto classes; each
 modeling file marks its classes for remote code (`auto_map`), so `save_pretrained` writes checkpoints that load with
@@ -8,6 +9,7 @@ modeling file marks its classes for remote code (`auto_map`), so `save_pretraine
 from .configuration_bert import LmbBertConfig
 from .configuration_gpt2 import LmbGPT2Config
 from .configuration_llama import LmbLlamaConfig
+from .configuration_qwen2 import LmbQwen2Config
 from .modeling_bert import (
     LmbBertForMaskedLM,
     LmbBertForMultipleChoice,
@@ -31,6 +33,12 @@ from .modeling_llama import (
     LmbLlamaModel,
     LmbLlamaPreTrainedModel,
 )
+from .modeling_qwen2 import (
+    LmbQwen2ForCausalLM,
+    LmbQwen2ForSequenceClassification,
+    LmbQwen2Model,
+    LmbQwen2PreTrainedModel,
+)
 from .families import FAMILIES, FamilySpec, register_all
 from .tokenization_trainer import config_kwargs_from_tokenizer, save_tokenizer, train_tokenizer
 
@@ -50,6 +58,11 @@ __all__ = [
     "LmbLlamaModel",
     "LmbLlamaForCausalLM",
     "LmbLlamaForSequenceClassification",
+    "LmbQwen2Config",
+    "LmbQwen2PreTrainedModel",
+    "LmbQwen2Model",
+    "LmbQwen2ForCausalLM",
+    "LmbQwen2ForSequenceClassification",
     "LmbBertConfig",
     "LmbBertPreTrainedModel",
     "LmbBertModel",

@@ -13,10 +13,11 @@ from typing import Any
 
 import transformers
 
-from . import modeling_bert, modeling_gpt2, modeling_llama, tokenization_trainer
+from . import modeling_bert, modeling_gpt2, modeling_llama, modeling_qwen2, tokenization_trainer
 from .configuration_bert import LmbBertConfig
 from .configuration_gpt2 import LmbGPT2Config
 from .configuration_llama import LmbLlamaConfig
+from .configuration_qwen2 import LmbQwen2Config
 from .integrations import register_peft_target_modules
 
 
@@ -109,6 +110,25 @@ FAMILIES: dict[str, FamilySpec] = {
         tokenizer_kind="llama",
         special_tokens=tokenization_trainer.LLAMA_SPECIAL_TOKENS,
         lora_target_modules=modeling_llama.LORA_TARGET_MODULES,
+        demo=dict(
+            preset="tiny",
+            overrides="hidden_size=256,intermediate_size=688,num_hidden_layers=4,num_attention_heads=4,"
+            "num_key_value_heads=2",
+            quick_overrides="hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,"
+            "num_key_value_heads=1",
+            prompt="It was the best of",
+        ),
+    ),
+    # Qwen2 / Qwen2.5 / DeepSeek-R1-Distill-Qwen: LLaMA's differences, with GPT-2's kind of tokenizer (byte-level BPE).
+    "qwen2": FamilySpec(
+        name="qwen2",
+        config_class=LmbQwen2Config,
+        auto_classes=modeling_qwen2.AUTO_CLASSES,
+        objective="causal_lm",
+        pretraining_auto_class="AutoModelForCausalLM",
+        tokenizer_kind="gpt2",
+        special_tokens=tokenization_trainer.GPT2_SPECIAL_TOKENS,
+        lora_target_modules=modeling_qwen2.LORA_TARGET_MODULES,
         demo=dict(
             preset="tiny",
             overrides="hidden_size=256,intermediate_size=688,num_hidden_layers=4,num_attention_heads=4,"

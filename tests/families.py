@@ -48,11 +48,21 @@ def _llama_tiny(**overrides):
 
 LLAMA = Family(lmblocks.FAMILIES["llama"], _llama_tiny)
 
+
+def _qwen2_tiny(**overrides):
+    # LLaMA's tiny shapes with Qwen2's q/k/v biases and tied embeddings.
+    return lmblocks.LmbQwen2Config.from_preset(
+        "tiny", **{"vocab_size": 99, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **overrides}
+    )
+
+
+QWEN2 = Family(lmblocks.FAMILIES["qwen2"], _qwen2_tiny)
+
 def _bert_tiny(**overrides):
     return lmblocks.LmbBertConfig.from_preset("tiny", **{"vocab_size": 99, "pad_token_id": 0, **overrides})
 
 
 BERT = Family(lmblocks.FAMILIES["bert"], _bert_tiny)
 
-FAMILIES: list[Family] = [GPT2, LLAMA, BERT]
+FAMILIES: list[Family] = [GPT2, LLAMA, QWEN2, BERT]
 DECODERS: list[Family] = [f for f in FAMILIES if f.causal_lm_class is not None]
