@@ -65,6 +65,16 @@ class _LmbParserBehaviour:
     def error(self, message: str):  # argparse's own prints the whole usage before the message
         raise UsageError(f"{message}. See --help.")
 
+    def parse_args(self, args=None, namespace=None):
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            known = sorted({o.lstrip("-") for action in self._actions for o in action.option_strings
+                            if action.help != argparse.SUPPRESS and o.startswith("--")})
+            names = [a.lstrip("-").split("=", 1)[0] for a in unknown if a.startswith("-")]
+            what = _with_suggestions(names, known, prefix="--") if names else " ".join(unknown)
+            raise UsageError(f"Unrecognised argument(s): {what}. See --help.")
+        return namespace
+
     def print_help(self, file=None) -> None:
         text = self.format_help()
         (file or sys.stdout).write(text)
@@ -421,6 +431,83 @@ def ensure_chat_template(tokenizer) -> bool:
     return True
 
 
+# --- loading a checkpoint for a task ------------------------------------------------------------------------------
+
+def load_pretrained(model_class, path: str, what: str = "model", log_prefix: str = "[lmblocks]", **kwargs: Any):
+    """`model_class.from_pretrained(path, **kwargs)` inside `loading(path, what)`, with transformers' LOAD REPORT
+    table (a warning on every load that differs from the checkpoint) replaced by one line when the differences are
+    the expected ones of loading a checkpoint for another task: a new head initialised (missing keys outside the base
+    model), the checkpoint's own head left out (unexpected keys outside the base model), a saved `position_ids`
+    buffer (a constant of older checkpoints; transformers drops it for its own classes). Nothing is printed when
+    nothing differs; anything else (a missing layer weight, a size mismatch) shows transformers' table as it is."""
+    from transformers.utils import logging as hf_logging
+
+    report_logger = hf_logging.get_logger("transformers.modeling_utils")
+    held = _HeldLoadReport()
+    report_logger.addFilter(held)
+    try:
+        with loading(path, what):
+            model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    except BaseException:
+        held.release(report_logger)
+        raise
+    line = _expected_load_differences(model, info)
+    if line is None:
+        held.release(report_logger)
+    else:
+        report_logger.removeFilter(held)
+        if line:
+            print(f"{log_prefix} {line}", flush=True)
+    return model
+
+
+class _HeldLoadReport(logging.Filter):
+    """Holds back transformers' LOAD REPORT records, to be shown (`release`) only when they report a problem."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if " LOAD REPORT" in str(record.msg):
+            self.records.append(record)
+            return False
+        return True
+
+    def release(self, logger: logging.Logger) -> None:
+        """Stop holding, and show what was held."""
+        logger.removeFilter(self)
+        for record in self.records:
+            logger.handle(record)
+        self.records.clear()
+
+
+def _expected_load_differences(model, info: dict) -> str | None:
+    """One line naming the expected differences ('' when there are none), or None when something else differs."""
+    if info.get("mismatched_keys") or info.get("error_msgs"):
+        return None
+    prefix = getattr(model, "base_model_prefix", "")
+    is_base = getattr(model, "base_model", model) is model
+
+    def head_module(key: str) -> str | None:
+        """The module of a key outside the base model, e.g. `score` for `score.weight`; None inside it."""
+        if is_base or not prefix or key.startswith(f"{prefix}."):
+            return None
+        return key.rsplit(".", 1)[0]
+
+    unexpected = {key for key in info.get("unexpected_keys", ()) if not re.search(r"(^|\.)position_ids$", key)}
+    new_heads = {head_module(key) for key in info.get("missing_keys", ())}
+    old_heads = {head_module(key) for key in unexpected}
+    if None in new_heads or None in old_heads:
+        return None
+    name = type(model).__name__
+    left_out = f"the checkpoint's {', '.join(sorted(old_heads))} left out" if old_heads else ""
+    if new_heads:
+        return (f"{name}: new head {', '.join(sorted(new_heads))} initialised" + (f", {left_out}" if left_out else "")
+                + " (expected when a pretrained model gets a new task head; training learns it)")
+    return f"{name}: {left_out} (expected: this head has no use for it)" if left_out else ""
+
+
 __all__ = [
     "Interrupted",
     "run_script",
@@ -441,4 +528,5 @@ __all__ = [
     "without_peft_deprecation_warning",
     "INSTRUCT_CHAT_TEMPLATE",
     "ensure_chat_template",
+    "load_pretrained",
 ]
