@@ -358,6 +358,9 @@ def train(trainer, resume_from_checkpoint: str | None = None):
     quiet = _TiedKeysFilter(trainer.model)
     trainer_logger = logging.getLogger("transformers.trainer")
     trainer_logger.addFilter(quiet)
+    resume_note = _ResumeArgumentsFilter()
+    utils_logger = logging.getLogger("transformers.trainer_utils")
+    utils_logger.addFilter(resume_note)
     try:
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     except KeyboardInterrupt:
@@ -370,6 +373,7 @@ def train(trainer, resume_from_checkpoint: str | None = None):
     finally:
         trainer.remove_callback(start)
         trainer_logger.removeFilter(quiet)
+        utils_logger.removeFilter(resume_note)
     trainer.steps_this_run = trainer.state.global_step - start.start
     return result
 
@@ -392,6 +396,22 @@ class _TiedKeysFilter(logging.Filter):
         missing = re.findall(r"'([^']+)'", message)
         return not missing or not all(
             any(key.startswith(p) and key[len(p):] in self.tied for p in self.prefixes) for key in missing)
+
+
+class _ResumeArgumentsFilter(logging.Filter):
+    """On resume, transformers warns, a line each, that intervals differ from the checkpoint's (`logging_steps: 9
+    (from args) != 6 (from trainer_state.json)`). They are this run's settings, given by the user or fitted to this
+    run's length by `quiet_training_defaults`, and they apply: said here in one line, as a note."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "(from trainer_state.json)" not in message:
+            return True
+        changes = re.findall(r"(\w+): (\S+) \(from args\) != (\S+) \(from trainer_state\.json\)", message)
+        record.msg = "resuming with " + ", ".join(f"{name} {new} (the checkpoint's run had {old})"
+                                                  for name, new, old in changes) + "."
+        record.args = ()
+        return True
 
 
 @contextmanager

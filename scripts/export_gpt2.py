@@ -21,26 +21,30 @@ not exported; a model with `qkv_bias=False` cannot be exported (transformers' GP
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+if __name__ == "__main__":  # --help without the heavy imports below, when it was printed before
+    from _help_cache import print_cached_help
+
+    print_cached_help(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from transformers import AutoConfig, AutoTokenizer  # noqa: E402
-
-import lmblocks  # noqa: E402
-from lmblocks.cli import check_checkpoint_path, loading, run_script  # noqa: E402
-from lmblocks.modeling_gpt2 import TRANSFORMERS_GPT2_ARCHITECTURES, export_to_transformers_gpt2  # noqa: E402
-from lmblocks.tokenization_trainer import save_tokenizer  # noqa: E402
+from lmblocks.cli import ArgumentParser, check_checkpoint_path, loading, run_script  # noqa: E402
 from lmblocks.training import UsageError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from transformers import AutoConfig, AutoTokenizer
+
+    import lmblocks
+    from lmblocks.modeling_gpt2 import TRANSFORMERS_GPT2_ARCHITECTURES, export_to_transformers_gpt2
+    from lmblocks.tokenization_trainer import save_tokenizer
+
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="folder written by an lmblocks GPT-2 model's save_pretrained")
     parser.add_argument("output", help="folder to write in transformers' GPT-2 format")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest weight file (default: 5GB)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest weight file")
     args = parser.parse_args(argv)
 
     check_checkpoint_path(args.checkpoint)

@@ -85,24 +85,33 @@ def vllm_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     ]
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """lmblocks.cli.ArgumentParser's behaviour (a bad option is one `error:` line), kept here because this script runs
+    in the vLLM venv, where lmblocks is not installed."""
+
+    def error(self, message: str):
+        raise ValueError(f"{message}. See --help.")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     extra: list[str] = []
     if "--" in argv:
         split = argv.index("--")
         argv, extra = argv[:split], argv[split + 1:]
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
+    parser = OneLineErrorParser(
+        description=__doc__.split("\n\n")[0], allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="Options after `--` go to vLLM's server unchanged, e.g. `-- --tensor-parallel-size 2 --enforce-eager`.",
     )
     parser.add_argument("checkpoint", type=Path, help="a folder written by lmblocks' save_pretrained, with a tokenizer")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback only by default)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--kv-cache-gib", type=int, default=None,
                         help="vLLM CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE; vLLM's default is 4)")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         if args.kv_cache_gib is not None and args.kv_cache_gib < 1:
             raise ValueError(f"--kv-cache-gib must be at least 1 (GiB), got {args.kv_cache_gib}.")
         check_checkpoint(args.checkpoint)

@@ -1,7 +1,7 @@
 """Train a gpt2 / llama / bert tokenizer and save it where AutoTokenizer loads it.
 
     python scripts/train_tokenizer.py --kind gpt2 --vocab_size 32000 --output_dir out/tok "data/*.txt"
-    python scripts/train_tokenizer.py --kind bert --dataset_name path/to/saved_dataset --text_column body --output_dir tok
+    python scripts/train_tokenizer.py --kind bert --dataset_name saved_dataset --text_column body --output_dir tok
 
 Files are text, one text per line, UTF-8 unless --encoding names another (a file that is not UTF-8 is refused with
 its line and byte); quote globs so that the script expands them. ``--dataset_name`` takes a folder written by
