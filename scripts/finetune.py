@@ -127,7 +127,7 @@ def load_model(model_args: ModelArguments, num_labels: int | None, id2label: dic
     """The task head on the pretrained checkpoint, through the Auto classes."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from lmblocks.cli import loading
+    from lmblocks.cli import load_pretrained, loading
 
     with loading(model_args.model_name_or_path):
         config = AutoConfig.from_pretrained(model_args.model_name_or_path,
@@ -145,8 +145,9 @@ def load_model(model_args: ModelArguments, num_labels: int | None, id2label: dic
         if model_args.lm_loss_weight is not None:
             raise UsageError("--lm_loss_weight applies to --task seq_cls only.")
         auto_class = AutoModelForCausalLM
-    with loading(model_args.model_name_or_path, f"{model_args.task} model"):
-        return auto_class.from_pretrained(model_args.model_name_or_path, **kwargs)
+    # A new head (a classifier on a language model) is expected here: said in one line, not as a load report.
+    return load_pretrained(auto_class, model_args.model_name_or_path, f"{model_args.task} model",
+                           log_prefix="[finetune]", **kwargs)
 
 
 def apply_lora(model, model_args: ModelArguments):
