@@ -148,6 +148,40 @@ def run_cli(main: Callable[[], Any]) -> None:
         sys.exit(2)
 
 
+# --- the presets, as docs/usage.md lists them ----------------------------------------------------------------------
+
+def preset_table() -> str:
+    """A Markdown table of every preset of every family with its sizes; docs/usage.md holds it (a test keeps the two
+    equal). Parameters are counted on the model `pretrain.py` trains (tied embeddings once), built on the meta device,
+    so even the largest presets cost no memory."""
+    import torch
+
+    from .cli import model_positions
+
+    rows = ["| family | preset | layers | hidden | heads (key-value) | MLP | positions | vocabulary | parameters |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for family in FAMILIES.values():
+        for name in family.config_class.presets:
+            config = family.config_class.from_preset(name)
+            with torch.device("meta"):
+                model = family.pretraining_class(config)
+            n_params = sum(p.numel() for p in model.parameters())
+            heads = config.num_attention_heads
+            kv_heads = getattr(config, "num_key_value_heads", None) or heads
+            mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+            rows.append(f"| {family.name} | `{name}` | {config.num_hidden_layers} | {config.hidden_size} | {heads}"
+                        f"{f' ({kv_heads})' if kv_heads != heads else ''} | {mlp} | {model_positions(config)} | "
+                        f"{config.vocab_size} | {_human(n_params)} |")
+    return "\n".join(rows) + "\n"
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.{1 if n < 100 * size else 0}f}{unit}"
+    return str(n)
+
+
 # --- Trainer callbacks --------------------------------------------------------------------------------------------
 
 def _callbacks():
@@ -215,6 +249,7 @@ __all__ = [
     "family_of_config",
     "parse_config_overrides",
     "build_config",
+    "preset_table",
     "check_hub_credentials",
     "staged_directory",
     "run_cli",

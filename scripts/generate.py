@@ -169,9 +169,9 @@ def causal_lm_class(config, path: str, use_lmblocks: bool):
     causal-LM head (an encoder) is refused here, by name, rather than by transformers' list of every class it has."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    from lmblocks.training import FAMILIES, FAMILY_OF_MODEL_TYPE
+    from lmblocks.training import FAMILIES
 
-    family = FAMILY_OF_MODEL_TYPE.get(config.model_type) or FAMILIES.get(config.model_type)
+    family = family_reading(config.model_type)
     if family is not None and not family.is_decoder:
         raise UsageError(f"{path} is a {family.name.upper()} checkpoint ({config.model_type}): an encoder with no "
                          "causal-LM head, so it cannot generate text. Use a gpt2 or llama checkpoint here; for "
@@ -188,13 +188,20 @@ def causal_lm_class(config, path: str, use_lmblocks: bool):
     return None
 
 
+def family_reading(model_type: str):
+    """The lmblocks family whose config reads `model_type`: its own (`lmb_llama`) or transformers' (`llama`)."""
+    from lmblocks.training import FAMILIES
+
+    return next((family for family in FAMILIES.values()
+                 if model_type in (family.model_type, family.config_class.foreign_model_type)), None)
+
+
 def hint_lmblocks(config) -> str:
     """For a transformers checkpoint of a family lmblocks implements: how to run it in lmblocks' class."""
-    from lmblocks.training import FAMILIES, FAMILY_OF_MODEL_TYPE
-
-    if config.model_type in FAMILY_OF_MODEL_TYPE or config.model_type not in FAMILIES:
+    family = family_reading(config.model_type)
+    if family is None or family.model_type == config.model_type or family.causal_lm_class is None:
         return ""
-    return f"; --lmblocks runs it in {FAMILIES[config.model_type].causal_lm_class.__name__}"
+    return f"; --lmblocks runs it in lmblocks' {family.causal_lm_class.__name__}"
 
 
 def generate(args: GenerateArguments) -> list[str]:
