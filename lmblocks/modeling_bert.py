@@ -616,6 +616,20 @@ class LmbBertForMultipleChoice(LmbBertHead):
                                          attentions=outputs.attentions)
 
 
+# How this family exports to transformers' own classes (`lmblocks.export`): the class each lmblocks class becomes.
+TRANSFORMERS_EXPORT = {
+    "classes": {
+        LmbBertModel: "BertModel",
+        LmbBertForPreTraining: "BertForPreTraining",
+        LmbBertForMaskedLM: "BertForMaskedLM",
+        LmbBertForNextSentencePrediction: "BertForNextSentencePrediction",
+        LmbBertForSequenceClassification: "BertForSequenceClassification",
+        LmbBertForTokenClassification: "BertForTokenClassification",
+        LmbBertForQuestionAnswering: "BertForQuestionAnswering",
+        LmbBertForMultipleChoice: "BertForMultipleChoice",
+    },
+}
+
 # Every Auto class the family answers to: registered here for remote code (`auto_map`), and by `lmblocks.families`
 # with this process's Auto classes.
 AUTO_CLASSES = {
@@ -633,6 +647,7 @@ register_for_auto_classes(LmbBertConfig, AUTO_CLASSES)
 __all__ = [
     "AUTO_CLASSES",
     "LORA_TARGET_MODULES",
+    "TRANSFORMERS_EXPORT",
     "PEFT_TARGET_MODULES",
     "LmbBertPreTrainedModel",
     "LmbBertModel",

@@ -289,6 +289,32 @@ TRANSFORMERS_GPT2_ARCHITECTURES: dict[type[LmbGPT2PreTrainedModel], str] = {
 }
 
 
+# How this family exports to transformers' own classes (`lmblocks.export`): the class each lmblocks class becomes,
+# the weights transformers' GPT-2 stores transposed (Conv1D), the option it cannot express (exported only at the one
+# value it has) and the one it has no counterpart for (left out, and said so).
+TRANSFORMERS_EXPORT = {
+    "classes": TRANSFORMERS_GPT2_ARCHITECTURES,
+    "transposed": CONV1D_PROJECTIONS,
+    "required": {"qkv_bias": True},
+    "dropped": {"lm_loss_weight": "the weight λ of the classifier's auxiliary LM loss, which transformers' "
+                                  "GPT2ForSequenceClassification does not have (it trains with the task loss only)"},
+}
+
+# How this family exports to GGUF for llama.cpp (`lmblocks.export_gguf`): llama.cpp's architecture, the config field
+# behind each of its hyper-parameters, and the options it computes only one way (field -> allowed values).
+GGUF_EXPORT = {
+    "architecture": "gpt2",
+    "hyperparameters": {
+        "context_length": "n_positions",
+        "embedding_length": "n_embd",
+        "feed_forward_length": "n_inner",
+        "block_count": "n_layer",
+        "attention.head_count": "n_head",
+        "attention.layer_norm_epsilon": "layer_norm_epsilon",
+    },
+    "required": {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "qkv_bias": True},
+}
+
 # Every Auto class the family answers to: registered here for remote code (`auto_map`), and by `lmblocks.families`
 # with this process's Auto classes.
 AUTO_CLASSES = {
@@ -301,6 +327,8 @@ register_for_auto_classes(LmbGPT2Config, AUTO_CLASSES)
 __all__ = [
     "AUTO_CLASSES",
     "LORA_TARGET_MODULES",
+    "TRANSFORMERS_EXPORT",
+    "GGUF_EXPORT",
     "PEFT_TARGET_MODULES",
     "export_to_transformers_gpt2",
     "TRANSFORMERS_GPT2_ARCHITECTURES",

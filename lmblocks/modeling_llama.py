@@ -153,6 +153,48 @@ class LmbLlamaForSequenceClassification(LastTokenClassifierHead, LmbLlamaPreTrai
     base_model_class = LmbLlamaModel
 
 
+# How this family exports to transformers' own classes (`lmblocks.export`): the class each lmblocks class becomes,
+# and the options transformers' LLaMA cannot express (exported only at the one value it has).
+TRANSFORMERS_EXPORT = {
+    "classes": {
+        LmbLlamaModel: "LlamaModel",
+        LmbLlamaForCausalLM: "LlamaForCausalLM",
+        LmbLlamaForSequenceClassification: "LlamaForSequenceClassification",
+    },
+    "required": {"rms_norm_bias": False},
+}
+
+# How this family exports to GGUF for llama.cpp (`lmblocks.export_gguf`): llama.cpp's architecture, the config field
+# behind each of its hyper-parameters, the options it computes only one way (field -> allowed values), and the q/k
+# rows it wants reordered for its interleaved RoPE (per head count).
+GGUF_EXPORT = {
+    "architecture": "llama",
+    "hyperparameters": {
+        "context_length": "max_position_embeddings",
+        "embedding_length": "hidden_size",
+        "feed_forward_length": "intermediate_size",
+        "block_count": "num_hidden_layers",
+        "attention.head_count": "num_attention_heads",
+        "attention.head_count_kv": "num_key_value_heads",
+        "attention.key_length": "head_dim",
+        "attention.value_length": "head_dim",
+        "rope.dimension_count": "head_dim",
+        "rope.freq_base": "rope_parameters.rope_theta",
+        "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    },
+    "required": {
+        "rope_parameters.rope_type": "default",
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "rms_norm_bias": False,
+    },
+    "tensor_transforms": {
+        "self_attn.q_proj.weight": ("rope_rows", "num_attention_heads"),
+        "self_attn.k_proj.weight": ("rope_rows", "num_key_value_heads"),
+    },
+}
+
 # Every Auto class the family answers to: registered here for remote code (`auto_map`), and by `lmblocks.families`
 # with this process's Auto classes.
 AUTO_CLASSES = {
@@ -165,6 +207,8 @@ register_for_auto_classes(LmbLlamaConfig, AUTO_CLASSES)
 __all__ = [
     "AUTO_CLASSES",
     "LORA_TARGET_MODULES",
+    "TRANSFORMERS_EXPORT",
+    "GGUF_EXPORT",
     "PEFT_TARGET_MODULES",
     "LmbLlamaPreTrainedModel",
     "LmbLlamaModel",
