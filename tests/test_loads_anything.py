@@ -27,9 +27,9 @@ from transformers import StaticCache, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 import lmblocks
-from lmblocks import LmbBertConfig, LmbGPT2Config, LmbLlamaConfig
+from lmblocks import LmbBertConfig, LmbGPT2Config, LmbLlamaConfig, LmbQwen2Config
 
-from families import BERT, DECODERS, FAMILIES, GPT2, LLAMA, Family
+from families import BERT, DECODERS, FAMILIES, GPT2, LLAMA, QWEN2, Family
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hub_configs"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -43,8 +43,11 @@ HUB_CONFIGS = {
     "TinyLlama-1.1B-Chat-v1.0.json": LmbLlamaConfig,
     "SmolLM2-135M.json": LmbLlamaConfig,
     "Llama-3.2-1B.json": LmbLlamaConfig,
+    "Qwen2.5-0.5B.json": LmbQwen2Config,
+    "Qwen2.5-1.5B.json": LmbQwen2Config,
+    "DeepSeek-R1-Distill-Qwen-1.5B.json": LmbQwen2Config,
 }
-FAMILY_OF_CONFIG = {LmbGPT2Config: GPT2, LmbLlamaConfig: LLAMA, LmbBertConfig: BERT}
+FAMILY_OF_CONFIG = {LmbGPT2Config: GPT2, LmbLlamaConfig: LLAMA, LmbQwen2Config: QWEN2, LmbBertConfig: BERT}
 
 
 class _Records(logging.Handler):
@@ -238,18 +241,35 @@ def test_gradient_accumulation_is_exact_for_every_head(family: Family, model_cla
     def run(batch_size: int, steps: int, folder: str):
         model = model_class(initial.config)
         model.load_state_dict(initial.state_dict())
-        return _accumulated_step(model.train(), examples, batch_size, steps, tmp_path / folder)
+        micro_batches = []  # what Trainer feeds each forward, in order
+        model.register_forward_pre_hook(lambda module, args, kwargs: micro_batches.append(kwargs), with_kwargs=True)
+        return *_accumulated_step(model.train(), examples, batch_size, steps, tmp_path / folder), micro_batches
 
-    weights_8x1, logged_8x1 = run(8, 1, "a")
-    weights_2x4, logged_2x4 = run(2, 4, "b")
-    if model_class is lmblocks.LmbBertForPreTraining:
-        # The NSP term averages over sequences, but Trainer counts only the masked tokens of `labels`; each
-        # micro-batch's NSP mean is weighted by its share of those tokens (documented bound, see the class).
-        pytest.xfail("BERT pretraining's NSP term is exact only when masked tokens are spread evenly over micro-batches")
+    weights_8x1, logged_8x1, _ = run(8, 1, "a")
+    weights_2x4, logged_2x4, micro_batches = run(2, 4, "b")
     assert logged_8x1 == pytest.approx(own_loss, abs=1e-4)
+    if model_class is lmblocks.LmbBertForPreTraining:
+        # The NSP term averages over sequences, but Trainer counts only the masked tokens of `labels`: the
+        # accumulated loss is off by exactly the documented Σ(m_i/M − b_i/B)·NSP_i (see the class), not by more.
+        predicted = _nsp_accumulation_offset(initial, micro_batches)
+        assert len(micro_batches) == 4 and abs(predicted) > 1e-3  # the uneven masks of `_examples` make it visible
+        assert logged_2x4 - own_loss == pytest.approx(predicted, abs=1e-5)
+        return
     assert logged_2x4 == pytest.approx(own_loss, abs=1e-4)
     for name, weight in weights_8x1.items():
         torch.testing.assert_close(weights_2x4[name], weight, rtol=0, atol=1e-5, msg=name)
+
+
+def _nsp_accumulation_offset(model, micro_batches: list[dict]) -> float:
+    """Σ_i (m_i/M − b_i/B)·NSP_i over the micro-batches of one accumulated step: m_i masked tokens and b_i sequences of
+    micro-batch i (M, B: their totals), NSP_i its mean next-sentence loss at the step's starting weights."""
+    masked = [int((batch["labels"] != -100).sum()) for batch in micro_batches]
+    sizes = [len(batch["labels"]) for batch in micro_batches]
+    with torch.no_grad():
+        nsp = [float(torch.nn.functional.cross_entropy(
+            model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).seq_relationship_logits,
+            batch["next_sentence_label"])) for batch in micro_batches]
+    return sum((m / sum(masked) - b / sum(sizes)) * loss for m, b, loss in zip(masked, sizes, nsp))
 
 
 # --- 4. static-cache capacity, checked by every decoder ----------------------------------------------------------
