@@ -62,8 +62,8 @@ class LmbQwen2Config(LmbLlamaConfig):
         super().__post_init__(**kwargs)
 
     def validate_sliding_window(self):
-        if not set(self.layer_types) <= set(LAYER_TYPES) or (
-                "sliding_attention" in self.layer_types and not (self.sliding_window or 0) > 0):
+        windowed = self.use_sliding_window or "sliding_attention" in self.layer_types
+        if not set(self.layer_types) <= set(LAYER_TYPES) or windowed and not (self.sliding_window or 0) > 0:
             raise ValueError(f"layer_types may name only {LAYER_TYPES}, sliding ones with a positive sliding_window: "
                              f"got {self.layer_types}, sliding_window={self.sliding_window}.")
 
