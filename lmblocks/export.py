@@ -7,7 +7,8 @@ Nothing here names a family. Each family says, as data, how it translates:
   transformers' files load into lmblocks, read the other way;
 - its modeling file, `TRANSFORMERS_EXPORT`: the transformers class each lmblocks class becomes, the weights that
   class stores transposed (GPT-2's Conv1D), the lmblocks options it cannot express (exported only at the one value
-  it has), and those it has no counterpart for (left out, and said so in the export's notes).
+  it has), those it has no counterpart for (left out, and said so in the export's notes), and config values a class
+  needs there (`config_for_class`).
 
 `scripts/export.py` is the command line (`--format transformers`); GGUF for llama.cpp is `lmblocks.gguf`.
 """
@@ -100,6 +101,10 @@ def to_transformers(model: PreTrainedModel, notes: list[str] | None = None) -> P
     or left random on the way."""
     class_name = transformers_class_name(model)
     config = transformers_config(model.config, notes)
+    for cls, values in export_table(model).get("config_for_class", {}).items():
+        if isinstance(model, cls):
+            for key, value in values.items():
+                setattr(config, key, value)
     config.architectures = [class_name]
     with no_init_weights():  # every parameter is assigned below; buffers (RoPE frequencies, ...) are built as usual
         exported = getattr(transformers, class_name)._from_config(config, dtype=model.dtype)

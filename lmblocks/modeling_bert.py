@@ -616,7 +616,8 @@ class LmbBertForMultipleChoice(LmbBertHead):
                                          attentions=outputs.attentions)
 
 
-# How this family exports to transformers' own classes (`lmblocks.export`): the class each lmblocks class becomes.
+# How this family exports to transformers' own classes (`lmblocks.export`): the class each lmblocks class becomes, and
+# config values a class needs there (transformers sizes its QA head by `num_labels`; lmblocks' has two outputs).
 TRANSFORMERS_EXPORT = {
     "classes": {
         LmbBertModel: "BertModel",
@@ -628,6 +629,7 @@ TRANSFORMERS_EXPORT = {
         LmbBertForQuestionAnswering: "BertForQuestionAnswering",
         LmbBertForMultipleChoice: "BertForMultipleChoice",
     },
+    "config_for_class": {LmbBertForQuestionAnswering: {"num_labels": 2}},
 }
 
 # Every Auto class the family answers to: registered here for remote code (`auto_map`), and by `lmblocks.families`

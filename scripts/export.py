@@ -46,8 +46,9 @@ class ExportArguments:
     max_shard_size: str = field(default="5GB", metadata={"help": "Largest weight file (transformers format)."})
 
 
-def load_checkpoint(path: str):
-    """The checkpoint's lmblocks model, in the class its config names, and its tokenizer (or None)."""
+def load_checkpoint(path: str, needs_tokenizer: bool = False):
+    """The checkpoint's lmblocks model, in the class its config names, and its tokenizer (or None); checked before
+    the weights load."""
     from transformers import AutoConfig, AutoTokenizer
 
     import lmblocks  # noqa: F401  (registers the families)
@@ -69,6 +70,9 @@ def load_checkpoint(path: str):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
         tokenizer = None
+    if tokenizer is None and needs_tokenizer:
+        raise UsageError(f"{path} has no tokenizer; a GGUF file carries one for llama.cpp. Save the tokenizer into "
+                         "the checkpoint folder first.")
     with loading(path):
         model = by_name[architecture].from_pretrained(path)
     return model.eval(), tokenizer
@@ -81,8 +85,6 @@ def export_transformers(model, tokenizer, args: ExportArguments) -> list[str]:
     from lmblocks.export import ExportError, export_to_transformers, transformers_class_name
     from lmblocks.tokenization_trainer import save_tokenizer
 
-    if args.outtype == "q8_0":
-        raise UsageError("--outtype q8_0 is a GGUF type; for --format transformers choose f32, f16 or bf16.")
     if args.outtype is not None:
         model = model.to(getattr(torch, TORCH_DTYPES[args.outtype]))
     try:
@@ -104,9 +106,6 @@ def export_gguf(model, tokenizer, args: ExportArguments) -> list[str]:
     from lmblocks.export_gguf import export_to_gguf
 
     outtype = args.outtype or "f16"
-    if tokenizer is None:
-        raise UsageError(f"{args.model_name_or_path} has no tokenizer; a GGUF file carries one for llama.cpp. Save "
-                         "the tokenizer into the checkpoint folder first.")
     name = Path(args.model_name_or_path.rstrip("/")).name or "model"
     path = Path(args.output_dir) / f"{name}-{outtype}.gguf"
     try:
@@ -119,9 +118,9 @@ def export_gguf(model, tokenizer, args: ExportArguments) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     (args,) = parse_arguments([ExportArguments], argv)
-    if args.format == "gguf" and args.outtype is None:
-        args.outtype = "f16"
-    model, tokenizer = load_checkpoint(args.model_name_or_path)
+    if args.format == "transformers" and args.outtype == "q8_0":
+        raise UsageError("--outtype q8_0 is a GGUF type; for --format transformers choose f32, f16 or bf16.")
+    model, tokenizer = load_checkpoint(args.model_name_or_path, needs_tokenizer=args.format == "gguf")
     export = export_gguf if args.format == "gguf" else export_transformers
     for line in export(model, tokenizer, args):
         print(line)
