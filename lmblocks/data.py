@@ -115,8 +115,8 @@ def _decode_error(path, offset: int, lines_before: int, error: UnicodeDecodeErro
     way_out = "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8), or name its encoding with --encoding " \
         "(e.g. --encoding latin-1)" if codec == "utf-8" else "check --encoding"
     name = codec.upper() if codec.startswith("utf") else codec
-    return CorpusError(f"{path} is not {name} text: line {line}, byte {offset + error.start} ({bad!r} cannot be "
-                       f"decoded); {way_out}.")
+    return CorpusError(f"{path} is not {name} text: line {line}, byte offset {offset + error.start} ({bad!r} cannot "
+                       f"be decoded); {way_out}.")
 
 
 def check_text_files(paths: Sequence[str | os.PathLike], encoding: str | None = None) -> list[str]:
