@@ -520,10 +520,13 @@ def _expected_load_differences(model, info: dict) -> str | None:
     old_heads = {head_module(key) for key in unexpected}
     if None in new_heads or None in old_heads:
         return None
+    def outermost(modules: set[str]) -> str:  # `cls.predictions`, not also `cls.predictions.decoder`
+        return ", ".join(sorted(m for m in modules if not any(m.startswith(f"{o}.") for o in modules)))
+
     name = type(model).__name__
-    left_out = f"the checkpoint's {', '.join(sorted(old_heads))} left out" if old_heads else ""
+    left_out = f"the checkpoint's {outermost(old_heads)} left out" if old_heads else ""
     if new_heads:
-        return (f"{name}: new head {', '.join(sorted(new_heads))} initialised" + (f", {left_out}" if left_out else "")
+        return (f"{name}: new head {outermost(new_heads)} initialised" + (f", {left_out}" if left_out else "")
                 + " (expected when a pretrained model gets a new task head; training learns it)")
     return f"{name}: {left_out} (expected: this head has no use for it)" if left_out else ""
 
