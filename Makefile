@@ -57,3 +57,25 @@ test-serving: env vllm-env
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .cache outputs
+
+# llama.cpp through llama-cpp-python, built from source (20–40 min of both cores), in its own venv with lmblocks:
+# tests_gguf/ runs lmblocks' GGUF exports (scripts/export.py --format gguf) in llama.cpp and compares with
+# transformers (docs/usage.md, "Run it elsewhere"). torch goes in first, pinned to the CPU wheel.
+LLAMACPP_VENV := .venv-llamacpp
+LLAMA_CPP_PYTHON_VERSION := 0.3.36
+
+.PHONY: llama-cpp-env test-gguf
+
+$(LLAMACPP_VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(LLAMACPP_VENV)
+	$(LLAMACPP_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LLAMACPP_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	$(LLAMACPP_VENV)/bin/python -m pip install -q -e ".[dev]"
+	$(LLAMACPP_VENV)/bin/python -m pip install -q --no-binary llama-cpp-python \
+		llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
+	touch $@
+
+llama-cpp-env: $(LLAMACPP_VENV)/.installed
+
+test-gguf: env llama-cpp-env
+	$(LLAMACPP_VENV)/bin/python -m pytest -q -s tests_gguf

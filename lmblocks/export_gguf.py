@@ -142,8 +142,15 @@ def _bpe_parts(tokenizer) -> tuple[dict, list[str]]:
     return state, merges
 
 
-def _is_byte_level(state: dict) -> bool:
-    return "ByteLevel" in json.dumps(state.get("pre_tokenizer"))
+# The two pre-tokenisers llama.cpp reproduces, as `tokenizers` writes them: GPT-2's regex split into its byte
+# alphabet (llama.cpp's "gpt2" model with the "gpt-2" pre-tokeniser), and SentencePiece's `▁` with one prefixed at
+# the start (its "llama" model with `add_space_prefix`).
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+_METASPACE = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+
+
+def _matches(pre_tokenizer: dict | None, expected: dict) -> bool:
+    return pre_tokenizer is not None and all(pre_tokenizer.get(key) == value for key, value in expected.items())
 
 
 def add_tokenizer(writer, tokenizer, vocab_size: int) -> str:
@@ -156,11 +163,13 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> str:
         raise ExportError(f"The tokenizer has {len(vocab)} tokens, more than the model's {vocab_size} embeddings.")
     by_id = {index: token for token, index in vocab.items()}
     special = set(tokenizer.all_special_tokens)
-    byte_level = _is_byte_level(state)
-    byte_fallback = state["model"].get("byte_fallback", False)
-    if not byte_level and not (byte_fallback and "Metaspace" in json.dumps(state.get("pre_tokenizer"))):
-        raise ExportError("The tokenizer is neither a byte-level BPE (gpt2 kind) nor a BPE on ▁-marked text with byte "
-                          "fallback (llama kind); llama.cpp has no tokenizer for it.")
+    byte_level = _matches(state.get("pre_tokenizer"), _BYTE_LEVEL)
+    sentencepiece_style = _matches(state.get("pre_tokenizer"), _METASPACE) and state["model"].get("byte_fallback")
+    if state.get("normalizer") is not None or not (byte_level or sentencepiece_style):
+        raise ExportError(f"The tokenizer (pre-tokenizer {json.dumps(state.get('pre_tokenizer'))}, normalizer "
+                          f"{json.dumps(state.get('normalizer'))}) is neither a byte-level BPE with GPT-2's split (the "
+                          "gpt2 kind) nor a BPE on ▁-marked text with byte fallback (the llama kind): llama.cpp would "
+                          "split text differently.")
     # A token's score: minus the rank of the merge that creates it (see the module docstring).
     rank_of = {left + right: rank for rank, (left, right) in
                ((rank, merge.split(" ", 1)) for rank, merge in enumerate(merges))}
