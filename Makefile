@@ -56,7 +56,7 @@ test-serving: env vllm-env
 	$(VLLM_VENV)/bin/pytest -q tests_serving
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .cache outputs
+	rm -rf $(VENV) $(VLLM_VENV) $(LLAMACPP_VENV) .cache outputs
 
 # llama.cpp through llama-cpp-python, built from source (20–40 min of both cores), in its own venv with lmblocks:
 # tests_gguf/ runs lmblocks' GGUF exports (scripts/export.py --format gguf) in llama.cpp and compares with
