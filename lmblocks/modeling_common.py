@@ -46,8 +46,8 @@ class LmbPreTrainedModel(PreTrainedModel):
 
     def get_compiled_call(self, compile_config):
         """transformers' compiled decoding step, compiled again when a parameter changed since a compilation that
-        froze the weights into the graph (`lmblocks.decoding`): generating after an optimizer step, a
-        `load_state_dict` or a move never runs with the old weights."""
+        froze the weights into the graph (`lmblocks.decoding.weights_stamp`): generating after an optimizer step, a
+        `load_state_dict`, a move or a write through `.data` never runs with the old weights."""
         if compile_config is not None and getattr(compile_config.backend, "freezes_weights", False):
             stamp = weights_stamp(self)
             if getattr(self, "_frozen_weights_stamp", stamp) != stamp:

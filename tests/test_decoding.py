@@ -7,7 +7,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 from families import DECODERS
-from lmblocks.decoding import compiled_decoding_config, enable_compiled_decoding, frozen_weights
+from lmblocks.decoding import compiled_decoding_config, enable_compiled_decoding, frozen_weights, weights_stamp
 
 
 def test_cpu_config_freezes_and_concatenates_projections():
@@ -54,13 +54,40 @@ def test_compiled_decoding_matches_eager_and_follows_weight_updates(family):
     assert hasattr(model, "_compiled_call"), "generate did not compile the decoding step"
     assert torch.equal(compiled, eager)
 
-    # A training step changes the weights in place: the compiled graph must not keep the old ones.
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
+    # The weights change in place through `.data` (as EMA code and hand-written updates do), which moves neither their
+    # address nor their version counter: the compiled graph, which froze copies of them, must not keep the old ones.
+    for parameter in model.parameters():
+        parameter.data.add_(0.05 * torch.randn_like(parameter))
     eager_after, compiled_after = both()
     assert not torch.equal(eager_after, eager)
     assert torch.equal(compiled_after, eager_after)
+
+
+def _no_grad_add(model):
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+
+
+def _one_element_through_data(model):
+    parameter = list(model.parameters())[-1]
+    parameter.data.view(-1)[7] = torch.nextafter(parameter.data.view(-1)[7], torch.tensor(float("inf")))
+
+
+def _load_state_dict(model):
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    state[[name for name, _ in model.named_parameters()][1]] += 1e-3  # not the tied embeddings: lm_head's copy wins
+    model.load_state_dict(state)
+
+
+@pytest.mark.parametrize("change", [_no_grad_add, _one_element_through_data, _load_state_dict, lambda m: m.half()],
+                         ids=["no_grad add_", "one element by 1 ulp via .data", "load_state_dict", "half()"])
+def test_weights_stamp_sees_every_change(change):
+    """The stamp `get_compiled_call` compares before reusing a frozen graph, on every path that changes weights."""
+    model = DECODERS[0].causal_lm_class(DECODERS[0].tiny_config())
+    stamp = weights_stamp(model)
+    assert weights_stamp(model) == stamp  # reading it changes nothing
+    change(model)
+    assert weights_stamp(model) != stamp
 
 
 def test_refuses_models_without_static_cache_support():
