@@ -520,6 +520,7 @@ def _expected_load_differences(model, info: dict) -> str | None:
     old_heads = {head_module(key) for key in unexpected}
     if None in new_heads or None in old_heads:
         return None
+
     def outermost(modules: set[str]) -> str:  # `cls.predictions`, not also `cls.predictions.decoder`
         return ", ".join(sorted(m for m in modules if not any(m.startswith(f"{o}.") for o in modules)))
 
