@@ -10,23 +10,26 @@ through the same code as `scripts/export.py`; it says so on stderr and keeps its
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+if __name__ == "__main__":  # --help without the heavy imports below, when it was printed before
+    from _help_cache import print_cached_help
+
+    print_cached_help(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import export  # noqa: E402
-from lmblocks.cli import check_checkpoint_path, loading, run_script  # noqa: E402
+from lmblocks.cli import ArgumentParser, check_checkpoint_path, loading, run_script  # noqa: E402
 from lmblocks.training import UsageError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="folder written by an lmblocks GPT-2 model's save_pretrained")
     parser.add_argument("output", help="folder to write in transformers' GPT-2 format")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest weight file (default: 5GB)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest weight file")
     args = parser.parse_args(argv)
     print("scripts/export_gpt2.py is deprecated: use scripts/export.py --model_name_or_path CHECKPOINT --output_dir "
           "OUTPUT (every family; --format gguf for llama.cpp).", file=sys.stderr)
