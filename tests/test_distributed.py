@@ -1,15 +1,15 @@
-"""Beyond one process: `accelerate launch --num_processes 2` runs scripts/pretrain.py on CPU (gloo).
+"""Beyond one process, on CPU (gloo).
 
-DDP: both ranks end with identical weights, and the per-step losses equal those of one process that takes the same
-global batch (2 ranks × 2 sequences = 1 process × 4 sequences; accelerate's seeded sampler gives both runs the same
-sample order, and dropout is off so the arithmetic is the same up to the order of floating-point sums).
+DDP: `accelerate launch --num_processes 2` runs scripts/pretrain.py; both ranks end with identical weights, and the
+per-step losses equal those of one process that takes the same global batch (2 ranks × 2 sequences = 1 process × 4
+sequences; accelerate's seeded sampler gives both runs the same sample order, and dropout is off so the arithmetic is
+the same up to the order of floating-point sums).
 
-FSDP on CPU: accelerate 1.15 does not apply FSDP to a CPU process group. `AcceleratorState` switches to
-`DistributedType.FSDP` only when the distributed type is one of MULTI_GPU / MLU / SDAA / MUSA / NPU / XPU / HPU /
-NEURON (accelerate/state.py, the branch that reads ACCELERATE_USE_FSDP); with gloo on CPU the type is MULTI_CPU, the
-FSDP flags are ignored and the run is plain DDP. The test launches with `--use_fsdp --fsdp_version 2` and checks which
-of the two happened: it xfails with that reason while accelerate ignores the flags, and checks sharded training for
-real once it does not.
+FSDP: accelerate 1.15 does not apply FSDP to a CPU process group (`AcceleratorState` switches to FSDP only for GPU-like
+distributed types; with gloo on CPU the flags are ignored and the run is plain DDP), so the sharded test calls
+PyTorch's FSDP2 itself: `torchrun` starts 2 processes, `fully_shard` shards a tiny lmblocks model (each block, then
+the root) over a CPU device mesh, and three training steps give the losses and weights of the unsharded model trained
+on the whole batch in one process.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -109,20 +110,64 @@ def test_ddp_two_processes_match_one(setup, single_process):
     assert (setup / "ddp" / "config.json").exists() and not list((setup / "ddp").glob(".staging-*"))
 
 
-def test_fsdp_on_cpu(setup, single_process):
-    probe = setup / "probe_fsdp"
-    run(launch(["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-                "--fsdp_transformer_layer_cls_to_wrap", "LmbGPT2Block", "--fsdp_state_dict_type", "FULL_STATE_DICT"])
-        + pretrain_args(setup, 2, "fsdp"), probe)
-    (info0, weights0), (info1, weights1) = read_probe(probe, 0), read_probe(probe, 1)
-    if info0["distributed_type"] != "DistributedType.FSDP":
-        pytest.xfail(
-            f"accelerate ignores --use_fsdp on CPU: the run used {info0['distributed_type']} "
-            f"({info0['backend']}), because AcceleratorState enables FSDP only for GPU-like distributed types "
-            f"(MULTI_GPU/MLU/SDAA/MUSA/NPU/XPU/HPU/NEURON), never MULTI_CPU"
-        )
-    assert "DTensor" in info0["parameter_types"], "FSDP2 should shard parameters as DTensors"
-    for name in weights0:
-        assert torch.equal(weights0[name], weights1[name]), f"ranks differ in {name}"
-    torch.testing.assert_close(torch.tensor(info0["losses"]), torch.tensor(single_process[0]["losses"]),
-                               rtol=1e-4, atol=1e-4)
+_FSDP_WORKER = textwrap.dedent(
+    """
+    import copy, json, os, sys
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    import lmblocks
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    config = lmblocks.LmbLlamaConfig.from_preset("tiny", vocab_size=99, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = lmblocks.LmbLlamaForCausalLM(config).train()
+    unsharded = copy.deepcopy(model)  # the same weights, trained on the whole batch in this process
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    ids = torch.randint(3, 99, (2 * world, 16), generator=torch.Generator().manual_seed(1))
+    mine = ids[2 * rank: 2 * rank + 2]  # each rank its 2 sequences of the global batch
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, unsharded)]
+    losses = []
+    for step in range(3):
+        loss = model(mine, labels=mine).loss  # FSDP averages the gradients over the ranks in its reduce-scatter
+        loss.backward()
+        whole_batch = unsharded(ids, labels=ids).loss
+        whole_batch.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append([mean.item() / world, whole_batch.item()])
+    gathered = {name: p.full_tensor() for name, p in model.named_parameters()}
+    out = dict(losses=losses, parameter_types=sorted({type(p).__name__ for p in model.parameters()}),
+               local=sum(p.to_local().numel() for p in model.parameters()),
+               total=sum(p.numel() for p in unsharded.parameters()),
+               weight_diff=max((gathered[name] - p.detach()).abs().max().item()
+                               for name, p in unsharded.named_parameters()))
+    with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_fsdp2_shards_on_cpu_and_trains_as_one_process(tmp_path):
+    (tmp_path / "worker.py").write_text(_FSDP_WORKER)
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), str(tmp_path / "worker.py"), str(tmp_path)], tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for out in ranks:
+        assert out["parameter_types"] == ["DTensor"]  # every parameter sharded
+        assert out["local"] < 0.6 * out["total"]  # each rank holds about half of the weights
+        for sharded, unsharded in out["losses"]:
+            assert sharded == pytest.approx(unsharded, abs=1e-5)
+        assert out["losses"][-1][0] < out["losses"][0][0]  # it trained
+        assert out["weight_diff"] < 1e-5
+    assert ranks[0]["local"] + ranks[1]["local"] == ranks[0]["total"]
