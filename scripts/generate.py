@@ -173,7 +173,8 @@ def causal_lm_class(config, path: str, use_lmblocks: bool):
 
     family = family_reading(config.model_type)
     if family is not None and not family.is_decoder:
-        decoders = " or ".join(name for name, spec in FAMILIES.items() if spec.is_decoder)
+        decoders = [name for name, spec in FAMILIES.items() if spec.is_decoder]
+        decoders = " or ".join(filter(None, [", ".join(decoders[:-1]), decoders[-1]]))
         raise UsageError(f"{path} is a {family.name.upper()} checkpoint ({config.model_type}): an encoder with no "
                          f"causal-LM head, so it cannot generate text. Use a {decoders} checkpoint here; for "
                          f"{family.name.upper()}, fill masks (pipeline('fill-mask')) or fine-tune a classifier "
