@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from huggingface_hub.dataclasses import strict
 
-from .configuration_llama import LmbLlamaConfig
+from .configuration_llama import LLAMA_PRESETS, LmbLlamaConfig
 
 _QWEN25 = dict(vocab_size=151936, max_position_embeddings=32768, bos_token_id=151643, eos_token_id=151643,
                tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
@@ -19,11 +19,8 @@ QWEN2_PRESETS: dict[str, dict[str, Any]] = {
     "1.5B": dict(_QWEN25, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                  num_key_value_heads=2, max_position_embeddings=131072, max_window_layers=28),
     # Small shapes for CPU runs and tests: LLaMA's, with Qwen2's tied embeddings.
-    "small": dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True),
-    "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
-                 tie_word_embeddings=True),
+    "small": dict(LLAMA_PRESETS["small"], tie_word_embeddings=True),
+    "tiny": dict(LLAMA_PRESETS["tiny"], tie_word_embeddings=True),
 }
 LAYER_TYPES = ("full_attention", "sliding_attention")
 

@@ -1,8 +1,6 @@
-"""Qwen2 (Qwen2, Qwen2.5, DeepSeek-R1-Distill-Qwen) as LLaMA's differences: biases on the query/key/value
-projections but not on the output one, and sliding-window attention on the layers `config.layer_types` names (off in
-the released checkpoints; masks from transformers' `masking_utils`, as in its `Qwen2Model`). Blocks, RoPE, cache,
-heads and tied embeddings are LLaMA's. Parameter names are transformers' `Qwen2ForCausalLM`'s: Qwen2.5 folders load
-as they are."""
+"""Qwen2 (Qwen2, Qwen2.5, DeepSeek-R1-Distill-Qwen) as LLaMA's differences: biases on q/k/v but not on the output
+projection, and sliding-window attention on the layers `config.layer_types` names (off in the released checkpoints;
+masks from transformers' `masking_utils`). Tensor names are `Qwen2ForCausalLM`'s: Qwen2.5 folders load as they are."""
 
 import torch
 from torch import nn
@@ -43,8 +41,8 @@ class LmbQwen2DecoderLayer(LmbLlamaDecoderLayer):
 
 
 class LmbQwen2PreTrainedModel(LmbLlamaPreTrainedModel):
-    """LLaMA's settings on Qwen2's config and blocks; first among the bases of every Qwen2 class, so that they win
-    over the `config_class` transformers copies into each LLaMA class."""
+    """LLaMA's settings on Qwen2's config and blocks; first among the bases of each Qwen2 class, to win over the
+    `config_class` transformers copies into every LLaMA class."""
 
     config: LmbQwen2Config
     config_class = LmbQwen2Config
