@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +62,7 @@ def _config_value(config, path: str) -> Any:
 def check_gguf_supported(model: PreTrainedModel) -> dict[str, Any]:
     """The table, after checking the options llama.cpp computes only one way (`required`: field -> allowed values)."""
     table = gguf_table(model)
-    if model.can_generate() is False or not hasattr(model, "lm_head"):
+    if not model.can_generate():
         raise ExportError(f"{type(model).__name__} is not a causal language model; GGUF export takes the family's "
                           "causal-LM class.")
     for path, allowed in table.get("required", {}).items():
