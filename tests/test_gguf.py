@@ -226,3 +226,24 @@ def test_gguf_refuses_what_llama_cpp_cannot_run(tmp_path):
         export_to_gguf(LLAMA.causal_lm_class(config), tokenizer, tmp_path / "llama.gguf")
     with pytest.raises(ExportError, match="outtype"):
         export_to_gguf(LLAMA.causal_lm_class(LLAMA.tiny_config()), tokenizer, tmp_path / "llama.gguf", "q4_0")
+
+
+def test_export_script_gguf(tmp_path, capsys):
+    """The first of the two commands in docs/usage.md: a saved lmblocks LLaMA with its tokenizer to one .gguf file."""
+    import importlib.util
+
+    from lmblocks import save_tokenizer
+
+    tokenizer = train_tokenizer(iter(_lines("alice29")[:500]), kind="llama", vocab_size=400)
+    model = LLAMA.causal_lm_class(LLAMA.tiny_config(vocab_size=len(tokenizer))).eval()
+    model.save_pretrained(tmp_path / "llama")
+    save_tokenizer(tokenizer, tmp_path / "llama")
+    spec = importlib.util.spec_from_file_location("export_script", REPO_ROOT / "scripts" / "export.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script
+    spec.loader.exec_module(script)
+    script.main(["--model_name_or_path", str(tmp_path / "llama"), "--output_dir", str(tmp_path / "exported"),
+                 "--format", "gguf", "--outtype", "q8_0"])
+    assert "exported/llama-q8_0.gguf" in capsys.readouterr().out
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", gguf_file="llama-q8_0.gguf")
+    assert type(loaded).__name__ == "LlamaForCausalLM"
