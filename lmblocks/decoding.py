@@ -103,6 +103,8 @@ def weights_stamp(model: torch.nn.Module) -> tuple[int, ...]:
     update smaller than the rounding of the running total, and summing in float64 costs 14 times as much."""
     sums = []
     for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.device.type == "meta":  # offloaded (device_map): its values live elsewhere, loaded per forward
+            continue
         width = tensor.element_size()
         sums.append(tensor.detach().view(_SAME_WIDTH_INT[width]).sum(dtype=torch.int64 if width == 8 else torch.int32))
     return tuple(torch.stack([s.to(torch.int64) for s in sums]).tolist()) if sums else ()
