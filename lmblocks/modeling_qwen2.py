@@ -81,9 +81,33 @@ class LmbQwen2ForSequenceClassification(LmbQwen2PreTrainedModel, LmbLlamaForSequ
     base_model_class = LmbQwen2Model
 
 
+# Exports (`lmblocks.export`, `lmblocks.export_gguf`): transformers' Qwen2 classes, and llama.cpp's qwen2, which has
+# the q/k/v biases and rotates halves as transformers does (no row reordering, unlike llama).
+TRANSFORMERS_EXPORT = {
+    "classes": {LmbQwen2Model: "Qwen2Model", LmbQwen2ForCausalLM: "Qwen2ForCausalLM",
+                LmbQwen2ForSequenceClassification: "Qwen2ForSequenceClassification"},
+    "required": {"mlp_bias": False, "rms_norm_bias": False},
+}
+GGUF_EXPORT = {
+    "architecture": "qwen2",
+    "hyperparameters": {"context_length": "max_position_embeddings", "embedding_length": "hidden_size",
+                        "feed_forward_length": "intermediate_size", "block_count": "num_hidden_layers",
+                        "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
+                        "rope.freq_base": "rope_parameters.rope_theta",
+                        "attention.layer_norm_rms_epsilon": "rms_norm_eps"},
+    "required": {"rope_parameters.rope_type": "default", "hidden_act": "silu", "attention_bias": True,
+                 "mlp_bias": False, "rms_norm_bias": False, "use_sliding_window": False},
+}
+
+# `lmblocks.export`: the transformers class each class becomes; options Qwen2's classes have at one value only.
+TRANSFORMERS_EXPORT = {
+    "classes": {LmbQwen2Model: "Qwen2Model", LmbQwen2ForCausalLM: "Qwen2ForCausalLM",
+                LmbQwen2ForSequenceClassification: "Qwen2ForSequenceClassification"},
+    "required": {"rms_norm_bias": False, "attention_bias": True, "mlp_bias": False},
+}
 AUTO_CLASSES = {"AutoModel": LmbQwen2Model, "AutoModelForCausalLM": LmbQwen2ForCausalLM,
                 "AutoModelForSequenceClassification": LmbQwen2ForSequenceClassification}
 register_for_auto_classes(LmbQwen2Config, AUTO_CLASSES)
 
-__all__ = ["AUTO_CLASSES", "LORA_TARGET_MODULES", "PEFT_TARGET_MODULES", "LmbQwen2PreTrainedModel", "LmbQwen2Model",
-           "LmbQwen2ForCausalLM", "LmbQwen2ForSequenceClassification"]
+__all__ = ["AUTO_CLASSES", "LORA_TARGET_MODULES", "PEFT_TARGET_MODULES", "TRANSFORMERS_EXPORT", "GGUF_EXPORT",
+           "LmbQwen2PreTrainedModel", "LmbQwen2Model", "LmbQwen2ForCausalLM", "LmbQwen2ForSequenceClassification"]
