@@ -99,12 +99,6 @@ GGUF_EXPORT = {
                  "mlp_bias": False, "rms_norm_bias": False, "use_sliding_window": False},
 }
 
-# `lmblocks.export`: the transformers class each class becomes; options Qwen2's classes have at one value only.
-TRANSFORMERS_EXPORT = {
-    "classes": {LmbQwen2Model: "Qwen2Model", LmbQwen2ForCausalLM: "Qwen2ForCausalLM",
-                LmbQwen2ForSequenceClassification: "Qwen2ForSequenceClassification"},
-    "required": {"rms_norm_bias": False, "attention_bias": True, "mlp_bias": False},
-}
 AUTO_CLASSES = {"AutoModel": LmbQwen2Model, "AutoModelForCausalLM": LmbQwen2ForCausalLM,
                 "AutoModelForSequenceClassification": LmbQwen2ForSequenceClassification}
 register_for_auto_classes(LmbQwen2Config, AUTO_CLASSES)
