@@ -1,6 +1,6 @@
 """GGUF export (`lmblocks.export_gguf`, `scripts/export.py --format gguf`) read back by transformers' own GGUF loader.
 
-For the GPT-2 and LLaMA kinds: `AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)` computes the logits of
+For every decoder family (GPT-2, LLaMA, Qwen2): `AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)` computes the logits of
 the lmblocks model whose weights went through the same storage type (f32: the model itself, ≤ 1e-5; f16, bf16,
 q8_0: the weights rounded as stored), and `AutoTokenizer.from_pretrained(folder, gguf_file=...)` gives the same ids.
 llama.cpp itself runs in `make test-gguf` (tests_gguf/); here a line-by-line port of llama.cpp's SentencePiece
@@ -26,7 +26,7 @@ from lmblocks.export import ExportError  # noqa: E402
 from lmblocks.export_gguf import OUTTYPES, export_to_gguf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from families import BERT, GPT2, LLAMA  # noqa: E402
+from families import BERT, DECODERS, GPT2, LLAMA  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CORPUS = REPO_ROOT / ".cache" / "corpus"
@@ -47,11 +47,12 @@ def _lines(book: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict:
-    """A tiny GPT-2 and LLaMA with tokenizers trained on one book, each exported in every outtype."""
+    """A tiny model of each decoder family with a tokenizer of its kind trained on one book, exported in every
+    outtype."""
     torch.manual_seed(0)
     texts = _lines("alice29")
     out = {}
-    for family in (GPT2, LLAMA):
+    for family in DECODERS:
         tokenizer = train_tokenizer(iter(texts), kind=family.tokenizer_kind, vocab_size=600)
         # transformers' GGUF loader reads GPT-2's context length into `n_ctx`, not `n_positions`, so its model has
         # 1024 positions whatever the file says: the tiny GPT-2 has 1024 to load there.
@@ -87,7 +88,7 @@ def _as_stored(model, outtype: str):
 
 
 @pytest.mark.parametrize("outtype", OUTTYPES)
-@pytest.mark.parametrize("family", [GPT2, LLAMA], ids=lambda f: f.name)
+@pytest.mark.parametrize("family", DECODERS, ids=lambda f: f.name)
 def test_transformers_gguf_loader_reproduces_the_logits(exported, family, outtype):
     entry = exported[family.name]
     loaded = AutoModelForCausalLM.from_pretrained(entry["folder"], gguf_file=entry["files"][outtype]).eval()
@@ -104,7 +105,7 @@ def test_transformers_gguf_loader_reproduces_the_logits(exported, family, outtyp
         assert error <= 1e-5
 
 
-@pytest.mark.parametrize("family", [GPT2, LLAMA], ids=lambda f: f.name)
+@pytest.mark.parametrize("family", DECODERS, ids=lambda f: f.name)
 def test_transformers_gguf_tokenizer_gives_the_same_ids(exported, family):
     entry = exported[family.name]
     theirs = AutoTokenizer.from_pretrained(entry["folder"], gguf_file=entry["files"]["f32"])
