@@ -109,6 +109,8 @@ def test_hub_config_reads_as_transformers_reads_it_and_builds_the_official_tenso
     assert shapes(ours_model) == shapes(their_model)
     assert ours_model.model.layers[0].self_attn.q_proj.bias is not None
     assert ours_model.model.layers[0].self_attn.o_proj.bias is None
+    tied = ours_model.lm_head.weight is ours_model.model.embed_tokens.weight
+    assert tied == ours.tie_word_embeddings == (their_model.lm_head.weight is their_model.model.embed_tokens.weight)
     if name == "Qwen2.5-0.5B.json":  # Qwen's published parameter count, embeddings tied
         assert sum(p.numel() for p in ours_model.parameters()) == 494_032_768
 
