@@ -227,13 +227,34 @@ def check_length_fits(config, length: int, flag: str) -> None:
 
 def check_checkpoint_path(path: str, what: str = "checkpoint") -> None:
     """A path that is clearly meant as a local folder (absolute, relative with ./ or ../, more than one '/', or
-    inside a folder that exists here, like `outputs/gtp2`) must exist; a Hub id (`org/name`) is left to the loader."""
-    if Path(path).exists():
+    inside a folder that exists here, like `outputs/gtp2`) must exist; a Hub id (`org/name`) is left to the loader.
+    A file is refused as such; so is a model folder with no config.json (or adapter_config.json)."""
+    if Path(path).is_file():
+        raise UsageError(f"The {what} {path} is a file; give the folder that save_pretrained wrote (config.json, the "
+                         "weights, the tokenizer files).")
+    if Path(path).is_dir():
+        if what != "tokenizer" and not any((Path(path) / name).is_file() for name in COMPLETION_FILES):
+            raise UsageError(f"{path} has no config.json: it is not a saved model (give the folder save_pretrained "
+                             "wrote).")
         return
     looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path \
         or ("/" in path and Path(path.split("/")[0]).is_dir())
     if looks_local or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
         raise UsageError(f"The {what} folder {path} does not exist.")
+
+
+# Files one of which a tokenizer folder holds: a fast tokenizer, its settings, or a slow one's vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+COMPLETION_FILES = ("config.json", "adapter_config.json")
+
+
+def check_tokenizer_files(path: str) -> None:
+    """A local folder to load a tokenizer from must hold tokenizer files (transformers would otherwise blame a
+    missing sentencepiece or tiktoken)."""
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(f"No tokenizer files found in {path} (expected one of {', '.join(TOKENIZER_FILES)}); save "
+                         "the tokenizer next to the model, or give --tokenizer_name_or_path.")
 
 
 @contextmanager
@@ -543,6 +564,8 @@ __all__ = [
     "model_positions",
     "check_length_fits",
     "check_checkpoint_path",
+    "TOKENIZER_FILES",
+    "check_tokenizer_files",
     "loading",
     "check_output_dir",
     "last_checkpoint",

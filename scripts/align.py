@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts
 
 from trl import DPOConfig  # noqa: E402
 
-from lmblocks.cli import parse_arguments, run_script  # noqa: E402
+from lmblocks.cli import check_tokenizer_files, parse_arguments, run_script  # noqa: E402
 from lmblocks.data import CorpusError  # noqa: E402
 from lmblocks.training import UsageError  # noqa: E402
 
@@ -223,6 +223,7 @@ def run_alignment(model_args: ModelArguments, data_args: DataArguments, training
     check_hub_credentials(training_args.push_to_hub, training_args.hub_token)
     training_args.resume_from_checkpoint = check_output_dir(
         training_args.output_dir, training_args.resume_from_checkpoint, model_args.overwrite_output_dir)
+    check_tokenizer_files(model_args.model_name_or_path)
     set_seed(training_args.seed)
     if train_dataset is None:
         try:

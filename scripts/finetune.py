@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from transformers import TrainingArguments  # noqa: E402
 
-from lmblocks.cli import parse_arguments, run_script  # noqa: E402
+from lmblocks.cli import check_tokenizer_files, parse_arguments, run_script  # noqa: E402
 from lmblocks.data import CorpusError, check_data_file, check_encoding, check_hub_reachable, \
     load_data_files  # noqa: E402
 from lmblocks.training import UsageError  # noqa: E402
@@ -224,6 +224,7 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, trainin
         raise UsageError(f"--max_length must be at least 2, got {data_args.max_length}.")
     check_hub_credentials(training_args.push_to_hub, training_args.hub_token)
     check_checkpoint_path(model_args.model_name_or_path)
+    check_tokenizer_files(model_args.model_name_or_path)  # before the data is read
     with loading(model_args.model_name_or_path):
         config = AutoConfig.from_pretrained(model_args.model_name_or_path,
                                             trust_remote_code=model_args.trust_remote_code)

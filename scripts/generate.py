@@ -64,10 +64,6 @@ class GenerateArguments:
                 "transformers' own (the weights load as they are)."})
 
 
-# Files one of which a tokenizer folder holds (a fast tokenizer, a slow one's vocabulary, or its settings).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model")
-
 
 def generation_options(args: GenerateArguments) -> dict:
     """The keyword arguments of `model.generate` for `args`, checked the way `generate` would check them (the
@@ -130,7 +126,7 @@ def load_for_generation(path: str, trust_remote_code: bool = False, tokenizer_pa
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from lmblocks.cli import check_checkpoint_path, loading
+    from lmblocks.cli import check_checkpoint_path, check_tokenizer_files, loading
 
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}.")
@@ -138,20 +134,11 @@ def load_for_generation(path: str, trust_remote_code: bool = False, tokenizer_pa
     check_checkpoint_path(path)
     if tokenizer_path:
         check_checkpoint_path(tokenizer_path, "tokenizer")
-    for folder, what in ((path, "--model_name_or_path"), (tokenizer_path, "--tokenizer_name_or_path")):
-        if folder and Path(folder).is_file():
-            raise UsageError(f"{what} {folder} is a file; give the checkpoint's folder (the one holding config.json, "
-                             "the weights and the tokenizer files).")
-    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
-        raise UsageError(f"{path} has no config.json: it is not a saved model (give the folder save_pretrained "
-                         "wrote).")
     with loading(path, "model config"):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     model_class = causal_lm_class(config, path, use_lmblocks)
     tokenizer_source = tokenizer_path or path
-    if Path(tokenizer_source).is_dir() and not any((Path(tokenizer_source) / f).is_file() for f in TOKENIZER_FILES):
-        raise UsageError(f"No tokenizer files found in {tokenizer_source} (expected one of {', '.join(TOKENIZER_FILES)}"
-                         "); save the tokenizer next to the model, or give --tokenizer_name_or_path.")
+    check_tokenizer_files(tokenizer_source)
     with loading(tokenizer_source, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
     with loading(path, "causal LM"):

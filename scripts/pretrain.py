@@ -87,7 +87,8 @@ def validate_inputs(model_args: ModelArguments, data_args: DataArguments, traini
     """Everything that can be checked before a tokenizer or model is built: the family, the config with its
     overrides, the block size against the model's positions, the output folder and the resume checkpoint, then the
     corpus. Returns (family, config, texts); `config` is the checkpoint's with `--model_name_or_path`."""
-    from lmblocks.cli import check_checkpoint_path, check_length_fits, check_output_dir, loading
+    from lmblocks.cli import (check_checkpoint_path, check_length_fits, check_output_dir, check_tokenizer_files,
+                              loading)
     from lmblocks.training import check_hub_credentials, family_of_config, get_family
 
     check_hub_credentials(training_args.push_to_hub, training_args.hub_token)
@@ -122,6 +123,7 @@ def validate_inputs(model_args: ModelArguments, data_args: DataArguments, traini
     check_length_fits(config, data_args.block_size, "--block_size")
     if model_args.tokenizer_name_or_path:
         check_checkpoint_path(model_args.tokenizer_name_or_path, "tokenizer")
+        check_tokenizer_files(model_args.tokenizer_name_or_path)
     vocab_override = parse_overrides(model_args).get("vocab_size")
     if vocab_override is not None and model_args.tokenizer_name_or_path is None and not model_args.model_name_or_path \
             and vocab_override < model_args.tokenizer_vocab_size:
@@ -160,11 +162,12 @@ def new_config(model_args: ModelArguments, family, **tokenizer_kwargs):
 def get_tokenizer(model_args: ModelArguments, family, texts: list[str]):
     from transformers import AutoTokenizer
 
-    from lmblocks.cli import check_checkpoint_path, loading
+    from lmblocks.cli import check_checkpoint_path, check_tokenizer_files, loading
 
     source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     if source:
         check_checkpoint_path(source, "tokenizer")
+        check_tokenizer_files(source)
         with loading(source, "tokenizer"):
             return AutoTokenizer.from_pretrained(source)
     from lmblocks.tokenization_trainer import train_tokenizer
