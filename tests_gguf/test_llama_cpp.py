@@ -4,7 +4,7 @@
   on the four Canterbury books: llama.cpp gives the Hugging Face ids on ≥ 299 of the first 300 held-out lines of
   botchan.txt. (None of those starts with a space. On a line that does, the llama kind differs by one `▁`:
   `LlamaTokenizerFast`'s Metaspace adds no `▁` before text that starts with a space, llama.cpp always adds one.)
-- Greedy decoding: a tiny GPT-2 and LLaMA (f32) and SmolLM2-135M-Instruct (the real checkpoint fetched by
+- Greedy decoding: a tiny GPT-2, LLaMA and Qwen2 (f32) and SmolLM2-135M-Instruct (the real checkpoint fetched by
   `make env`, run in lmblocks' LLaMA, exported f32 and q8_0) give transformers' greedy tokens.
 """
 
@@ -65,23 +65,26 @@ def _greedy_transformers(model, input_ids: list[int], n: int) -> list[int]:
     return out[0, len(input_ids):].tolist()
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+DECODERS = ["gpt2", "llama", "qwen2"]  # lmblocks.FAMILIES with GGUF_EXPORT
+
+
+@pytest.fixture(scope="module", params=DECODERS)
 def exported(request, tmp_path_factory):
-    """A tokenizer of the kind trained on the four books, a tiny model of the family, its f32 GGUF."""
+    """A tokenizer of the family's kind trained on the four books, a tiny model of the family, its f32 GGUF."""
     import lmblocks
     from lmblocks.export_gguf import export_to_gguf
 
     for book in BOOKS:
         _lines(book)
-    kind = request.param
+    spec = lmblocks.FAMILIES[request.param]
+    kind = spec.tokenizer_kind
     tokenizer = lmblocks.train_tokenizer([str(CORPUS / f"{book}.txt") for book in BOOKS], kind=kind, vocab_size=4096)
-    spec = lmblocks.FAMILIES[kind]
     config = spec.config_class.from_preset("tiny", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                            eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     model = spec.causal_lm_class(config).eval()
-    path = export_to_gguf(model, tokenizer, tmp_path_factory.mktemp(kind) / f"tiny-{kind}-f32.gguf", "f32")
-    return kind, tokenizer, model, path
+    folder = tmp_path_factory.mktemp(spec.name)
+    return kind, tokenizer, model, export_to_gguf(model, tokenizer, folder / f"tiny-{spec.name}-f32.gguf", "f32")
 
 
 def test_llama_cpp_tokenizes_held_out_lines_like_hugging_face(exported):
