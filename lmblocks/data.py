@@ -147,11 +147,11 @@ def check_data_file(path: str | os.PathLike, encoding: str | None = None) -> str
     unless `encoding`), and, for JSON, parses, so a bad file is one `CorpusError` naming its line rather than a
     traceback from inside `datasets`. Returns the `datasets` builder name ("json" or "csv")."""
     path = Path(path)
+    if path.is_dir():
+        raise CorpusError(f"{path} is a directory, not a data file (.csv, .json or .jsonl).")
     builder = DATA_FILE_BUILDERS.get(path.suffix.lstrip(".").lower())
     if builder is None:
         raise CorpusError(f"{path}: data files must be .csv, .json or .jsonl.")
-    if path.is_dir():
-        raise CorpusError(f"{path} is a directory, not a data file.")
     if not path.is_file():
         raise CorpusError(f"Data file not found: {path}")
     text = read_text_file(path, encoding)

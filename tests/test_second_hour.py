@@ -174,6 +174,8 @@ def test_train_tokenizer_spells_dataset_options_as_the_other_scripts(folders, tm
 # --- 5. messages that name the real problem ------------------------------------------------------------------------
 
 def test_messages_name_the_real_problem(folders, tmp_path):
+    with pytest.raises(CorpusError, match="is a directory, not a data file"):
+        finetune.load_rows(finetune.DataArguments(train_file=str(folders)), seed=0)
     with pytest.raises(CorpusError, match="is a directory"):
         pretrain.validate_inputs(*pretrain.parse_args([
             "--model_family", "gpt2", "--preset", "tiny", "--train_files", str(folders), "--output_dir",
