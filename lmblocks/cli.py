@@ -63,7 +63,7 @@ class _LmbParserBehaviour:
         return kwargs
 
     def error(self, message: str):  # argparse's own prints the whole usage before the message
-        raise UsageError(f"{message}. See --help.")
+        raise UsageError(f"{message.rstrip('.')}. See --help.")
 
     def parse_args(self, args=None, namespace=None):
         namespace, unknown = self.parse_known_args(args, namespace)
