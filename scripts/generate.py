@@ -145,9 +145,10 @@ def load_for_generation(path: str, trust_remote_code: bool = False, tokenizer_pa
         loader = model_class or AutoModelForCausalLM
         extra = {} if model_class else {"trust_remote_code": trust_remote_code}
         model = loader.from_pretrained(path, dtype=getattr(torch, DTYPES[dtype]), **extra)
-    print(f"[generate] {type(model).__name__} ({type(model).__module__.split('.')[0]}, model_type "
-          f"{config.model_type})" + (hint_lmblocks(config) if model_class is None else ""), file=sys.stderr,
-          flush=True)
+    source = type(model).__module__.split(".")[0]
+    source = {"transformers_modules": "the checkpoint's own code"}.get(source, source)
+    print(f"[generate] {type(model).__name__} ({source}, model_type {config.model_type})"
+          + (hint_lmblocks(config) if model_class is None else ""), file=sys.stderr, flush=True)
     return model.to(device).eval(), tokenizer
 
 
