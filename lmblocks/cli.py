@@ -48,7 +48,13 @@ def run_script(main: Callable[[], Any]) -> None:
 # --- the command line ---------------------------------------------------------------------------------------------
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The description as written (the scripts' docstrings hold examples), and every option's default."""
+    """The description as written (the scripts' docstrings hold examples), and every option's default (unless its
+    help says it in its own words: "(default: each family's budget)")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and "(default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class _LmbParserBehaviour:
