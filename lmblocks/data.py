@@ -90,20 +90,25 @@ def iter_text_lines(paths: Sequence[str | os.PathLike], encoding: str | None = N
         with open(path, "rb") as handle:
             offset = 0
             line_number = 0
+            partial = ""  # the end of a chunk that is not the end of a line
             while chunk := handle.read(_CHUNK):
                 try:
-                    text = decoder.decode(chunk)
+                    text = partial + decoder.decode(chunk)
                 except UnicodeDecodeError as error:
                     # The decoder's bytes start with what it held back from the last chunk (a split character).
                     raise _decode_error(path, offset + len(chunk) - len(error.object), line_number, error,
                                         codec) from None
                 line_number += chunk.count(b"\n")
                 offset += len(chunk)
-                yield from text.splitlines(keepends=True)
+                lines = text.splitlines(keepends=True)
+                partial = lines.pop() if lines and lines[-1].splitlines()[0] == lines[-1] else ""
+                yield from lines
             try:
-                yield decoder.decode(b"", final=True)
+                partial += decoder.decode(b"", final=True)
             except UnicodeDecodeError as error:
                 raise _decode_error(path, offset - len(error.object), line_number, error, codec) from None
+            if partial:
+                yield partial
 
 
 def _decode_error(path, offset: int, lines_before: int, error: UnicodeDecodeError, codec: str) -> CorpusError:
