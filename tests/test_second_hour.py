@@ -110,6 +110,19 @@ def test_text_that_is_not_utf8_is_refused_with_line_and_byte_unless_an_encoding_
         finetune.load_rows(align.DataArguments(train_file=str(rows)), seed=0)
 
 
+def test_streamed_lines_are_whole_across_read_chunks(tmp_path, monkeypatch):
+    from lmblocks import data
+
+    monkeypatch.setattr(data, "_CHUNK", 7)  # characters and lines split across reads
+    path = tmp_path / "lines.txt"
+    path.write_text("héllo wörld\nsecond line here\n\nlast, no newline", encoding="utf-8")
+    assert list(data.iter_text_lines([path])) == ["héllo wörld\n", "second line here\n", "\n", "last, no newline"]
+    path.write_bytes("ok line\nabcdefghij\xe9z\n".encode("latin-1"))
+    with pytest.raises(CorpusError, match=r"line 2, byte offset 18 \(b'\\xe9'"):
+        list(data.iter_text_lines([path]))
+    assert list(data.iter_text_lines([path], "latin-1")) == ["ok line\n", "abcdefghijéz\n"]
+
+
 # --- 3. no tracebacks: generation options, broken data files -------------------------------------------------------
 
 @pytest.mark.parametrize("options, message", [
