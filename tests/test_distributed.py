@@ -160,8 +160,9 @@ _FSDP_WORKER = textwrap.dedent(
 
 def test_fsdp2_shards_on_cpu_and_trains_as_one_process(tmp_path):
     (tmp_path / "worker.py").write_text(_FSDP_WORKER)
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), str(tmp_path / "worker.py"), str(tmp_path)], tmp_path)
+    # --standalone: torchrun picks a free rendezvous port itself (no race with other runs on the machine).
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(tmp_path / "worker.py"), str(tmp_path)], tmp_path)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for out in ranks:
         assert out["parameter_types"] == ["DTensor"]  # every parameter sharded
