@@ -51,6 +51,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+if __name__ == "__main__":  # `--help` without importing torch, when an earlier call kept the text
+    from _help_cache import print_cached_help
+
+    print_cached_help(__file__)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
@@ -97,14 +102,16 @@ IDLE_SECONDS = {"tokenizers": 5, "pretrain": 150, "classifier": 60, "smollm2_bef
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    from lmblocks.cli import ArgumentParser
+
+    parser = ArgumentParser(description=__doc__)
     corpus = parser.add_mutually_exclusive_group()
     corpus.add_argument("--corpus", nargs="+", help="Text files to use instead of the default corpus.")
     corpus.add_argument("--dataset_name", help="A datasets dataset (name, or a save_to_disk folder) instead.")
-    parser.add_argument("--dataset_config_name", default=None)
-    parser.add_argument("--text_column", default="text")
-    parser.add_argument("--output_dir", default=str(REPO_ROOT / "outputs" / "main"))
+    parser.add_argument("--dataset_config_name", default=None, help="The dataset's configuration name.")
+    parser.add_argument("--text_column", default="text", help="The dataset column holding the text.")
+    parser.add_argument("--encoding", default=None, help="The corpus files' text encoding (default: UTF-8, strict).")
+    parser.add_argument("--output_dir", default=str(REPO_ROOT / "outputs" / "main"), help="Where the run goes.")
     families = _families()
     parser.add_argument("--families", nargs="+", choices=list(families),
                         default=[name for name, spec in families.items() if spec.demo.get("in_main_job", True)],
@@ -121,10 +128,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--real_model_minutes", type=float, default=None,
                         help="Safety cap on SmolLM2's instruction tuning and DPO minutes, each (default: none).")
     parser.add_argument("--no_real_models", action="store_true", help="Skip SmolLM2 and MiniLM.")
-    parser.add_argument("--vocab_size", type=int, default=4096)
-    parser.add_argument("--block_size", type=int, default=128)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--vocab_size", type=int, default=4096, help="Each trained tokenizer's vocabulary.")
+    parser.add_argument("--block_size", type=int, default=128, help="Pretraining sequence length (tokens).")
+    parser.add_argument("--batch_size", type=int, default=16, help="Pretraining and classifier batch size.")
+    parser.add_argument("--seed", type=int, default=42, help="Same seed, same figures.")
     parser.add_argument("--quick", action="store_true", help="A short smoke run with tiny models (for tests).")
     parser.add_argument("--resume", action="store_true", help="Go on with an interrupted run in --output_dir.")
     parser.add_argument("--overwrite", action="store_true", help="Replace a run already in --output_dir.")
@@ -231,7 +238,7 @@ def load_documents(args) -> tuple[list[tuple[str, str]], str]:
         if missing:
             raise UsageError(f"The default corpus is not cached ({missing[0]} is missing). Run "
                              f"`python scripts/fetch_assets.py` (`make demo` does) or pass --corpus FILE ...")
-    texts = read_text_files([str(p) for p in files])
+    texts = read_text_files([str(p) for p in files], args.encoding)
     names = [TITLES.get(p.stem, p.stem) for p in files]
     description = "Canterbury corpus books + botchan" if not args.corpus else ", ".join(p.name for p in files)
     return list(zip(names, texts)), description
@@ -323,7 +330,7 @@ def pretrain(args, family: str, tokenizer_path: str, texts: list[str], out: Path
         tokenizer_name_or_path=tokenizer_path, time_budget_seconds=cap_seconds(args.minutes_per_model))
     data_args = pretrain_script.DataArguments(
         train_files=list(args.corpus or []), dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name, text_column=args.text_column,
+        dataset_config_name=args.dataset_config_name, text_column=args.text_column, encoding=args.encoding,
         block_size=32 if args.quick else args.block_size, eval_fraction=0.05)
     training_args = training_arguments(
         args, out / family, learning_rate=settings["learning_rate"], warmup_steps=max(1, planned // 10),
@@ -950,7 +957,7 @@ def chat_report(r: dict) -> list[str]:
 
 # --- the job ------------------------------------------------------------------------------------------------------
 
-RUN_SETTINGS = ("corpus", "dataset_name", "dataset_config_name", "text_column", "families", "pretrain_steps",
+RUN_SETTINGS = ("corpus", "encoding", "dataset_name", "dataset_config_name", "text_column", "families", "pretrain_steps",
                 "classifier_steps", "sft_steps", "dpo_steps", "no_real_models", "vocab_size", "block_size",
                 "batch_size", "seed", "quick")
 
@@ -1045,8 +1052,6 @@ def main(argv=None) -> Path:
     try:
         results = run_stages(args, stages, documents, books, texts, out)
     except KeyboardInterrupt:
-        from lmblocks.training import UsageError  # noqa: F401
-
         where = stages.current.title if stages.current else "between stages"
         print(f"interrupted: during {where}; {len(stages.finished())} of {len(stage_plan)} stages are finished and "
               f"kept. Go on with: python scripts/main.py --resume --output_dir {out}", file=sys.stderr, flush=True)
@@ -1100,6 +1105,6 @@ def run_stages(args, stages: Stages, documents, books, texts, out: Path) -> dict
 
 
 if __name__ == "__main__":
-    from lmblocks.training import run_cli
+    from lmblocks.cli import run_script
 
-    run_cli(main)
+    run_script(main)
