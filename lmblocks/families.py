@@ -98,10 +98,10 @@ FAMILIES: dict[str, FamilySpec] = {
         lora_target_modules=modeling_gpt2.LORA_TARGET_MODULES,
         demo=dict(
             preset="small",
-            overrides="n_embd=256,n_layer=4,n_head=4,n_positions=256",
+            overrides="n_embd=192,n_layer=3,n_head=3,n_positions=256",
             quick_overrides="n_embd=32,n_layer=1,n_head=2,n_positions=64",
-            steps=300,
-            learning_rate=2e-3,
+            steps=500,
+            learning_rate=3e-3,
             prompt="Alice was beginning to",
             classifier=dict(lm_loss_weight=0.5),  # the main job's LoRA classifier runs on this family
         ),
@@ -117,12 +117,12 @@ FAMILIES: dict[str, FamilySpec] = {
         lora_target_modules=modeling_llama.LORA_TARGET_MODULES,
         demo=dict(
             preset="tiny",
-            overrides="hidden_size=256,intermediate_size=688,num_hidden_layers=4,num_attention_heads=4,"
-            "num_key_value_heads=2",
+            overrides="hidden_size=192,intermediate_size=512,num_hidden_layers=3,num_attention_heads=3,"
+            "num_key_value_heads=1",
             quick_overrides="hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,"
             "num_key_value_heads=1",
-            steps=300,
-            learning_rate=2e-3,
+            steps=500,
+            learning_rate=3e-3,
             prompt="It was the best of",
             quick_chat=True,  # --quick instruction-tunes this family's tiny model instead of SmolLM2
         ),

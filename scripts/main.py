@@ -403,7 +403,10 @@ def decoder_measures(args, spec, path: Path, held_out: str, texts: list[str]) ->
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=new_tokens, do_sample=True, top_k=40, temperature=0.8,
                              repetition_penalty=1.1, pad_token_id=tokenizer.eos_token_id)
-    samples = [tokenizer.decode(row[ids["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
+    # Decoded whole and cut after the prompt: decoding the new tokens alone drops a SentencePiece-style leading space.
+    start = len(tokenizer.decode(ids["input_ids"][0], skip_special_tokens=True))
+    samples = [tokenizer.decode(row, skip_special_tokens=True)[start:].replace("\r\n", "\n")
+               for row in out]  # the books' files end lines with CR LF
     found, total = word_share(samples, corpus_vocabulary(texts))
     say(f"{spec.name}: held-out bits per byte {before['bits_per_byte']:.3f} → {after['bits_per_byte']:.3f}; "
         f"{found} of {total} sampled words are words of the corpus")
