@@ -60,18 +60,20 @@ clean:
 
 # llama.cpp through llama-cpp-python, built from source (20–40 min of both cores), in its own venv with lmblocks:
 # tests_gguf/ runs lmblocks' GGUF exports (scripts/export.py --format gguf) in llama.cpp and compares with
-# transformers (docs/usage.md, "Run it elsewhere"). torch goes in first, pinned to the CPU wheel.
+# transformers (docs/usage.md, "Run it elsewhere"). torch goes in first, pinned to the CPU wheel. The multimodal
+# library (LLAVA_BUILD) is left out: nothing here uses it, and it saves build time.
 LLAMACPP_VENV := .venv-llamacpp
 LLAMA_CPP_PYTHON_VERSION := 0.3.36
 
-.PHONY: llama-cpp-env test-gguf
+.PHONY: llama-cpp-env test-gguf bench-llama-cpp
 
 $(LLAMACPP_VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(LLAMACPP_VENV)
 	$(LLAMACPP_VENV)/bin/python -m pip install -q --upgrade pip
 	$(LLAMACPP_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
 	$(LLAMACPP_VENV)/bin/python -m pip install -q -e ".[dev]"
-	$(LLAMACPP_VENV)/bin/python -m pip install -q --no-binary llama-cpp-python \
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
+		$(LLAMACPP_VENV)/bin/python -m pip install -q --no-binary llama-cpp-python \
 		llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
 	touch $@
 
@@ -79,3 +81,8 @@ llama-cpp-env: $(LLAMACPP_VENV)/.installed
 
 test-gguf: env llama-cpp-env
 	$(LLAMACPP_VENV)/bin/python -m pytest -q -s tests_gguf
+
+# llama.cpp f32 / q8_0 against lmblocks fp32 eager and compiled, SmolLM2-135M-Instruct, batch 1
+# (bench/llama_cpp_decode.py; on an idle machine).
+bench-llama-cpp: env llama-cpp-env
+	$(LLAMACPP_VENV)/bin/python bench/llama_cpp_decode.py

@@ -249,4 +249,43 @@ def export_to_gguf(
     return path
 
 
-__all__ = ["OUTTYPES", "gguf_table", "check_gguf_supported", "gguf_tensors", "add_tokenizer", "export_to_gguf"]
+# --- running it -----------------------------------------------------------------------------------------------------
+
+def cpu_has_amx() -> bool:
+    """Whether /proc/cpuinfo lists AMX (Linux; False elsewhere)."""
+    try:
+        return " amx_" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def llama_cpp_model(path: str | os.PathLike, *, extra_buffer_types: bool | None = None, **kwargs):
+    """`llama_cpp.Llama(model_path=path, **kwargs)` (llama-cpp-python, `make llama-cpp-env`).
+
+    `extra_buffer_types` is llama.cpp's `use_extra_bufts` (weights repacked for AMX or wider CPU kernels). Default:
+    off on CPUs that list AMX, where inside some virtual machines the AMX kernels die with SIGILL although the flag
+    is listed; on elsewhere. llama-cpp-python takes no such argument, so its default model parameters are patched
+    for the time of the load."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as low_level
+
+    if extra_buffer_types is None:
+        extra_buffer_types = not cpu_has_amx()
+    kwargs.setdefault("verbose", False)
+    defaults = low_level.llama_model_default_params
+
+    def params():
+        value = defaults()
+        if hasattr(value, "use_extra_bufts"):
+            value.use_extra_bufts = extra_buffer_types
+        return value
+
+    low_level.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+    finally:
+        low_level.llama_model_default_params = defaults
+
+
+__all__ = ["OUTTYPES", "gguf_table", "check_gguf_supported", "gguf_tensors", "add_tokenizer", "export_to_gguf",
+           "cpu_has_amx", "llama_cpp_model"]

@@ -23,24 +23,10 @@ PROMPTS = ["It was the best of times, it was the worst", "Alice was beginning to
 
 
 def _llama(path: Path, n_ctx: int = 512):
-    """A llama.cpp model for `path`, with `use_extra_bufts` off: the AMX repacked-weight buffers it turns on by
-    default die with SIGILL on this machine's CPUs (llama-cpp-python passes `llama_model_default_params()`)."""
-    import llama_cpp
-    import llama_cpp.llama_cpp as low_level
+    """A llama.cpp model for `path` (extra buffer types off on CPUs that list AMX: `llama_cpp_model`)."""
+    from lmblocks.export_gguf import llama_cpp_model
 
-    defaults = low_level.llama_model_default_params
-
-    def params():
-        value = defaults()
-        if hasattr(value, "use_extra_bufts"):
-            value.use_extra_bufts = False
-        return value
-
-    low_level.llama_model_default_params = params
-    try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, verbose=False)
-    finally:
-        low_level.llama_model_default_params = defaults
+    return llama_cpp_model(path, n_ctx=n_ctx, n_threads=2)
 
 
 def _lines(book: str) -> list[str]:

@@ -1,0 +1,166 @@
+"""Batch-1 CPU decoding, llama.cpp against lmblocks, on SmolLM2-135M-Instruct (`make bench-llama-cpp`).
+
+    .venv-llamacpp/bin/python bench/llama_cpp_decode.py [--threads 2] [--reps 5]
+
+Runs in `.venv-llamacpp` (`make llama-cpp-env`: llama-cpp-python built from source, with torch and lmblocks). The
+fetched checkpoint (`.cache/models/smollm2-135m-instruct`, `make env`) is loaded into lmblocks' LLaMA and exported
+by lmblocks to GGUF f32 and q8_0 (`lmblocks.export_gguf`); the four engines decode the same prompt ids (the chat
+template around one question), greedy, with the same number of threads:
+
+- llama.cpp (llama-cpp-python) f32 GGUF and q8_0 GGUF;
+- lmblocks fp32 eager, and fp32 with `lmblocks.decoding.enable_compiled_decoding` (compiled once, before timing).
+
+ms/token = (time of generate 65 tokens − time of generate 1 token) / 64, so the prompt's prefill cancels out; every
+generation runs its full length (no stop at end of sequence). The engines take turns within each repetition, in a
+rotating order (interleaved), and the table gives the median with min–max over the repetitions. Also printed: whether
+each engine's 64 greedy tokens equal lmblocks fp32 eager's. The table goes to stdout and to
+`bench/results/llama-cpp-decode.md`. Measure on an idle machine: on a shared one the numbers say more about the
+neighbours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+SMOLLM2 = REPO_ROOT / ".cache" / "models" / "smollm2-135m-instruct"
+RESULT = REPO_ROOT / "bench" / "results" / "llama-cpp-decode.md"
+QUESTION = "Write a short story about a lighthouse keeper."
+LONG, SHORT = 65, 1
+
+
+class LlamaCppEngine:
+    def __init__(self, path: Path, threads: int):
+        from lmblocks.export_gguf import llama_cpp_model
+
+        self.llm = llama_cpp_model(path, n_ctx=512, n_threads=threads, n_threads_batch=threads)
+
+    def generate(self, input_ids: list[int], n: int) -> list[int]:
+        self.llm.reset()  # the whole prompt again each time, as in lmblocks' generate
+        out = []
+        for token in self.llm.generate(input_ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            out.append(token)
+            if len(out) == n:
+                return out
+        return out
+
+
+class TransformersEngine:
+    def __init__(self, model):
+        self.model = model
+
+    def generate(self, input_ids: list[int], n: int) -> list[int]:
+        import torch
+
+        with torch.no_grad():
+            out = self.model.generate(torch.tensor([input_ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return out[0, len(input_ids):].tolist()
+
+
+def machine() -> str:
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} CPUs"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="threads for every engine (default: 2)")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per engine (default: 5)")
+    args = parser.parse_args(argv)
+    if not (SMOLLM2 / "config.json").is_file():
+        print(f"error: {SMOLLM2} is missing: `make env` fetches it.", file=sys.stderr)
+        return 2
+    try:
+        import llama_cpp
+    except ImportError:
+        print("error: llama-cpp-python is not installed here: run this with .venv-llamacpp/bin/python "
+              "(`make llama-cpp-env`).", file=sys.stderr)
+        return 2
+
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    import lmblocks
+    from lmblocks.decoding import enable_compiled_decoding
+    from lmblocks.export_gguf import cpu_has_amx, export_to_gguf
+
+    torch.set_num_threads(args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
+    input_ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
+                                              return_dict=True)["input_ids"]
+    eager = lmblocks.LmbLlamaForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32).eval()
+    compiled = enable_compiled_decoding(lmblocks.LmbLlamaForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32)
+                                        .eval())
+    engines = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for outtype in ("f32", "q8_0"):
+            path = export_to_gguf(eager, tokenizer, Path(folder) / f"smollm2-{outtype}.gguf", outtype)
+            engines[f"llama.cpp {outtype} GGUF"] = LlamaCppEngine(path, args.threads)
+    engines["lmblocks fp32 eager"] = TransformersEngine(eager)
+    engines["lmblocks fp32 `enable_compiled_decoding`"] = TransformersEngine(compiled)
+
+    same, setup = {}, {}
+    for name, engine in engines.items():  # warm up (compiles), and the greedy tokens
+        start = time.perf_counter()
+        tokens = engine.generate(input_ids, LONG)
+        engine.generate(input_ids, SHORT)
+        setup[name] = time.perf_counter() - start
+        same[name] = tokens[: LONG - 1]
+    reference = same["lmblocks fp32 eager"]
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    names = list(engines)
+    for rep in range(args.reps):
+        order = names[rep % len(names):] + names[: rep % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            engines[name].generate(input_ids, SHORT)
+            short = time.perf_counter() - start
+            start = time.perf_counter()
+            engines[name].generate(input_ids, LONG)
+            long = time.perf_counter() - start
+            times[name].append((long - short) / (LONG - SHORT) * 1000)
+
+    lines = [
+        f"SmolLM2-135M-Instruct, batch 1, greedy, prompt of {len(input_ids)} tokens, {args.threads} threads, "
+        f"ms/token = (generate {LONG} − generate {SHORT}) / {LONG - SHORT}, {args.reps} interleaved repetitions "
+        "(median, min–max).",
+        f"{datetime.date.today().isoformat()}, {machine()}{' (AMX: extra buffer types off)' if cpu_has_amx() else ''};"
+        f" llama-cpp-python {llama_cpp.__version__}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}",
+        "",
+        "| engine | ms/token | min–max | 64 greedy tokens = lmblocks fp32 eager's | warm-up (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, values in times.items():
+        agree = sum(a == b for a, b in zip(same[name], reference))
+        first_diff = next((i for i, (a, b) in enumerate(zip(same[name], reference)) if a != b), None)
+        verdict = "yes" if first_diff is None else f"no (first {first_diff} equal, {agree}/64 positions)"
+        lines.append(f"| {name} | {statistics.median(values):.1f} | {min(values):.1f}–{max(values):.1f} | {verdict} "
+                     f"| {setup[name]:.1f} |")
+    text = "\n".join(lines)
+    print(text)
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
