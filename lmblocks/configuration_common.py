@@ -22,8 +22,10 @@ import difflib
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from transformers import GenerationConfig, PreTrainedConfig
+from transformers import PreTrainedConfig
 from transformers.utils import logging
+
+from .compat import default_generation_params
 
 logger = logging.get_logger(__name__)
 
@@ -144,7 +146,7 @@ class LmbPretrainedConfig(PreTrainedConfig):
         return (
             key in _TRANSFORMERS_KEYS
             or key in self.extra_accepted_keys
-            or key in GenerationConfig._get_default_generation_params()
+            or key in default_generation_params()
         )
 
     @classmethod

@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator
 import torch
 from transformers import CompileConfig, PreTrainedModel
 
+from .compat import compile_on_every_device, unmark_static_input
+
 
 class FrozenWeightsInductor:
     """`torch.compile` backend: inductor, for graphs traced under `frozen_weights()` (`frozen_call` enters it around
@@ -79,8 +81,8 @@ def frozen_call(compiled: Callable) -> Callable:
         if cache is not None and not getattr(cache, "_inputs_unmarked", False):  # once per cache, not per step
             for layer in getattr(cache, "layers", ()):
                 for tensor in (getattr(layer, name, None) for name in ("keys", "values", "cumulative_length")):
-                    if torch.is_tensor(tensor) and hasattr(tensor, "_dynamo_static_input_type"):
-                        del tensor._dynamo_static_input_type
+                    if torch.is_tensor(tensor):
+                        unmark_static_input(tensor)
             cache._inputs_unmarked = True
         with frozen_weights():
             return compiled(*args, **kwargs)
@@ -116,8 +118,7 @@ def compiled_decoding_config(device: torch.device | str) -> CompileConfig:
         config = CompileConfig(fullgraph=True, dynamic=False, mode=None, backend=FrozenWeightsInductor())
     else:
         config = CompileConfig(fullgraph=True, dynamic=False)
-    config._compile_all_devices = True  # transformers auto-compiles on accelerators only, unless told
-    return config
+    return compile_on_every_device(config)
 
 
 def enable_compiled_decoding(model: PreTrainedModel) -> PreTrainedModel:

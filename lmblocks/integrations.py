@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from transformers import conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming
 
+from .compat import forget_checkpoint_conversions
+
 
 @contextmanager
 def weight_conversions_while_loading(
@@ -28,9 +30,7 @@ def weight_conversions_while_loading(
     try:
         yield
     finally:
-        # transformers has no public way to unregister; these are the two places registration writes to.
-        conversion_mapping._checkpoint_conversion_mapping_cache.pop(model_type, None)
-        conversion_mapping.USER_REGISTERED_MAPPINGS.discard(model_type)
+        forget_checkpoint_conversions(model_type)
 
 
 # Which of a family's module tables (`PEFT_TARGET_MODULES` in its modeling file) fills each of peft's per-model-type

@@ -31,6 +31,7 @@ from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from .compat import AttentionContainer
 from .configuration_bert import LmbBertConfig
 from .heads import EncoderHead, sequence_classification_loss
 from .integrations import register_peft_target_modules
@@ -132,10 +133,7 @@ class LmbBertSelfOutput(nn.Module):
         return self.LayerNorm(residual + self.dropout(self.dense(hidden_states)))
 
 
-# Spelled `torch.nn.Module`: transformers' `_can_set_attn_implementation` scans a modeling file's source for
-# `class ...Attention...(nn.Module)` and, finding one, expects the kernel dispatch in the same file (it is in
-# `layers.py`), which would refuse `set_attn_implementation` for BERT.
-class LmbBertAttention(torch.nn.Module):
+class LmbBertAttention(AttentionContainer):  # not `nn.Module`: see compat.AttentionContainer
     """`self` (the attention) and `output` (projection + residual + LayerNorm), as the checkpoints nest them."""
 
     def __init__(self, config: LmbBertConfig, layer_idx: int) -> None:

@@ -24,6 +24,7 @@ from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
 
+from .compat import forget_load_conversions
 from .configuration_gpt2 import LmbGPT2Config
 from .heads import CausalLMHead, LastTokenClassifierHead, _normalise
 from .integrations import register_peft_target_modules, weight_conversions_while_loading
@@ -128,8 +129,7 @@ class LmbGPT2PreTrainedModel(LmbPreTrainedModel):
         conv1d_to_linear = [WeightConverter(p, p, operations=[Transpose(0, 1)]) for p in CONV1D_PROJECTIONS]
         with weight_conversions_while_loading(LmbGPT2Config.model_type, conv1d_to_linear):
             model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        # transformers remembers the load's conversions to reverse them on save; lmblocks saves its own layout.
-        model._weight_conversions = None
+        forget_load_conversions(model)  # lmblocks saves its own layout, not the one it loaded
         return model
 
     @torch.no_grad()
