@@ -20,7 +20,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .training import UsageError
+
+
+class UsageError(ValueError):
+    """An input the scripts cannot honour; `run_script` prints its message and exits with status 2."""
 
 
 class Interrupted(Exception):
@@ -560,6 +563,7 @@ def _expected_load_differences(model, info: dict) -> str | None:
 
 
 __all__ = [
+    "UsageError",
     "Interrupted",
     "run_script",
     "ArgumentParser",

@@ -1,8 +1,9 @@
 """What the training scripts share: the model families by name, configs from presets, staged checkpoint writes,
 credential checks and Trainer callbacks for a live loss and a time budget.
 
-The scripts in `scripts/` are thin: argument dataclasses and a `run_*` function each. Anything two of them need, or
-that a user may want from Python, lives here.
+The scripts in `scripts/` are thin: argument dataclasses and a `run_*` function each; the skeleton of a training run
+they share is `lmblocks.runs`. Anything else two of them need, or that a user may want from Python, lives here.
+(`UsageError` and `run_script` live in `lmblocks.cli`; they stay importable from here.)
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import ast
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -19,11 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from lmblocks import families
+from lmblocks.cli import UsageError, run_script
 from lmblocks.families import FAMILIES, FamilySpec
-
-
-class UsageError(ValueError):
-    """An input the scripts cannot honour; the scripts print its message and exit with status 2."""
 
 
 # The families as everything else sees them: one spec each, in `lmblocks.families`.
@@ -138,14 +135,12 @@ def staged_directory(final_dir: str | os.PathLike):
 
 
 def run_cli(main: Callable[[], Any]) -> None:
-    """Run a script's `main`, turning `UsageError`s and corpus errors into one clear line and exit status 2."""
-    from .data import CorpusError
+    """Deprecated: `lmblocks.cli.run_script`, which this calls."""
+    import warnings
 
-    try:
-        main()
-    except (UsageError, CorpusError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    warnings.warn("lmblocks.training.run_cli is deprecated; use lmblocks.cli.run_script.", DeprecationWarning,
+                  stacklevel=2)
+    run_script(main)
 
 
 # --- the presets, as docs/usage.md lists them ----------------------------------------------------------------------

@@ -46,44 +46,26 @@ if __name__ == "__main__":  # --help without the heavy imports below, when it wa
 
     print_cached_help(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts
 
 from trl import DPOConfig  # noqa: E402
 
-from lmblocks.cli import check_tokenizer_files, parse_arguments, run_script  # noqa: E402
+from lmblocks.cli import UsageError, check_tokenizer_files, parse_arguments, run_script  # noqa: E402
 from lmblocks.data import CorpusError  # noqa: E402
-from lmblocks.training import UsageError  # noqa: E402
+from lmblocks.runs import LoraArguments, RowsArguments, RunArguments, TrainingRun, load_rows  # noqa: E402
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(LoraArguments, RunArguments):
     model_name_or_path: str = field(metadata={"help": "The causal-LM checkpoint to align."})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights."})
-    lora_alpha: float = field(default=16.0)
-    lora_dropout: float = field(default=0.05)
-    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Default: the family's."})
-    merge_lora: bool = field(default=False, metadata={"help": "Merge the adapter into the weights when saving."})
-    license: str = field(default="apache-2.0")
-    time_budget_seconds: float | None = field(default=None, metadata={"help": "Stop training after this long."})
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Start afresh in an --output_dir that holds an earlier run's checkpoint-* folders."})
 
 
 @dataclass
-class DataArguments:
-    train_file: str | None = field(default=None, metadata={"help": "csv, json or jsonl."})
-    validation_file: str | None = field(default=None)
-    dataset_name: str | None = field(default=None)
-    dataset_config_name: str | None = field(default=None)
-    validation_fraction: float = field(default=0.1)
+class DataArguments(RowsArguments):
     prompt_column: str = field(default="prompt")
     chosen_column: str = field(default="chosen")
     rejected_column: str = field(default="rejected")
     use_chat_template: bool = field(default=False, metadata={
         "help": "Render plain-string rows as a user turn + an assistant turn with the tokenizer's chat template."})
-    encoding: str | None = field(default=None, metadata={
-        "help": "Encoding of --train_file / --validation_file (default: UTF-8; a file that is not is refused with "
-                "its line and byte)."})
 
 
 @dataclass
@@ -149,16 +131,17 @@ def load_policy(model_name_or_path: str, trust_remote_code: bool):
     check_checkpoint_path(model_name_or_path)
     with loading(model_name_or_path):
         config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    decoders = [name for name, spec in FAMILIES.items() if spec.is_decoder]
     try:
         family = family_of_config(config)
     except UsageError:
         if config.model_type not in FAMILIES:
             raise UsageError(f"{model_name_or_path} is a {config.model_type!r} checkpoint; align.py trains lmblocks "
-                             f"causal LMs ({', '.join(n for n, f in FAMILIES.items() if f.is_decoder)}).") from None
-        family = get_family(config.model_type)  # a transformers gpt2 / llama folder
+                             f"causal LMs ({', '.join(decoders)}).") from None
+        family = get_family(config.model_type)  # a transformers folder of a family's own model_type
     if not family.is_decoder:
         raise UsageError(f"{model_name_or_path} is a {family.name} checkpoint ({config.model_type}), not a causal "
-                         f"language model: DPO needs a model that generates answers (gpt2 or llama).")
+                         f"language model: DPO needs a model that generates answers ({' or '.join(decoders)}).")
     with loading(model_name_or_path):
         model = family.causal_lm_class.from_pretrained(model_name_or_path)
     return model, family
@@ -211,18 +194,12 @@ def run_alignment(model_args: ModelArguments, data_args: DataArguments, training
     from transformers import AutoTokenizer, set_seed
     from trl import DPOTrainer
 
-    from finetune import load_rows
-    from lmblocks.cli import check_output_dir, loading, train, without_peft_deprecation_warning
-    from lmblocks.hub import save_trained_model
-    from lmblocks.training import check_hub_credentials, time_budget_callback, use_live_loss_bar
+    from peft import TaskType
 
-    if model_args.lora_r < 0:
-        raise UsageError(f"--lora_r must be ≥ 0, got {model_args.lora_r}.")
-    if model_args.merge_lora and not model_args.lora_r:
-        raise UsageError("--merge_lora needs a LoRA run (--lora_r > 0).")
-    check_hub_credentials(training_args.push_to_hub, training_args.hub_token)
-    training_args.resume_from_checkpoint = check_output_dir(
-        training_args.output_dir, training_args.resume_from_checkpoint, model_args.overwrite_output_dir)
+    from lmblocks.cli import loading, without_peft_deprecation_warning
+
+    run = TrainingRun(model_args, training_args, "[align]")
+    run.check()
     check_tokenizer_files(model_args.model_name_or_path)
     set_seed(training_args.seed)
     if train_dataset is None:
@@ -247,29 +224,15 @@ def run_alignment(model_args: ModelArguments, data_args: DataArguments, training
         raise UsageError(f"--use_chat_template: the tokenizer of {model_args.model_name_or_path} has no chat "
                          f"template. Leave the flag off, or give data in chat form.")
 
-    peft_config = ref_model = None
-    if model_args.lora_r:
-        from peft import LoraConfig, TaskType
-
-        peft_config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
-                                 lora_dropout=model_args.lora_dropout, target_modules=model_args.lora_target_modules)
-    else:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    push_to_hub = training_args.push_to_hub
-    training_args.push_to_hub = False  # lmblocks pushes the finished folder itself, with its own card
-    if eval_dataset is None:
-        training_args.eval_strategy = "no"
-    callbacks = [time_budget_callback(model_args.time_budget_seconds)] if model_args.time_budget_seconds else []
+    peft_config = model_args.lora_config(TaskType.CAUSAL_LM)
+    ref_model = None if peft_config else copy.deepcopy(model).eval().requires_grad_(False)
     try:
         with without_peft_deprecation_warning():  # peft reads model.is_gradient_checkpointing while wrapping
-            trainer = DPOTrainer(model=model, ref_model=ref_model, args=training_args, train_dataset=train_dataset,
-                                 eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config,
-                                 callbacks=callbacks)
+            trainer = run.trainer(DPOTrainer, model=model, ref_model=ref_model, train_dataset=train_dataset,
+                                  eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config)
     except ValueError as error:
         raise UsageError(f"DPO set-up failed: {error}") from error
-    use_live_loss_bar(trainer)
-    n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in trainer.model.parameters())
+    n_trainable, trained = model_args.describe_training(trainer.model)
     metrics: dict[str, Any] = {}
     before = None
     if trainer.eval_dataset is not None:
@@ -277,19 +240,12 @@ def run_alignment(model_args: ModelArguments, data_args: DataArguments, training
         metrics.update(preference_metrics(*before, "before"))
     if trainer.is_world_process_zero():
         print(f"[align] {family.name} DPO (β={training_args.beta}, loss {'+'.join(training_args.loss_type)}): "
-              f"{n_trainable / 1e6:.3f}M of {n_total / 1e6:.2f}M parameters trained "
-              f"({'LoRA r=' + str(model_args.lora_r) if model_args.lora_r else 'full'}), {len(train_dataset)} "
-              f"training pairs, {len(eval_dataset) if eval_dataset is not None else 0} held out", flush=True)
+              f"{trained}, {len(train_dataset)} training pairs, {len(eval_dataset) if eval_dataset is not None else 0} held out", flush=True)
         if before is not None:
             print(f"[align] held-out before: preference accuracy {metrics['preference_accuracy_before']:.3f}, "
                   f"margin {metrics['preference_margin_before']:+.3f} nats", flush=True)
 
-    with without_peft_deprecation_warning():  # TRL switches checkpointing off and on around reference forwards
-        train_result = train(trainer, training_args.resume_from_checkpoint)
-    metrics.update(train_result.metrics)
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    if losses:
-        metrics["first_train_loss"], metrics["final_train_loss"] = losses[0], losses[-1]
+    metrics.update(run.train(trainer))
     metrics["trainable_parameters"] = n_trainable
     if before is not None:
         after = answer_log_probs(trainer.model, trainer.eval_dataset, training_args.per_device_eval_batch_size)
@@ -307,7 +263,7 @@ def run_alignment(model_args: ModelArguments, data_args: DataArguments, training
                   f"margin {metrics['preference_margin_after']:+.3f} nats; reward accuracy "
                   f"{metrics['reward_accuracy']:.3f}, reward margin {metrics['reward_margin']:+.4f}", flush=True)
 
-    save_trained_model(
+    metrics = run.save(
         trainer, tokenizer, family=family.name, task="instruct", metrics=metrics,
         card_metrics=("final_train_loss", "eval_loss", "preference_accuracy_before", "preference_accuracy_after",
                       "reward_accuracy", "reward_margin"),
@@ -315,11 +271,9 @@ def run_alignment(model_args: ModelArguments, data_args: DataArguments, training
                          "loss_type": training_args.loss_type, "lora_r": model_args.lora_r,
                          "lora_alpha": model_args.lora_alpha, "learning_rate": training_args.learning_rate,
                          "max_steps": training_args.max_steps, "max_length": training_args.max_length},
-        license=model_args.license, datasets=[data_args.dataset_name] if data_args.dataset_name else [],
-        base_model=model_args.model_name_or_path, merge_lora=model_args.merge_lora, push_to_hub=push_to_hub,
-        save_trainer_state=True, log_prefix="[align]",
+        datasets=[data_args.dataset_name] if data_args.dataset_name else [],
+        base_model=model_args.model_name_or_path, merge_lora=model_args.merge_lora,
     )
-    metrics["output_dir"] = str(training_args.output_dir)
     return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}
 
 

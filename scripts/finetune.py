@@ -34,10 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from transformers import TrainingArguments  # noqa: E402
 
-from lmblocks.cli import check_tokenizer_files, parse_arguments, run_script  # noqa: E402
-from lmblocks.data import CorpusError, check_data_file, check_encoding, check_hub_reachable, \
-    load_data_files  # noqa: E402
-from lmblocks.training import UsageError  # noqa: E402
+from lmblocks.cli import UsageError, check_tokenizer_files, parse_arguments, run_script  # noqa: E402
+from lmblocks.data import CorpusError  # noqa: E402
+from lmblocks.runs import LoraArguments, RowsArguments, RunArguments, TrainingRun, load_rows  # noqa: E402,F401
 
 # What lmblocks' chat template (lmblocks.cli.INSTRUCT_CHAT_TEMPLATE) renders for one instruction; kept for callers.
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -45,76 +44,21 @@ TASKS = ("seq_cls", "instruct")
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(LoraArguments, RunArguments):
     model_name_or_path: str = field(metadata={"help": "The pretrained checkpoint to start from."})
     task: str = field(default="seq_cls", metadata={"help": "seq_cls or instruct."})
     lm_loss_weight: float | None = field(default=None, metadata={"help": "GPT-2 seq_cls: λ of the auxiliary LM loss."})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 fine-tunes all weights."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling: the update is scaled by alpha / r."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
-    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Default: the family's."})
-    merge_lora: bool = field(default=False, metadata={"help": "Merge the adapter into the weights when saving."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the checkpoint's own modelling code."})
-    license: str = field(default="apache-2.0", metadata={"help": "License written into the model card."})
-    time_budget_seconds: float | None = field(default=None, metadata={"help": "Stop training after this long."})
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Start afresh in an --output_dir that holds an earlier run's checkpoint-* folders."})
 
 
 @dataclass
-class DataArguments:
-    train_file: str | None = field(default=None, metadata={"help": "csv, json or jsonl."})
-    validation_file: str | None = field(default=None, metadata={"help": "csv, json or jsonl (default: held out)."})
-    dataset_name: str | None = field(default=None, metadata={"help": "A datasets name, or a save_to_disk folder."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
-    validation_fraction: float = field(default=0.1, metadata={
-        "help": "Without validation data, the share of training rows held out."})
+class DataArguments(RowsArguments):
     text_column: str = field(default="text", metadata={"help": "seq_cls: the column holding the text."})
     label_column: str = field(default="label", metadata={"help": "seq_cls: the column holding the label."})
     instruction_column: str = field(default="instruction", metadata={"help": "instruct: the prompt column."})
     response_column: str = field(default="response", metadata={"help": "instruct: the answer column."})
     max_length: int = field(default=128, metadata={
         "help": "Tokens per row; longer rows are cut (and counted). At most the model's positions."})
-    encoding: str | None = field(default=None, metadata={
-        "help": "Encoding of --train_file / --validation_file (default: UTF-8; a file that is not is refused with "
-                "its line and byte)."})
-
-
-def load_rows(data_args: DataArguments, seed: int):
-    """(train, validation) `datasets.Dataset`s."""
-    import datasets
-
-    if bool(data_args.train_file) == bool(data_args.dataset_name):
-        raise UsageError("Give exactly one of --train_file and --dataset_name.")
-    if data_args.encoding and not data_args.train_file:
-        raise UsageError("--encoding applies to --train_file / --validation_file.")
-    try:
-        if data_args.train_file:
-            files = {"train": data_args.train_file}
-            if data_args.validation_file:
-                files["validation"] = data_args.validation_file
-            builders = {check_data_file(path, data_args.encoding) for path in files.values()}
-            if len(builders) > 1:
-                raise UsageError("--train_file and --validation_file must both be csv, or both json / jsonl.")
-            options = {"encoding": check_encoding(data_args.encoding)} if data_args.encoding else {}
-            data = load_data_files(builders.pop(), files, **options)
-        elif Path(data_args.dataset_name).is_dir() and (Path(data_args.dataset_name) / "dataset_dict.json").exists():
-            data = datasets.load_from_disk(data_args.dataset_name)
-        else:
-            check_hub_reachable(data_args.dataset_name)
-            data = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
-    except (FileNotFoundError, ValueError, ConnectionError) as error:
-        if isinstance(error, (UsageError, CorpusError)):
-            raise
-        raise CorpusError(f"Cannot load the fine-tuning data: {error}") from error
-    if "train" not in data:
-        raise CorpusError(f"The data has no train split (splits: {list(data)}).")
-    train = data["train"]
-    validation = data.get("validation")
-    if validation is None and data_args.validation_fraction > 0 and len(train) >= 10:
-        parts = train.train_test_split(test_size=data_args.validation_fraction, seed=seed)
-        train, validation = parts["train"], parts["test"]
-    return train, validation
 
 
 def check_columns(dataset, columns: list[str]) -> None:
@@ -151,12 +95,11 @@ def load_model(model_args: ModelArguments, num_labels: int | None, id2label: dic
 
 
 def apply_lora(model, model_args: ModelArguments):
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import TaskType, get_peft_model
 
-    task_type = TaskType.SEQ_CLS if model_args.task == "seq_cls" else TaskType.CAUSAL_LM
-    lora_config = LoraConfig(task_type=task_type, r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
-                             lora_dropout=model_args.lora_dropout, target_modules=model_args.lora_target_modules)
     from lmblocks.cli import without_peft_deprecation_warning
+
+    lora_config = model_args.lora_config(TaskType.SEQ_CLS if model_args.task == "seq_cls" else TaskType.CAUSAL_LM)
 
     try:
         with without_peft_deprecation_warning():
@@ -209,28 +152,22 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, trainin
     from transformers import AutoConfig, AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, \
         set_seed
 
-    from lmblocks.cli import (check_checkpoint_path, check_length_fits, check_output_dir, ensure_chat_template,
-                              loading, quiet_training_defaults, train)
-    from lmblocks.hub import save_trained_model
-    from lmblocks.training import check_hub_credentials, family_of_config, time_budget_callback, use_live_loss_bar
+    from lmblocks.cli import check_checkpoint_path, check_length_fits, ensure_chat_template, loading, \
+        quiet_training_defaults
+    from lmblocks.training import family_of_config
 
     if model_args.task not in TASKS:
         raise UsageError(f"Unknown --task {model_args.task!r}; choose one of {', '.join(TASKS)}.")
-    if model_args.lora_r < 0:
-        raise UsageError(f"--lora_r must be ≥ 0, got {model_args.lora_r}.")
-    if model_args.merge_lora and not model_args.lora_r:
-        raise UsageError("--merge_lora needs a LoRA run (--lora_r > 0).")
     if data_args.max_length < 2:
         raise UsageError(f"--max_length must be at least 2, got {data_args.max_length}.")
-    check_hub_credentials(training_args.push_to_hub, training_args.hub_token)
+    run = TrainingRun(model_args, training_args, "[finetune]")
+    run.check()
     check_checkpoint_path(model_args.model_name_or_path)
     check_tokenizer_files(model_args.model_name_or_path)  # before the data is read
     with loading(model_args.model_name_or_path):
         config = AutoConfig.from_pretrained(model_args.model_name_or_path,
                                             trust_remote_code=model_args.trust_remote_code)
     check_length_fits(config, data_args.max_length, "--max_length")
-    training_args.resume_from_checkpoint = check_output_dir(
-        training_args.output_dir, training_args.resume_from_checkpoint, model_args.overwrite_output_dir)
     set_seed(training_args.seed)
     train_rows, validation_rows = load_rows(data_args, training_args.seed)
 
@@ -275,22 +212,12 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, trainin
         model = apply_lora(model, model_args)
         if training_args.label_names is None:
             training_args.label_names = ["labels"]
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
+    n_trainable, trained = model_args.describe_training(model)
     quiet_training_defaults(training_args, len(train_dataset))
-    push_to_hub = training_args.push_to_hub
-    training_args.push_to_hub = False  # lmblocks pushes the finished folder itself, with its own card
-    if eval_dataset is None:
-        training_args.eval_strategy = "no"
-    callbacks = [time_budget_callback(model_args.time_budget_seconds)] if model_args.time_budget_seconds else []
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                      data_collator=collator, processing_class=tokenizer, compute_metrics=compute_metrics,
-                      callbacks=callbacks)
-    use_live_loss_bar(trainer)
+    trainer = run.trainer(Trainer, model=model, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                          data_collator=collator, processing_class=tokenizer, compute_metrics=compute_metrics)
     if trainer.is_world_process_zero():
-        print(f"[finetune] {family.name} {model_args.task}: {n_trainable / 1e6:.3f}M of {n_total / 1e6:.2f}M "
-              f"parameters trained ({'LoRA r=' + str(model_args.lora_r) if model_args.lora_r else 'full'}), "
-              f"{len(train_dataset)} training rows", flush=True)
+        print(f"[finetune] {family.name} {model_args.task}: {trained}, {len(train_dataset)} training rows", flush=True)
     before = {}
     if eval_dataset is not None and not training_args.resume_from_checkpoint:
         # The starting point on the held-out rows, so the card and callers can say what training changed.
@@ -298,11 +225,7 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, trainin
         if trainer.is_world_process_zero():
             print("[finetune] held-out before training: "
                   + ", ".join(f"{k[len('eval_'):-len('_before')]} {v:.4f}" for k, v in before.items()), flush=True)
-    train_result = train(trainer, training_args.resume_from_checkpoint)
-    metrics = {**before, **train_result.metrics}
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    if losses:
-        metrics["final_train_loss"] = losses[-1]
+    metrics = {**before, **run.train(trainer)}
     metrics["trainable_parameters"] = n_trainable
     if eval_dataset is not None:
         metrics.update(trainer.evaluate())
@@ -311,18 +234,15 @@ def run_finetuning(model_args: ModelArguments, data_args: DataArguments, trainin
         elif "eval_accuracy" in metrics:
             metrics["accuracy"] = metrics["eval_accuracy"]
 
-    save_trained_model(
+    return run.save(
         trainer, tokenizer, family=family.name, task=model_args.task, metrics=metrics,
         card_metrics=("final_train_loss", "eval_loss_before", "eval_loss", "accuracy", "perplexity"),
         hyperparameters={"lora_r": model_args.lora_r, "lora_alpha": model_args.lora_alpha,
                          "lm_loss_weight": model_args.lm_loss_weight, "learning_rate": training_args.learning_rate,
                          "max_steps": training_args.max_steps, "max_length": data_args.max_length},
-        license=model_args.license, datasets=[data_args.dataset_name] if data_args.dataset_name else [],
-        base_model=model_args.model_name_or_path, merge_lora=model_args.merge_lora, push_to_hub=push_to_hub,
-        save_trainer_state=True, log_prefix="[finetune]",
+        datasets=[data_args.dataset_name] if data_args.dataset_name else [],
+        base_model=model_args.model_name_or_path, merge_lora=model_args.merge_lora,
     )
-    metrics["output_dir"] = str(training_args.output_dir)
-    return metrics
 
 
 def report_cut_rows(dataset, rows, tokenizer, task: str, data_args: DataArguments) -> int:

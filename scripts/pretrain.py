@@ -35,15 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from transformers import TrainingArguments  # noqa: E402
 
-from lmblocks.cli import parse_arguments, run_script  # noqa: E402
+from lmblocks.cli import UsageError, parse_arguments, run_script  # noqa: E402
 from lmblocks.data import CorpusError, load_corpus, pack_causal_lm  # noqa: E402
-from lmblocks.training import UsageError  # noqa: E402
+from lmblocks.families import FAMILIES  # noqa: E402
+from lmblocks.runs import RunArguments, TrainingRun  # noqa: E402
 
 
 @dataclass
-class ModelArguments:
-    model_family: str | None = field(default=None, metadata={"help": "gpt2, llama or bert (read from the "
-                                                                     "checkpoint with --model_name_or_path)."})
+class ModelArguments(RunArguments):
+    model_family: str | None = field(default=None, metadata={
+        "help": f"{', '.join(FAMILIES)} (read from the checkpoint with --model_name_or_path)."})
     preset: str | None = field(default=None, metadata={"help": "A named preset of the family, e.g. tiny, small, 124M."})
     config_name: str | None = field(default=None, metadata={"help": "A config.json (or folder) instead of a preset."})
     config_overrides: str | None = field(default=None, metadata={"help": "Field overrides: 'n_layer=2,n_embd=64'."})
@@ -57,10 +58,6 @@ class ModelArguments:
     time_budget_seconds: float | None = field(default=None, metadata={
         "help": "Stop training after this many seconds. With --max_steps unset (-1) and one epoch not fitting, "
                 "max_steps is also set from a short timing of the model, so the LR schedule ends with the budget."})
-    license: str = field(default="apache-2.0", metadata={"help": "License written into the model card."})
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Start afresh in an --output_dir that holds an earlier run's checkpoint-* folders (without it, such a "
-                "folder is refused: resume it with --resume_from_checkpoint)."})
 
 
 @dataclass
@@ -87,11 +84,10 @@ def validate_inputs(model_args: ModelArguments, data_args: DataArguments, traini
     """Everything that can be checked before a tokenizer or model is built: the family, the config with its
     overrides, the block size against the model's positions, the output folder and the resume checkpoint, then the
     corpus. Returns (family, config, texts); `config` is the checkpoint's with `--model_name_or_path`."""
-    from lmblocks.cli import (check_checkpoint_path, check_length_fits, check_output_dir, check_tokenizer_files,
-                              loading)
-    from lmblocks.training import check_hub_credentials, family_of_config, get_family
+    from lmblocks.cli import check_checkpoint_path, check_length_fits, check_tokenizer_files, loading
+    from lmblocks.training import family_of_config, get_family
 
-    check_hub_credentials(training_args.push_to_hub, training_args.hub_token)
+    TrainingRun(model_args, training_args, "[pretrain]").check()
     if data_args.block_size < 8:
         raise UsageError(f"--block_size must be at least 8, got {data_args.block_size}.")
     if not 0.0 <= data_args.eval_fraction < 1.0:
@@ -110,7 +106,7 @@ def validate_inputs(model_args: ModelArguments, data_args: DataArguments, traini
             raise UsageError(f"--model_family {model_args.model_family} but the checkpoint is {family.name}.")
     else:
         if not model_args.model_family:
-            raise UsageError("Give --model_family (gpt2, llama, bert) or --model_name_or_path.")
+            raise UsageError(f"Give --model_family ({', '.join(FAMILIES)}) or --model_name_or_path.")
         family = get_family(model_args.model_family)
         presets = ", ".join(family.config_class.presets)
         if model_args.preset is None and model_args.config_name is None:
@@ -130,8 +126,6 @@ def validate_inputs(model_args: ModelArguments, data_args: DataArguments, traini
         raise UsageError(f"--config_overrides vocab_size={vocab_override} is smaller than the tokenizer to be trained "
                          f"(--tokenizer_vocab_size {model_args.tokenizer_vocab_size}); token ids past the embedding "
                          "table would crash training. Raise vocab_size or lower --tokenizer_vocab_size.")
-    training_args.resume_from_checkpoint = check_output_dir(
-        training_args.output_dir, training_args.resume_from_checkpoint, model_args.overwrite_output_dir)
     texts = load_corpus(data_args.train_files, data_args.dataset_name, data_args.dataset_config_name,
                         data_args.dataset_split, data_args.text_column, data_args.encoding)
     return family, config, texts
@@ -174,7 +168,7 @@ def get_tokenizer(model_args: ModelArguments, family, texts: list[str]):
 
     # A list would be read as file paths: pass the documents as an iterator.
     try:
-        return train_tokenizer(iter(texts), kind=family.name, vocab_size=model_args.tokenizer_vocab_size,
+        return train_tokenizer(iter(texts), kind=family.tokenizer_kind, vocab_size=model_args.tokenizer_vocab_size,
                                min_frequency=model_args.tokenizer_min_frequency,
                                show_progress=sys.stderr.isatty())  # bars print blank lines into log files
     except ValueError as error:
@@ -278,11 +272,11 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, traini
     `callbacks`: extra `TrainerCallback`s (for example to inspect every rank's weights in a distributed run)."""
     from transformers import Trainer, set_seed
 
-    from lmblocks.cli import quiet_training_defaults, train
-    from lmblocks.hub import save_trained_model
-    from lmblocks.training import is_main_process, time_budget_callback, use_live_loss_bar
+    from lmblocks.cli import quiet_training_defaults
+    from lmblocks.training import is_main_process
 
     family, _, texts = validate_inputs(model_args, data_args, training_args)
+    run = TrainingRun(model_args, training_args, "[pretrain]")
     set_seed(training_args.seed)
     tokenizer = get_tokenizer(model_args, family, texts)
     model = build_model(model_args, family, tokenizer, data_args.block_size)
@@ -293,16 +287,8 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, traini
         if steps is not None:
             training_args.max_steps = steps
     quiet_training_defaults(training_args, len(train_dataset))
-    push_to_hub = training_args.push_to_hub
-    training_args.push_to_hub = False  # lmblocks pushes the finished folder itself, with its own model card
-    if eval_dataset is None:
-        training_args.eval_strategy = "no"
-    callbacks = list(callbacks or [])
-    if model_args.time_budget_seconds:
-        callbacks.append(time_budget_callback(model_args.time_budget_seconds))
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                      data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
-    use_live_loss_bar(trainer)
+    trainer = run.trainer(Trainer, model=model, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                          data_collator=collator, processing_class=tokenizer, callbacks=callbacks or ())
 
     n_params = sum(p.numel() for p in model.parameters())
     if is_main_process():
@@ -311,9 +297,8 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, traini
               flush=True)
 
     start = time.time()
-    train_result = train(trainer, training_args.resume_from_checkpoint)
+    metrics = run.train(trainer)
     train_seconds = time.time() - start
-    metrics = dict(train_result.metrics)
     # Only the steps this run trained, over this run's time: after a resume the restored steps took no time here.
     tokens_trained = trainer.steps_this_run * training_args.train_batch_size * \
         training_args.gradient_accumulation_steps * training_args.world_size * data_args.block_size
@@ -321,28 +306,21 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, traini
     metrics["train_steps"] = trainer.state.global_step
     metrics["steps_this_run"] = trainer.steps_this_run
     metrics["n_parameters"] = n_params
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    if losses:
-        metrics["final_train_loss"] = losses[-1]
     if eval_dataset is not None:
         eval_metrics = trainer.evaluate()
         metrics.update(eval_metrics)
         metrics["perplexity"] = math.exp(min(eval_metrics["eval_loss"], 50.0))
 
     dataset = datasets_name or data_args.dataset_name
-    save_trained_model(
+    return run.save(
         trainer, tokenizer, family=family.name, task=family.objective, metrics=metrics,
         card_metrics=("final_train_loss", "eval_loss", "perplexity", "tokens_per_second", "train_steps"),
         hyperparameters={k: getattr(training_args, k) for k in (
             "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
             "num_train_epochs", "lr_scheduler_type", "warmup_steps", "weight_decay", "seed")}
         | {"block_size": data_args.block_size, "world_size": training_args.world_size},
-        license=model_args.license, datasets=[dataset] if dataset else [],
-        base_model=model_args.model_name_or_path, push_to_hub=push_to_hub, save_trainer_state=True,
-        log_prefix="[pretrain]",
+        datasets=[dataset] if dataset else [], base_model=model_args.model_name_or_path,
     )
-    metrics["output_dir"] = str(training_args.output_dir)
-    return metrics
 
 
 def main(argv: list[str] | None = None) -> dict:
