@@ -248,11 +248,13 @@ def save_trained_model(
 
 
 def _save_tokenizer(tokenizer, folder: Path, family: str) -> None:
-    """`save_pretrained`, plus the classic vocabulary files (vocab.json + merges.txt, vocab.txt) for the families
-    that have them, also when the tokenizer was loaded as transformers' own class."""
-    if family in ("gpt2", "bert"):
-        from .tokenization_trainer import save_tokenizer
+    """`save_pretrained`, plus the classic vocabulary files (vocab.json + merges.txt, vocab.txt) when the family's
+    kind of tokenizer has them, also when the tokenizer was loaded as transformers' own class."""
+    from .families import FAMILIES
+    from .tokenization_trainer import TOKENIZER_KINDS, save_tokenizer
 
+    spec = FAMILIES.get(family)
+    if spec is not None and TOKENIZER_KINDS[spec.tokenizer_kind].vocabulary_files:
         save_tokenizer(tokenizer, folder)
     else:
         tokenizer.save_pretrained(folder)

@@ -25,8 +25,8 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -38,8 +38,7 @@ from .tokenization_classes import BertTokenizer, GPT2Tokenizer, save_vocabulary_
 from .tokenization_wordpiece import CRITERIA, count_words, train_wordpiece
 
 
-Kind = Literal["gpt2", "llama", "bert"]
-KINDS: tuple[str, ...] = ("gpt2", "llama", "bert")
+Kind = Literal["gpt2", "llama", "bert"]  # the keys of TOKENIZER_KINDS (defined after the trainers)
 # A path or glob, a list of them, an iterable of texts, or a `datasets.Dataset` / `datasets.IterableDataset`.
 Corpus = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], Iterable[str], Any]
 
@@ -48,12 +47,6 @@ LLAMA_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 LLAMA_BYTE_TOKENS = tuple(f"<0x{byte:02X}>" for byte in range(256))
 
-# What train_tokenizer returns: transformers' classes, writing the classic files on save (tokenization_classes).
-_TOKENIZER_CLASSES: dict[str, type[PreTrainedTokenizerFast]] = {
-    "gpt2": GPT2Tokenizer,
-    "llama": LlamaTokenizerFast,
-    "bert": BertTokenizer,
-}
 # Chosen by bench/bench_tokenizer_quality.py (README, "Tokenizers").
 DEFAULT_WORDPIECE_CRITERION = "frequency"
 # Rows per batch when reading a `datasets` dataset.
@@ -367,8 +360,29 @@ class _Options:
     show_progress: bool
 
 
-_TRAINERS = {"gpt2": _train_gpt2, "llama": _train_llama, "bert": _train_bert}
-_FAMILY_SPECIAL_TOKENS = {"gpt2": GPT2_SPECIAL_TOKENS, "llama": LLAMA_SPECIAL_TOKENS, "bert": BERT_SPECIAL_TOKENS}
+@dataclass(frozen=True)
+class TokenizerKind:
+    """One kind of tokenizer (the table in the module docstring): how it trains, the transformers class it loads as
+    (writing the classic vocabulary files on save, see tokenization_classes), its own special tokens, and what it
+    supports."""
+
+    train: Callable[[_Corpus, _Options], Tokenizer]
+    tokenizer_class: type[PreTrainedTokenizerFast]
+    special_tokens: tuple[str, ...]
+    normalises: bool = False  # lowercase / strip_accents / wordpiece_criterion apply (WordPiece with BERT's normaliser)
+    byte_alphabet: bool = False  # the alphabet is always the 256 bytes: limit_alphabet does not apply
+    init_kwargs: dict[str, Any] = field(default_factory=dict)  # for `tokenizer_class.from_pretrained`
+    vocabulary_files: bool = True  # has classic vocabulary files (`save_tokenizer` writes them)
+
+
+TOKENIZER_KINDS: dict[str, TokenizerKind] = {
+    "gpt2": TokenizerKind(_train_gpt2, GPT2Tokenizer, GPT2_SPECIAL_TOKENS, byte_alphabet=True),
+    "llama": TokenizerKind(_train_llama, LlamaTokenizerFast, LLAMA_SPECIAL_TOKENS, vocabulary_files=False,
+                           init_kwargs=dict(add_bos_token=True, add_eos_token=False, legacy=False,
+                                            add_prefix_space=True)),
+    "bert": TokenizerKind(_train_bert, BertTokenizer, BERT_SPECIAL_TOKENS, normalises=True),
+}
+KINDS: tuple[str, ...] = tuple(TOKENIZER_KINDS)
 
 
 def _check_options(
@@ -382,8 +396,9 @@ def _check_options(
     wordpiece_criterion: str | None,
 ) -> tuple[bool, bool, str | None]:
     """Validate the options for ``kind``; return the effective (lowercase, strip_accents, wordpiece_criterion)."""
-    if kind not in KINDS:
+    if kind not in TOKENIZER_KINDS:
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(map(repr, KINDS))}")
+    spec = TOKENIZER_KINDS[kind]
     sizes = {"vocab_size": vocab_size, "limit_alphabet": limit_alphabet, "max_token_length": max_token_length}
     for name, value in sizes.items():
         if value is not None and (not isinstance(value, int) or value < 1):
@@ -392,11 +407,11 @@ def _check_options(
         raise ValueError(f"min_frequency must be a non-negative int, got {min_frequency!r}")
     if wordpiece_criterion is not None and wordpiece_criterion not in CRITERIA:
         raise ValueError(f"wordpiece_criterion must be 'frequency' or 'likelihood', got {wordpiece_criterion!r}")
-    if kind == "bert":
+    if spec.normalises:
         lowercase = True if lowercase is None else lowercase
         strip_accents = lowercase if strip_accents is None else strip_accents
         return lowercase, strip_accents, wordpiece_criterion or DEFAULT_WORDPIECE_CRITERION
-    cls_name = _TOKENIZER_CLASSES[kind].__name__
+    cls_name = spec.tokenizer_class.__name__
     if lowercase or strip_accents:
         raise ValueError(
             f"{kind} tokenizers have no normaliser ({cls_name} rebuilds its pipeline without one when loaded), so "
@@ -404,8 +419,8 @@ def _check_options(
         )
     if wordpiece_criterion is not None:
         raise ValueError(f"wordpiece_criterion applies to kind='bert' only, not {kind!r}")
-    if kind == "gpt2" and limit_alphabet is not None:
-        raise ValueError("limit_alphabet does not apply to gpt2: its alphabet is always the 256 bytes")
+    if spec.byte_alphabet and limit_alphabet is not None:
+        raise ValueError(f"limit_alphabet does not apply to {kind}: its alphabet is always the 256 bytes")
     return False, False, None
 
 
@@ -486,7 +501,8 @@ def train_tokenizer(
         kind, vocab_size, min_frequency, lowercase, strip_accents, limit_alphabet, max_token_length, wordpiece_criterion
     )
     _check_model_max_length(model_max_length)
-    family_tokens = _FAMILY_SPECIAL_TOKENS[kind]
+    spec = TOKENIZER_KINDS[kind]
+    family_tokens = spec.special_tokens
     options = _Options(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
@@ -498,20 +514,18 @@ def train_tokenizer(
         wordpiece_criterion=wordpiece_criterion,
         show_progress=show_progress,
     )
-    backend = _TRAINERS[kind](_resolve_corpus(corpus, text_column), options)
+    backend = spec.train(_resolve_corpus(corpus, text_column), options)
 
-    init_kwargs: dict[str, Any] = {}
+    init_kwargs: dict[str, Any] = dict(spec.init_kwargs)
     extra_tokens = [token for token in options.special_tokens if token not in family_tokens]
     if extra_tokens:
         init_kwargs["extra_special_tokens"] = extra_tokens
-    if kind == "llama":
-        init_kwargs.update(add_bos_token=True, add_eos_token=False, legacy=False, add_prefix_space=True)
-    elif kind == "bert":
+    if spec.normalises:
         init_kwargs.update(do_lower_case=lowercase, strip_accents=strip_accents, tokenize_chinese_chars=True)
     # Load through from_pretrained, as AutoTokenizer will, so that what is returned is what a saved copy loads as.
     with tempfile.TemporaryDirectory() as scratch:
         backend.save(os.path.join(scratch, "tokenizer.json"))
-        tokenizer = _TOKENIZER_CLASSES[kind].from_pretrained(scratch, **init_kwargs)
+        tokenizer = spec.tokenizer_class.from_pretrained(scratch, **init_kwargs)
     tokenizer.name_or_path = ""
     if model_max_length is not None:
         tokenizer.model_max_length = model_max_length
@@ -565,6 +579,8 @@ def config_kwargs_from_tokenizer(tokenizer: PreTrainedTokenizerFast) -> dict[str
 __all__ = [
     "DEFAULT_WORDPIECE_CRITERION",
     "KINDS",
+    "TOKENIZER_KINDS",
+    "TokenizerKind",
     "config_kwargs_from_tokenizer",
     "save_tokenizer",
     "train_tokenizer",
