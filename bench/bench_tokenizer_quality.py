@@ -367,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
                        for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
         for objective in ["mlm", "clm"]:
             for name, kind, _ in chosen:
-                if name not in downstream_tokenizers or (objective == "mlm" and kind != "bert"):
+                # Masked-LM training needs a mask token (BERT's kind has one).
+                if name not in downstream_tokenizers or (objective == "mlm" and
+                                                         downstream_tokenizers[name].mask_token is None):
                     continue
                 tokenizer = downstream_tokenizers[name]
                 held_ids = encode_lines(tokenizer, held_out)

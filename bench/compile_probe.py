@@ -31,7 +31,7 @@ WORK = dict(train_batch=2, train_seq=64, fwd_batch=2, fwd_seq=64, prompt=4, new_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("family", choices=["gpt2", "llama", "bert"])
+    parser.add_argument("family", choices=list(harness.FAMILIES))
     parser.add_argument("--reps", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(1)

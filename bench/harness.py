@@ -22,7 +22,6 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,102 +44,82 @@ MEMORY_ONLY_PHASES = ("train_eager_gc",)
 # Families and sizes: the same config built twice, once per implementation.
 
 
+# Sizes of each lmblocks family (`lmblocks.families.FAMILIES`, the one registry; tests/test_registry.py checks that
+# every family has an entry here), as config fields both implementations share.
+_LLAMA_SIZES = {
+    "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2),
+    "small": dict(vocab_size=32000, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048),
+    # The small model with Llama 3's 128,256-token vocabulary: the LM head is most of it (bench/limits.py).
+    "small_v128k": dict(vocab_size=128256, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048),
+    # GPT-2 124M's width and depth with LLaMA's blocks (SwiGLU 2048 ≈ 8/3·768, grouped-query attention).
+    "base": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048),
+}
+SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "gpt2": {
+        "tiny": dict(vocab_size=1024, n_embd=64, n_layer=2, n_head=4, n_positions=128),
+        "small": dict(n_embd=384, n_layer=6, n_head=6, n_positions=512),
+        "base": dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024),  # GPT-2 124M
+    },
+    "llama": _LLAMA_SIZES,
+    # LLaMA's shapes with Qwen2's q/k/v biases; untied, as transformers' Qwen2Config defaults to.
+    "qwen2": {name: dict(sizes, tie_word_embeddings=False) for name, sizes in _LLAMA_SIZES.items()
+              if name != "small_v128k"},
+    "bert": {
+        "tiny": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=256),
+        "small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536),
+        "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    },
+}
+
+
 @dataclass(frozen=True)
 class FamilySpec:
+    """A family as the benchmark uses it: its sizes here, everything else from `lmblocks.families` (imported when
+    first needed, so that planning jobs does not import lmblocks)."""
+
     name: str
-    is_decoder: bool
-    sizes: dict[str, dict[str, Any]]  # size name -> config kwargs (field names shared by both implementations)
-    hf_classes: Callable[[], tuple[type, type]]  # () -> (config class, model class)
-    lmb_classes: Callable[[], tuple[type, type]]
-    to_lmb_state_dict: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = lambda sd: sd
+    sizes: dict[str, dict[str, Any]]
+
+    @property
+    def lmb(self):
+        from lmblocks.families import FAMILIES as LMB_FAMILIES
+
+        return LMB_FAMILIES[self.name]
+
+    @property
+    def is_decoder(self) -> bool:
+        return self.lmb.is_decoder
+
+    def lmb_classes(self) -> tuple[type, type]:
+        """(config class, model class): the causal LM, or the masked LM for an encoder."""
+        return self.lmb.config_class, self.lmb.causal_lm_class or self.lmb.masked_lm_class
+
+    def hf_classes(self) -> tuple[type, type]:
+        """transformers' own config and model class the lmblocks ones export to (`lmblocks.export`)."""
+        import transformers
+        from transformers import CONFIG_MAPPING
+
+        from lmblocks.export import export_table
+
+        config_class, model_class = self.lmb_classes()
+        return (CONFIG_MAPPING[config_class.foreign_model_type],
+                getattr(transformers, export_table(config_class())["classes"][model_class]))
+
+    def to_lmb_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """transformers' tensors in lmblocks' layout (GPT-2's Conv1D weights transposed, as the export declares)."""
+        from lmblocks.export import export_table
+
+        transposed = tuple(export_table(self.lmb_classes()[0]()).get("transposed", ()))
+        return {k: (v.t().contiguous() if transposed and k.endswith(transposed) else v)
+                for k, v in state_dict.items()}
 
 
-def _gpt2_hf():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    return GPT2Config, GPT2LMHeadModel
-
-
-def _gpt2_lmb():
-    import lmblocks
-
-    return lmblocks.LmbGPT2Config, lmblocks.LmbGPT2LMHeadModel
-
-
-def _gpt2_to_lmb(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # transformers' GPT-2 keeps Conv1D (in, out) weights, lmblocks nn.Linear (out, in).
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    return {k: (v.t().contiguous() if k.endswith(conv1d) else v) for k, v in state_dict.items()}
-
-
-def _llama_hf():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    return LlamaConfig, LlamaForCausalLM
-
-
-def _llama_lmb():
-    import lmblocks
-
-    return lmblocks.LmbLlamaConfig, lmblocks.LmbLlamaForCausalLM
-
-
-def _bert_hf():
-    from transformers import BertConfig, BertForMaskedLM
-
-    return BertConfig, BertForMaskedLM
-
-
-def _bert_lmb():
-    import lmblocks
-
-    return lmblocks.LmbBertConfig, lmblocks.LmbBertForMaskedLM
-
-
-FAMILIES: dict[str, FamilySpec] = {
-    "gpt2": FamilySpec(
-        "gpt2",
-        is_decoder=True,
-        sizes={
-            "tiny": dict(vocab_size=1024, n_embd=64, n_layer=2, n_head=4, n_positions=128),
-            "small": dict(n_embd=384, n_layer=6, n_head=6, n_positions=512),
-            "base": dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024),  # GPT-2 124M
-        },
-        hf_classes=_gpt2_hf,
-        lmb_classes=_gpt2_lmb,
-        to_lmb_state_dict=_gpt2_to_lmb,
-    ),
-    "llama": FamilySpec(
-        "llama",
-        is_decoder=True,
-        sizes={
-            "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2),
-            "small": dict(vocab_size=32000, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
-                          num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048),
-            # The small model with Llama 3's 128,256-token vocabulary: the LM head is most of it (bench/limits.py).
-            "small_v128k": dict(vocab_size=128256, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
-                                num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048),
-            # GPT-2 124M's width and depth with LLaMA's blocks (SwiGLU 2048 ≈ 8/3·768, grouped-query attention).
-            "base": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                         num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048),
-        },
-        hf_classes=_llama_hf,
-        lmb_classes=_llama_lmb,
-    ),
-    "bert": FamilySpec(
-        "bert",
-        is_decoder=False,
-        sizes={
-            "tiny": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=256),
-            "small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536),
-            "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-        },
-        hf_classes=_bert_hf,
-        lmb_classes=_bert_lmb,
-    ),
-}
+FAMILIES: dict[str, FamilySpec] = {name: FamilySpec(name, sizes) for name, sizes in SIZES.items()}
 
 
 def family_available(name: str) -> str | None:

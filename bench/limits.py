@@ -50,7 +50,7 @@ def jobs(mode: str, families: list[str], work: dict[str, dict[str, Any]], reps: 
         # 4 reps, not the full run's 6: each step is seconds on 2 cores, and the run has a 20-minute budget.
         out.append(dict(kind="time", family="llama", size="small_v128k", phase="train_eager", work=work["small"],
                         reps=4, warmup=1, **section))
-    for family in ("gpt2", "llama"):
+    for family in TARGETS:  # the families the memory targets are set for
         if family in families:
             out.append(dict(kind="time", family=family, size="small", phase="generate_dynamic_b1",
                             work=work["small"], reps=reps["generate"], warmup=1,
@@ -223,7 +223,7 @@ def table(records: list[dict[str, Any]]) -> list[str]:
                   "matvecs alone: separate / grouped |",
                   "|---|---|---|---|---|---|---|---|", *roof_rows, ""]
     bf16_rows = []
-    for family in ("gpt2", "llama"):
+    for family in TARGETS:
         low = _pair(limits, kind="time", family=family, size="small", phase="generate_dynamic_b1", dtype="bfloat16")
         full = _pair([r for r in records if r.get("section") != "limits"], kind="time", family=family,
                      size="small", phase="generate_dynamic_b1", dtype="float32")
