@@ -67,7 +67,7 @@ def checkpoints(tmp_path_factory):
         for key, value in kwargs.items():
             setattr(config, key, value)
         torch.manual_seed(0)
-        model = lmblocks.LmbGPT2LMHeadModel(config) if family == "gpt2" else lmblocks.LmbLlamaForCausalLM(config)
+        model = lmblocks.FAMILIES[family].causal_lm_class(config)
         folder = root / family
         model.save_pretrained(folder)
         save_tokenizer(tokenizer, folder)

@@ -27,27 +27,21 @@ from transformers import StaticCache, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 import lmblocks
-from lmblocks import LmbBertConfig, LmbGPT2Config, LmbLlamaConfig, LmbQwen2Config
+from lmblocks import LmbBertConfig, LmbGPT2Config, LmbLlamaConfig
 
-from families import BERT, DECODERS, FAMILIES, GPT2, LLAMA, QWEN2, Family
+from families import BERT, DECODERS, FAMILIES, GPT2, Family
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hub_configs"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_DIR = REPO_ROOT / ".cache" / "models" / "smollm2-135m-instruct"
 
-HUB_CONFIGS = {
-    "gpt2.json": LmbGPT2Config,
-    "gpt2-medium.json": LmbGPT2Config,
-    "bert-base-uncased.json": LmbBertConfig,
-    "all-MiniLM-L6-v2.json": LmbBertConfig,
-    "TinyLlama-1.1B-Chat-v1.0.json": LmbLlamaConfig,
-    "SmolLM2-135M.json": LmbLlamaConfig,
-    "Llama-3.2-1B.json": LmbLlamaConfig,
-    "Qwen2.5-0.5B.json": LmbQwen2Config,
-    "Qwen2.5-1.5B.json": LmbQwen2Config,
-    "DeepSeek-R1-Distill-Qwen-1.5B.json": LmbQwen2Config,
-}
-FAMILY_OF_CONFIG = {LmbGPT2Config: GPT2, LmbLlamaConfig: LLAMA, LmbQwen2Config: QWEN2, LmbBertConfig: BERT}
+HUB_CONFIGS = sorted(path.name for path in FIXTURES.glob("*.json"))  # exact config.json files from the Hub
+
+
+def family_of_hub_config(name: str) -> Family:
+    """The family that reads a Hub config file: the one whose config translates the file's `model_type`."""
+    model_type = json.loads((FIXTURES / name).read_text())["model_type"]
+    return next(f for f in FAMILIES if f.config_class.foreign_model_type == model_type)
 
 
 class _Records(logging.Handler):
@@ -78,9 +72,10 @@ def lmblocks_log():
 # --- 1. real config.json files ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(HUB_CONFIGS))
+@pytest.mark.parametrize("name", HUB_CONFIGS)
 def test_hub_config_loads_keeps_extra_keys_and_builds(name, tmp_path, lmblocks_log):
-    config_class = HUB_CONFIGS[name]
+    family = family_of_hub_config(name)
+    config_class = family.config_class
     file_dict = json.loads((FIXTURES / name).read_text())
     (tmp_path / "hub").mkdir()
     (tmp_path / "hub" / "config.json").write_text((FIXTURES / name).read_text())
@@ -102,7 +97,6 @@ def test_hub_config_loads_keeps_extra_keys_and_builds(name, tmp_path, lmblocks_l
     if extra:  # and logged as unused
         assert any("does not use" in m and all(k in m for k in extra) for m in lmblocks_log), lmblocks_log
 
-    family = FAMILY_OF_CONFIG[config_class]
     with torch.device("meta"):
         model = family.pretraining_class(config)
     n_params = sum(p.numel() for p in model.parameters())
@@ -164,8 +158,8 @@ def test_config_kwargs_from_tokenizer_fit_every_config(family):
     config = family.config_class.from_preset("tiny", **kwargs)
     for key, value in kwargs.items():
         assert getattr(config, key) == value
-    if family is BERT:
-        assert config.mask_token_id == tokenizer.mask_token_id and config.cls_token_id == tokenizer.cls_token_id
+    for name in ("mask_token_id", "cls_token_id"):  # the ids of an encoder's special tokens reach its config
+        assert getattr(tokenizer, name, None) is None or getattr(config, name) == getattr(tokenizer, name)
 
 
 # --- 3. Trainer's gradient accumulation is exact for every head ---------------------------------------------------
@@ -225,10 +219,8 @@ def _accumulated_step(model, examples, batch_size: int, steps: int, tmp_path) ->
 
 @pytest.mark.parametrize("family, model_class", _HEADS, ids=lambda x: getattr(x, "__name__", None) or x.name)
 def test_gradient_accumulation_is_exact_for_every_head(family: Family, model_class, tmp_path):
-    overrides = dict(num_labels=3)
-    overrides.update({"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0} if family is GPT2 else {})
-    overrides.update({"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0} if family is BERT else {})
-    if model_class is lmblocks.LmbGPT2ForSequenceClassification:
+    overrides = dict(num_labels=3, **family.no_dropout)
+    if model_class is family.seq_cls_class and "lm_loss_weight" in family.config_class.__dataclass_fields__:
         overrides["lm_loss_weight"] = 0.5  # the two-part loss of GPT fine-tuning
     torch.manual_seed(0)
     initial = model_class(family.tiny_config(**overrides))
