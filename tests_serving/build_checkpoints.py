@@ -1,9 +1,9 @@
 """Build the checkpoints the serving tests serve, and what transformers computes on them.
 
 Runs in lmblocks' own venv (transformers 5.23, lmblocks installed): `python build_checkpoints.py OUT_DIR`. Writes
-`OUT_DIR/{gpt2,llama,bert}/` (tiny models saved by lmblocks with their code and a tokenizer trained by lmblocks) and
-`OUT_DIR/expected.json`: the greedy tokens of transformers' `generate` for a batch of prompts (decoders) and the
-CLS embeddings of `LmbBertModel` (BERT). The tests then load the folders where lmblocks is not installed.
+`OUT_DIR/<family>/` for every family of `lmblocks.FAMILIES` (tiny models saved by lmblocks with their code and a
+tokenizer of the family's kind trained by lmblocks) and `OUT_DIR/expected.json`: the greedy tokens of transformers'
+`generate` for a batch of prompts (decoders) and the CLS embeddings of the base model (encoders). The tests then load the folders where lmblocks is not installed.
 
 Shapes: head size 64 (vLLM's CPU attention kernels take 32, 64, 80, ... but not 16). Weights are initialised with a
 large std (0.3) so that a random model's next-token distribution is peaked: greedy tokens depend on the prompt and
@@ -33,17 +33,23 @@ MAX_NEW_TOKENS = 16
 INIT_STD = 0.3
 
 
-def _config(family: str, tokenizer) -> lmblocks.LmbGPT2Config | lmblocks.LmbLlamaConfig | lmblocks.LmbBertConfig:
-    ids = lmblocks.config_kwargs_from_tokenizer(tokenizer)
-    if family == "gpt2":
-        return lmblocks.LmbGPT2Config(n_embd=128, n_layer=2, n_head=2, n_positions=256, initializer_range=INIT_STD,
-                                      **ids)
-    if family == "llama":  # grouped-query attention: 2 query heads share 1 key-value head
-        return lmblocks.LmbLlamaConfig.from_preset("tiny", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                                   num_attention_heads=2, num_key_value_heads=1,
-                                                   max_position_embeddings=256, initializer_range=INIT_STD, **ids)
-    return lmblocks.LmbBertConfig.from_preset("tiny", hidden_size=128, num_attention_heads=2, intermediate_size=256,
-                                              max_position_embeddings=256, initializer_range=INIT_STD, **ids)
+# Every family's shapes, in transformers' common names (each config reads its own through `attribute_map`); a field
+# a family does not have is left out. Grouped-query attention where there is one: 2 query heads share 1 key-value head.
+SIZES = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+             max_position_embeddings=256, initializer_range=INIT_STD)
+
+
+def _config(spec, tokenizer):
+    fields = spec.config_class.__dataclass_fields__
+    sizes = {spec.config_class.attribute_map.get(name, name): value for name, value in SIZES.items()}
+    return spec.config_class.from_preset("tiny", **{name: value for name, value in sizes.items() if name in fields},
+                                         **lmblocks.config_kwargs_from_tokenizer(tokenizer))
+
+
+def served_families() -> dict[str, list[str]]:
+    """What the serving tests cover: every decoder generates, every encoder embeds."""
+    return {"decoders": [name for name, spec in lmblocks.FAMILIES.items() if spec.is_decoder],
+            "encoders": [name for name, spec in lmblocks.FAMILIES.items() if not spec.is_decoder]}
 
 
 def _greedy(model, tokenizer) -> list[list[int]]:
@@ -68,23 +74,24 @@ def _cls_embeddings(model, tokenizer) -> list[list[float]]:
 def main(out_dir: Path) -> None:
     torch.manual_seed(0)
     expected: dict[str, dict] = {}
-    for family in ("gpt2", "llama", "bert"):
+    for family, spec in lmblocks.FAMILIES.items():
         path = out_dir / family
-        tokenizer = lmblocks.train_tokenizer(str(CORPUS), family, vocab_size=512, show_progress=False)
-        config = _config(family, tokenizer)
-        if family == "bert":  # an embedding model is the base model, as sentence-transformers folders hold it
-            model = lmblocks.LmbBertModel(config).eval()
-        else:
-            model = (lmblocks.LmbGPT2LMHeadModel if family == "gpt2" else lmblocks.LmbLlamaForCausalLM)(config).eval()
+        tokenizer = lmblocks.train_tokenizer(str(CORPUS), spec.tokenizer_kind, vocab_size=512, show_progress=False)
+        config = _config(spec, tokenizer)
+        # An embedding model is the base model, as sentence-transformers folders hold it.
+        model = (spec.causal_lm_class if spec.is_decoder else spec.base_class)(config).eval()
         model.save_pretrained(path)
         lmblocks.save_tokenizer(tokenizer, path)
         with torch.no_grad():
-            if family == "bert":
-                expected[family] = {"texts": EMBED_TEXTS, "cls_embeddings": _cls_embeddings(model, tokenizer)}
-            else:
+            if spec.is_decoder:
                 expected[family] = {"prompts": PROMPTS, "tokens": _greedy(model, tokenizer)}
+            else:
+                expected[family] = {"texts": EMBED_TEXTS, "cls_embeddings": _cls_embeddings(model, tokenizer)}
     (out_dir / "expected.json").write_text(json.dumps(expected))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[1:] == ["--families"]:  # for the tests' parametrisation (conftest.py)
+        print(json.dumps(served_families()))
+    else:
+        main(Path(sys.argv[1]))

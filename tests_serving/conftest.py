@@ -25,9 +25,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
 
 
+def _served_families() -> dict[str, list[str]]:
+    """lmblocks' families, asked of lmblocks' own venv (lmblocks is not installed here): decoders and encoders."""
+    out = subprocess.run([LMBLOCKS_PYTHON, str(Path(__file__).with_name("build_checkpoints.py")), "--families"],
+                         check=True, timeout=BUILD_TIMEOUT_S, cwd=REPO_ROOT, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def pytest_generate_tests(metafunc) -> None:
+    """A test that takes `family` runs for every decoder of `lmblocks.FAMILIES`, one that takes `encoder` for every
+    encoder: a new family is served and tested with no edit here."""
+    wanted = [name for name in ("family", "encoder") if name in metafunc.fixturenames]
+    if wanted:
+        served = _served_families()
+        for name in wanted:
+            metafunc.parametrize(name, served["decoders" if name == "family" else "encoders"])
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> Path:
-    """The folder holding gpt2/, llama/, bert/ and expected.json (see build_checkpoints.py)."""
+    """The folder holding one folder per family and expected.json (see build_checkpoints.py)."""
     out = tmp_path_factory.mktemp("checkpoints")
     subprocess.run([LMBLOCKS_PYTHON, str(Path(__file__).with_name("build_checkpoints.py")), str(out)],
                    check=True, timeout=BUILD_TIMEOUT_S, cwd=REPO_ROOT)

@@ -68,7 +68,6 @@ def _tail(log_path: Path, lines: int = 40) -> str:
     return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_vllm_serve_answers_completions(family, checkpoints, expected, tmp_path):
     port = _free_port()
     base_url = f"http://127.0.0.1:{port}"

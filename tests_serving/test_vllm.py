@@ -9,7 +9,6 @@ import torch
 from conftest import run_vllm_offline
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_greedy_tokens_equal_transformers_generate(family, checkpoints, expected, tmp_path):
     want = expected[family]
     request = {"prompts": want["prompts"], "max_tokens": len(want["tokens"][0])}
@@ -18,8 +17,8 @@ def test_greedy_tokens_equal_transformers_generate(family, checkpoints, expected
     assert all(agree), f"prompts whose tokens agree: {agree}\nvLLM:         {got}\ntransformers: {want['tokens']}"
 
 
-def test_bert_embeddings_equal_lmbbertmodel(checkpoints, expected, tmp_path):
+def test_encoder_embeddings_equal_lmblocks_base_model(checkpoints, expected, encoder, tmp_path):
     """vLLM's pooling runner: the encoder's last hidden state at [CLS], normalised (its defaults)."""
-    want = expected["bert"]
-    got = run_vllm_offline("embed", checkpoints / "bert", {"texts": want["texts"]}, tmp_path)["embeddings"]
+    want = expected[encoder]
+    got = run_vllm_offline("embed", checkpoints / encoder, {"texts": want["texts"]}, tmp_path)["embeddings"]
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want["cls_embeddings"]), atol=1e-5, rtol=1e-4)
