@@ -160,11 +160,11 @@ FAMILIES: dict[str, FamilySpec] = {
         lora_target_modules=modeling_bert.LORA_TARGET_MODULES,
         demo=dict(
             preset="tiny",
-            overrides="hidden_size=256,intermediate_size=1024,num_hidden_layers=4,num_attention_heads=4",
+            overrides="hidden_size=128,intermediate_size=512,num_hidden_layers=2,num_attention_heads=2",
             quick_overrides="hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,"
             "max_position_embeddings=64",
-            steps=200,
-            learning_rate=5e-4,
+            steps=600,
+            learning_rate=1e-3,
         ),
     ),
 }

