@@ -36,7 +36,7 @@ from transformers import TrainingArguments  # noqa: E402
 
 from lmblocks.cli import UsageError, check_tokenizer_files, parse_arguments, run_script  # noqa: E402
 from lmblocks.data import CorpusError  # noqa: E402
-from lmblocks.runs import LoraArguments, RowsArguments, RunArguments, TrainingRun, load_rows  # noqa: E402,F401
+from lmblocks.runs import LoraArguments, RowsArguments, RunArguments, TrainingRun, load_rows  # noqa: E402
 
 # What lmblocks' chat template (lmblocks.cli.INSTRUCT_CHAT_TEMPLATE) renders for one instruction; kept for callers.
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
