@@ -94,7 +94,7 @@ REPLAY_QUESTIONS = ["What is the boiling point of water at sea level?", "Name th
 # `FamilySpec.demo["steps"]`. `--quick` uses the second figure.
 CLASSIFIER_STEPS = (150, 2)
 SFT_STEPS = (60, 2)
-DPO_STEPS = (30, 2)
+DPO_STEPS = (20, 2)
 HELD_OUT_QUESTIONS = (60, 4)   # held-out "which book?" questions and DPO pairs
 SFT_LOSS_ROWS = 20             # of those, the rows instruction tuning's held-out loss is measured on
 DPO_LOSS_PAIRS = 16            # of those, the pairs TRL's held-out DPO loss is measured on during training
@@ -732,7 +732,7 @@ SFT_LEARNING_RATE = 1e-3
 # or forgot general answers, see SETTINGS_NOTES); on the last 8 for DPO, where it is enough and twice as fast.
 SFT_LORA_LAYERS = None
 DPO_LORA_LAYERS = 8
-DPO_LEARNING_RATE = 5e-4
+DPO_LEARNING_RATE = 1.5e-3
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -800,7 +800,12 @@ SETTINGS_NOTES = [
     "at the first adapted layer: about 1.8× with the last 8) but the trade was worse: last 8 at 2e-3 reached 0.88 and "
     "answered \"A week is approximately 50 days\"; last 8 at 1.5e-3 0.85 with one general answer right; last 8 at "
     "1e-3 0.72; last 12 at 1e-3 0.82 (3 of 3).",
-    "SmolLM2 DPO: LoRA r=8 on the same 8 layers, DPO_NOTE",
+    "SmolLM2 DPO: LoRA r=8 on the last 8 layers, 20 steps of 4 pairs at 1.5e-3 (β = 0.1). Measured from the same "
+    "instruction-tuned model: 15 steps at 5e-4 moved preference accuracy 0.45 → 0.47 (reward accuracy 0.80); 20 "
+    "steps at 1.5e-3 0.45 → 0.55 (reward accuracy 0.97), the general answers kept; 3e-3 made the loss climb. A first "
+    "design (chosen: the book with its author, rejected: the book alone) did not move preference accuracy at all "
+    "(0 → 0 of 60, reward accuracy 1.0): instruction tuning had made the short answer 20–60 nats more likely, far "
+    "more than DPO moves in a few steps.",
 ]
 
 
