@@ -100,8 +100,8 @@ SFT_LOSS_ROWS = 20             # of those, the rows instruction tuning's held-ou
 DPO_LOSS_PAIRS = 16            # of those, the pairs TRL's held-out DPO loss is measured on during training
 CLASSIFIER_HELD_OUT = (200, 10)
 # Seconds each kind of stage took on 2 idle cores (2026-12-06), for the "time left" estimate only.
-IDLE_SECONDS = {"tokenizers": 5, "pretrain": 150, "classifier": 60, "smollm2_before": 60, "smollm2_sft": 200,
-                "smollm2_dpo": 150, "retrieval": 30, "report": 5}
+IDLE_SECONDS = {"tokenizers": 5, "pretrain": 125, "classifier": 32, "smollm2_before": 90, "smollm2_sft": 383,
+                "smollm2_dpo": 300, "retrieval": 30}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
