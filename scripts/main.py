@@ -1141,7 +1141,7 @@ def main(argv=None) -> Path:
         results = run_stages(args, stages, documents, books, texts, out)
     except KeyboardInterrupt:
         where = stages.current.title if stages.current else "between stages"
-        print(f"interrupted: during {where}; {len(stages.finished())} of {len(stage_plan)} stages are finished and "
+        print(f"\ninterrupted: during {where}; {len(stages.finished())} of {len(stage_plan)} stages are finished and "
               f"kept. Go on with: python scripts/main.py --resume --output_dir {out}", file=sys.stderr, flush=True)
         sys.exit(130)
     results["stage_seconds"] = [(s.title, stages_result_seconds(out, s.key)) for s in stage_plan]
