@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
-import sysconfig
 import textwrap
 from pathlib import Path
 
 import pytest
+from isolation import run_without_lmblocks
 import torch
 from transformers import StaticCache, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
@@ -280,13 +277,6 @@ def test_static_cache_overflow_is_a_clear_error(decoder):
 _WITHOUT_LMBLOCKS = textwrap.dedent(
     """
     import sys
-    sys.path.append({site_packages!r})
-    try:
-        import lmblocks
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("lmblocks must not be importable here")
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification, pipeline
     base = AutoModel.from_pretrained({gpt2!r}, trust_remote_code=True)
@@ -317,11 +307,8 @@ def test_every_auto_class_loads_without_lmblocks(tmp_path):
     model.save_pretrained(bert_dir)
     tokenizer.save_pretrained(bert_dir)
 
-    script = _WITHOUT_LMBLOCKS.format(site_packages=sysconfig.get_paths()["purelib"], gpt2=str(gpt2_dir),
-                                      bert=str(bert_dir))
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-I", "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
+    script = _WITHOUT_LMBLOCKS.format(gpt2=str(gpt2_dir), bert=str(bert_dir))
+    result = run_without_lmblocks(script, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["LmbGPT2Model", "LmbGPT2ForSequenceClassification", "LmbBertForMaskedLM", "5"]
 

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import subprocess
 import sys
-import sysconfig
 import textwrap
 from pathlib import Path
 
 import pytest
+from isolation import run_without_lmblocks
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -111,13 +109,6 @@ def runs(base, tmp_path_factory):
 _WITHOUT_LMBLOCKS = textwrap.dedent(
     """
     import json, re, sys
-    sys.path.append({site_packages!r})
-    try:
-        import lmblocks
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("lmblocks must not be importable here")
     import torch
     for folder in {folders!r}:
         card = open(folder + "/README.md").read()
@@ -135,11 +126,8 @@ _WITHOUT_LMBLOCKS = textwrap.dedent(
 
 def test_lora_classifiers_reload_through_their_card_snippet_without_lmblocks(runs, tmp_path):
     folders = [str(folder) for folder, _, _ in runs]
-    script = _WITHOUT_LMBLOCKS.format(site_packages=sysconfig.get_paths()["purelib"], folders=folders,
-                                      probes=PROBES)
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-I", "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                            stdin=subprocess.DEVNULL, text=True, timeout=600)
+    script = _WITHOUT_LMBLOCKS.format(folders=folders, probes=PROBES)
+    result = run_without_lmblocks(script, tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Do you wish to run the custom code" not in result.stdout + result.stderr
     loaded = {row["folder"]: row for row in map(json.loads, result.stdout.splitlines())}

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
 import sys
-import sysconfig
 import textwrap
 from pathlib import Path
 
 import pytest
+from isolation import run_without_lmblocks
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -118,13 +116,6 @@ def test_a_real_problem_still_shows_the_report(causal_lm, tmp_path, capsys):
 _SNIPPET_WITHOUT_LMBLOCKS = textwrap.dedent(
     """
     import re, sys
-    sys.path.append({site_packages!r})
-    try:
-        import lmblocks
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("lmblocks must not be importable here")
     card = open({card!r}).read()
     [snippet] = re.findall(r"```python\\n(.*?)```", card, re.S)
     names = {{}}
@@ -135,12 +126,9 @@ _SNIPPET_WITHOUT_LMBLOCKS = textwrap.dedent(
 
 
 def test_card_snippet_asks_nothing_and_warns_nothing_without_lmblocks(causal_lm, tmp_path):
-    script = _SNIPPET_WITHOUT_LMBLOCKS.format(site_packages=sysconfig.get_paths()["purelib"],
-                                              card=str(causal_lm / "README.md"))
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    script = _SNIPPET_WITHOUT_LMBLOCKS.format(card=str(causal_lm / "README.md"))
     # stdin closed: a trust-remote-code question cannot be answered, as in a notebook left to run.
-    result = subprocess.run([sys.executable, "-I", "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                            stdin=subprocess.DEVNULL, text=True, timeout=300)
+    result = run_without_lmblocks(script, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     said = result.stdout + result.stderr
     assert "Do you wish to run the custom code" not in said
