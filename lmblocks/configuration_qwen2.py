@@ -1,8 +1,5 @@
-"""Configuration of the lmblocks Qwen2 family (Qwen2, Qwen2.5, DeepSeek-R1-Distill-Qwen): LLaMA's, with the defaults
-of transformers' `Qwen2Config` (a Hub file that leaves a key out gets the same value there and here) and its
-sliding-window fields. transformers' `qwen2` config files load as they are (`model_type` translated)."""
-
-from __future__ import annotations
+"""Configuration of the lmblocks Qwen2 family: LLaMA's, with the defaults of transformers' `Qwen2Config` (a Hub file
+that leaves a key out gets the same value there and here) and its sliding-window fields."""
 
 from typing import Any, ClassVar
 
@@ -19,19 +16,16 @@ QWEN2_PRESETS: dict[str, dict[str, Any]] = {
     "1.5B": dict(_QWEN25, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                  num_key_value_heads=2, max_position_embeddings=131072, max_window_layers=28),
     # Small shapes for CPU runs and tests: LLaMA's, with Qwen2's tied embeddings.
-    "small": dict(LLAMA_PRESETS["small"], tie_word_embeddings=True),
-    "tiny": dict(LLAMA_PRESETS["tiny"], tie_word_embeddings=True),
+    **{name: dict(LLAMA_PRESETS[name], tie_word_embeddings=True) for name in ("small", "tiny")},
 }
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @strict
 class LmbQwen2Config(LmbLlamaConfig):
-    """Qwen2: LLaMA with biases on the query/key/value projections (`attention_bias`; never on the output one), tied
-    embeddings in the small sizes, `rope_theta` 1e6 in Qwen2.5. `layer_types` (derived from `use_sliding_window`,
-    `sliding_window`, `max_window_layers`) gives each layer `full_attention` or `sliding_attention` (over the last
-    `sliding_window` tokens). The released checkpoints turn the window off; `sliding_window` then reads None, as in
-    transformers. Example: `LmbQwen2Config.from_preset("0.5B")`."""
+    """Qwen2 (Qwen2, Qwen2.5, DeepSeek-R1-Distill-Qwen; `qwen2` config files load as they are): LLaMA with q/k/v
+    biases (`attention_bias`) and `layer_types`, each layer `full_attention` or `sliding_attention` (over the last
+    `sliding_window` tokens). The released checkpoints turn the window off; `sliding_window` then reads None."""
 
     model_type = "lmb_qwen2"
     presets: ClassVar[dict[str, dict[str, Any]]] = QWEN2_PRESETS

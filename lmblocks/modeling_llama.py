@@ -64,7 +64,7 @@ class LmbLlamaAttention(MultiHeadAttention):
 class LmbLlamaDecoderLayer(GradientCheckpointingLayer):
     """x + attn(rmsnorm(x)), then x + mlp(rmsnorm(x))."""
 
-    attention_class = LmbLlamaAttention  # a family built on LLaMA names its own (Qwen2)
+    attention_class = LmbLlamaAttention  # a family built on LLaMA may name its own
 
     def __init__(self, config: LmbLlamaConfig, layer_idx: int) -> None:
         super().__init__()

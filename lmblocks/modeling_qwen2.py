@@ -3,34 +3,25 @@ projection, and sliding-window attention on the layers `config.layer_types` name
 masks from transformers' `masking_utils`). Tensor names are `Qwen2ForCausalLM`'s: Qwen2.5 folders load as they are."""
 
 import torch
-from torch import nn
 from transformers.masking_utils import create_sliding_window_causal_mask
 
 from .configuration_qwen2 import LmbQwen2Config
 from .integrations import register_peft_target_modules
 from .modeling_common import register_for_auto_classes
-from .modeling_llama import LORA_TARGET_MODULES, PEFT_TARGET_MODULES, LmbLlamaAttention, LmbLlamaDecoderLayer
-from .modeling_llama import LmbLlamaForCausalLM, LmbLlamaForSequenceClassification, LmbLlamaModel
-from .modeling_llama import LmbLlamaPreTrainedModel
+from .modeling_llama import (GGUF_EXPORT as LLAMA_GGUF_EXPORT, LORA_TARGET_MODULES, PEFT_TARGET_MODULES,
+                             TRANSFORMERS_EXPORT as LLAMA_TRANSFORMERS_EXPORT, LmbLlamaDecoderLayer,
+                             LmbLlamaForCausalLM, LmbLlamaForSequenceClassification, LmbLlamaModel,
+                             LmbLlamaPreTrainedModel)
 
 register_peft_target_modules(LmbQwen2Config.model_type, PEFT_TARGET_MODULES)  # LLaMA's modules, LLaMA's names
-
-
-class LmbQwen2Attention(LmbLlamaAttention):
-    """LLaMA's attention; Qwen2 has biases on q/k/v (`attention_bias`), never on the output projection."""
-
-    def __init__(self, config: LmbQwen2Config, layer_idx: int) -> None:
-        super().__init__(config, layer_idx)
-        self.o_proj = nn.Linear(config.num_attention_heads * config.head_dim, config.hidden_size, bias=False)
 
 
 class LmbQwen2DecoderLayer(LmbLlamaDecoderLayer):
     """LLaMA's block, attending through the mask of its layer type (full, or a sliding window)."""
 
-    attention_class = LmbQwen2Attention
-
     def __init__(self, config: LmbQwen2Config, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
+        self.self_attn.o_proj.register_parameter("bias", None)  # biases on q/k/v (`attention_bias`), never on o_proj
         self.attention_type = config.layer_types[layer_idx]
         self.sliding_window = config.sliding_window if self.attention_type == "sliding_attention" else None
 
@@ -41,13 +32,12 @@ class LmbQwen2DecoderLayer(LmbLlamaDecoderLayer):
 
 
 class LmbQwen2PreTrainedModel(LmbLlamaPreTrainedModel):
-    """LLaMA's settings on Qwen2's config and blocks; first among the bases of each Qwen2 class, to win over the
-    `config_class` transformers copies into every LLaMA class."""
+    """LLaMA's settings with Qwen2's config: first among the bases of each Qwen2 class, so that its `config_class`
+    wins over the one transformers copies into every LLaMA class."""
 
     config: LmbQwen2Config
     config_class = LmbQwen2Config
     _no_split_modules = ["LmbQwen2DecoderLayer"]
-    _can_record_outputs = {"hidden_states": LmbQwen2DecoderLayer, "attentions": LmbQwen2Attention}
 
 
 class LmbQwen2Model(LmbQwen2PreTrainedModel, LmbLlamaModel):
@@ -81,23 +71,14 @@ class LmbQwen2ForSequenceClassification(LmbQwen2PreTrainedModel, LmbLlamaForSequ
     base_model_class = LmbQwen2Model
 
 
-# Exports (`lmblocks.export`, `lmblocks.export_gguf`): transformers' Qwen2 classes, and llama.cpp's qwen2, which has
-# the q/k/v biases and rotates halves as transformers does (no row reordering, unlike llama).
+# Exports (`lmblocks.export`, `lmblocks.export_gguf`): LLaMA's tables, read as transformers' Qwen2 (no MLP bias) and
+# llama.cpp's qwen2, which has the q/k/v biases, no window and rotates halves as transformers does (no row reordering).
 TRANSFORMERS_EXPORT = {
     "classes": {LmbQwen2Model: "Qwen2Model", LmbQwen2ForCausalLM: "Qwen2ForCausalLM",
                 LmbQwen2ForSequenceClassification: "Qwen2ForSequenceClassification"},
-    "required": {"mlp_bias": False, "rms_norm_bias": False},
-}
-GGUF_EXPORT = {
-    "architecture": "qwen2",
-    "hyperparameters": {"context_length": "max_position_embeddings", "embedding_length": "hidden_size",
-                        "feed_forward_length": "intermediate_size", "block_count": "num_hidden_layers",
-                        "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
-                        "rope.freq_base": "rope_parameters.rope_theta",
-                        "attention.layer_norm_rms_epsilon": "rms_norm_eps"},
-    "required": {"rope_parameters.rope_type": "default", "hidden_act": "silu", "attention_bias": True,
-                 "mlp_bias": False, "rms_norm_bias": False, "use_sliding_window": False},
-}
+    "required": {**LLAMA_TRANSFORMERS_EXPORT["required"], "mlp_bias": False}}
+GGUF_EXPORT = {"architecture": "qwen2", "hyperparameters": LLAMA_GGUF_EXPORT["hyperparameters"],
+               "required": {**LLAMA_GGUF_EXPORT["required"], "attention_bias": True, "use_sliding_window": False}}
 
 AUTO_CLASSES = {"AutoModel": LmbQwen2Model, "AutoModelForCausalLM": LmbQwen2ForCausalLM,
                 "AutoModelForSequenceClassification": LmbQwen2ForSequenceClassification}
