@@ -58,7 +58,7 @@ def test_gpu_bench_report_path_runs_on_a_tiny_cpu_plan(tmp_path, monkeypatch):
     tiny_work = dict(train_batch=2, train_seq=16, fwd_batch=2, fwd_seq=16, prompt=4, new_tokens=4)
     jobs = []
     for job in gpu_bench.plan(quick=True, attns=["sdpa"]):
-        if "static" in job.get("phase", "") or job.get("family") == "llama":
+        if "static" in job.get("phase", "") or job.get("size") == "small_v128k":  # the 128k-vocabulary rows
             continue
         job = {**job, "device": "cpu", "dtype": "float32"}
         if "work" in job:

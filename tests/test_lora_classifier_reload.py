@@ -1,6 +1,6 @@
 """Every LoRA classifier that finetune.py saves reloads through the snippet its own model card prints (issue 22,
 item 1): 2, 3 and 5 labels; an adapter-only folder, and a `--merge_lora` folder with the adapter alone in `adapter/`
-(LLaMA; GPT-2 and BERT with 3 labels, merged).
+(LLaMA; every other family of `lmblocks.FAMILIES` with 3 labels, merged).
 
 The snippets run in a fresh process in which `import lmblocks` fails (`python -I -S` with only the environment's
 site-packages on the path), with stdin closed, so a trust-remote-code question would fail the run. Each must give the
@@ -35,16 +35,19 @@ QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no
          "--per_device_train_batch_size", "4", "--max_steps", "2", "--learning_rate", "1e-2", "--max_length", "16"]
 
 
+BASE_FAMILY = "llama"  # the one the whole matrix (labels x merged) runs on
+
+
 def make_base(folder: Path, family: str) -> Path:
-    """A tiny pretrained checkpoint of `family` (the LM head pretrain.py trains) with its tokenizer."""
+    """A tiny pretrained checkpoint of `family` (the LM head pretrain.py trains, the sizes of the main job's --quick)
+    with its tokenizer."""
     from lmblocks.tokenization_trainer import config_kwargs_from_tokenizer, save_tokenizer, train_tokenizer
+    from lmblocks.training import parse_config_overrides
 
     spec = lmblocks.FAMILIES[family]
-    tokenizer = train_tokenizer(iter(list(TEXTS.values()) * 20), family, vocab_size=300, show_progress=False)
-    sizes = {"llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           num_key_value_heads=1),
-             "gpt2": dict(n_embd=32, n_layer=1, n_head=2),
-             "bert": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)}[family]
+    tokenizer = train_tokenizer(iter(list(TEXTS.values()) * 20), spec.tokenizer_kind, vocab_size=300,
+                                show_progress=False)
+    sizes = parse_config_overrides(spec.demo["quick_overrides"])
     fields = spec.config_class.__dataclass_fields__
     config = spec.config_class.from_preset(
         "tiny", **sizes, **{k: v for k, v in config_kwargs_from_tokenizer(tokenizer).items() if k in fields})
@@ -56,7 +59,7 @@ def make_base(folder: Path, family: str) -> Path:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    return make_base(tmp_path_factory.mktemp("lora_cls") / "base", "llama")
+    return make_base(tmp_path_factory.mktemp("lora_cls") / "base", BASE_FAMILY)
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +95,9 @@ def runs(base, tmp_path_factory):
                 expected.append((out, recorded[out], id2label))
                 if merged:
                     expected.append((out / "adapter", recorded[out], id2label))
-        # The other families' heads (GPT-2's `score`, BERT's `classifier` on the pooler): 3 labels, merged + adapter/.
-        for family in ("gpt2", "bert"):
+        # The other families' heads (GPT-2's `score`, BERT's `classifier` on the pooler, ...): 3 labels, merged +
+        # adapter/.
+        for family in [name for name in lmblocks.FAMILIES if name != BASE_FAMILY]:
             out = root / f"{family}-cls3-merged"
             finetune.main(["--model_name_or_path", str(make_base(root / family, family)), "--task", "seq_cls",
                            "--lora_r", "4", "--train_file", str(root / "labels3.csv"), "--output_dir", str(out),

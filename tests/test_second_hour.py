@@ -49,22 +49,22 @@ def folders(tmp_path_factory):
     text = root / "alice.txt"
     text.write_text((CORPUS / "alice29.txt").read_text(errors="replace")[:12000])
     (root / "latin1.txt").write_bytes((LATIN1 * 20).encode("latin-1"))
-    for kind, build in (
+    # (tokenizer kind, the model saved with it, its length): lmblocks' GPT-2 and BERT, and transformers' own LLaMA
+    # class (a foreign checkpoint, given only the vocabulary and the bos / eos ids).
+    for kind, build, positions in (
         ("gpt2", lambda kw: lmblocks.LmbGPT2LMHeadModel(lmblocks.LmbGPT2Config(
-            n_embd=32, n_layer=1, n_head=2, n_positions=POSITIONS, **kw))),
+            n_embd=32, n_layer=1, n_head=2, n_positions=POSITIONS, **kw)), POSITIONS),
         ("bert", lambda kw: lmblocks.LmbBertForPreTraining(lmblocks.LmbBertConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-            max_position_embeddings=POSITIONS, **kw))),
+            max_position_embeddings=POSITIONS, **kw)), POSITIONS),
         ("llama", lambda kw: LlamaForCausalLM(LlamaConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-            max_position_embeddings=64, **kw))),
+            max_position_embeddings=64, vocab_size=kw["vocab_size"], bos_token_id=kw["bos_token_id"],
+            eos_token_id=kw["eos_token_id"])), 64),
     ):
         tokenizer = train_tokenizer([str(text)], kind, vocab_size=400, show_progress=False)
-        kwargs = config_kwargs_from_tokenizer(tokenizer)
-        if kind == "llama":
-            kwargs = {k: v for k, v in kwargs.items() if k in ("vocab_size", "bos_token_id", "eos_token_id")}
-        build(kwargs).save_pretrained(root / kind)
-        save_tokenizer(tokenizer, root / kind, model_max_length=POSITIONS if kind != "llama" else 64)
+        build(config_kwargs_from_tokenizer(tokenizer)).save_pretrained(root / kind)
+        save_tokenizer(tokenizer, root / kind, model_max_length=positions)
     return root
 
 
