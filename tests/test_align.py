@@ -48,28 +48,21 @@ def _pairs(subjects: list[str]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A tokenizer per family trained on a slice of a book, tiny GPT-2 / LLaMA / BERT checkpoints and pair files."""
+    """A tokenizer and a tiny checkpoint per family (trained on / sized for a slice of a book), and pair files."""
     import lmblocks
-    from lmblocks.tokenization_trainer import save_tokenizer, train_tokenizer
+    from lmblocks.tokenization_trainer import config_kwargs_from_tokenizer, save_tokenizer, train_tokenizer
+    from lmblocks.training import parse_config_overrides
 
     root = tmp_path_factory.mktemp("align")
     text = (CORPUS / "alice29.txt").read_text(errors="replace")[:20000] + " yes no yes no Question Answer"
-    models = {
-        "gpt2": lambda tok: lmblocks.LmbGPT2LMHeadModel(lmblocks.LmbGPT2Config.from_preset(
-            "tiny", vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id)),
-        "llama": lambda tok: lmblocks.LmbLlamaForCausalLM(lmblocks.LmbLlamaConfig.from_preset(
-            "tiny", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id)),
-        "bert": lambda tok: lmblocks.LmbBertForPreTraining(lmblocks.LmbBertConfig.from_preset(
-            "tiny", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-            num_attention_heads=2)),
-    }
-    for family, build in models.items():
-        tokenizer = train_tokenizer(iter([text]), family, vocab_size=400, show_progress=False)
+    for family, spec in lmblocks.FAMILIES.items():  # the sizes of the main job's --quick
+        tokenizer = train_tokenizer(iter([text]), spec.tokenizer_kind, vocab_size=400, show_progress=False)
         save_tokenizer(tokenizer, root / family)
-        build(tokenizer).save_pretrained(root / family)
+        fields = spec.config_class.__dataclass_fields__
+        config = spec.config_class.from_preset(
+            "tiny", **parse_config_overrides(spec.demo["quick_overrides"]),
+            **{k: v for k, v in config_kwargs_from_tokenizer(tokenizer).items() if k in fields})
+        spec.pretraining_class(config).save_pretrained(root / family)
     rows = _pairs(SUBJECTS)
     (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:40]))
     (root / "validation.jsonl").write_text("\n".join(json.dumps(r) for r in rows[40:]))
@@ -143,6 +136,9 @@ def _error(align, argv: list[str], capsys) -> str:
 
 @pytest.mark.parametrize("case", ["missing_column", "empty_data", "not_a_causal_lm", "merge_without_lora"])
 def test_bad_input_gives_one_error_line(align, workdir, tmp_path, capsys, case):
+    from lmblocks import FAMILIES
+
+    encoder = next(name for name, spec in FAMILIES.items() if not spec.is_decoder)  # any family align refuses
     out = tmp_path / "out"
     model = str(workdir / "gpt2")
     train = workdir / "train.jsonl"
@@ -154,7 +150,7 @@ def test_bad_input_gives_one_error_line(align, workdir, tmp_path, capsys, case):
         train = tmp_path / "pairs.csv"
         train.write_text("prompt,chosen,rejected\n")
     elif case == "not_a_causal_lm":
-        model = str(workdir / "bert")
+        model = str(workdir / encoder)
     argv = ["--model_name_or_path", model, "--train_file", str(train), "--output_dir", str(out), "--max_steps", "1",
             *COMMON]
     if case == "merge_without_lora":
@@ -163,7 +159,7 @@ def test_bad_input_gives_one_error_line(align, workdir, tmp_path, capsys, case):
     expected = {
         "missing_column": ["no column(s) ['chosen']", "'good'"],
         "empty_data": ["empty"],
-        "not_a_causal_lm": ["bert", "not a causal language model"],
+        "not_a_causal_lm": [encoder, "not a causal language model"],
         "merge_without_lora": ["--merge_lora needs a LoRA run"],
     }[case]
     for fragment in expected:

@@ -43,6 +43,12 @@ def pytest_generate_tests(metafunc) -> None:
 
 
 @pytest.fixture(scope="session")
+def served() -> dict[str, list[str]]:
+    """The decoders and encoders of `lmblocks.FAMILIES` (for a test that needs one of each, whichever)."""
+    return _served_families()
+
+
+@pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> Path:
     """The folder holding one folder per family and expected.json (see build_checkpoints.py)."""
     out = tmp_path_factory.mktemp("checkpoints")

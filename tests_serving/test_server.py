@@ -106,24 +106,25 @@ def _serve_error(*args: str) -> str:
     return lines[0]
 
 
-def test_serve_refuses_what_vllm_cannot_serve(checkpoints, tmp_path):
+def test_serve_refuses_what_vllm_cannot_serve(checkpoints, served, tmp_path):
+    decoder, encoder = checkpoints / served["decoders"][0], checkpoints / served["encoders"][0]
     assert "is not a folder" in _serve_error(str(tmp_path / "missing"))
     assert "no config.json" in _serve_error(str(tmp_path))
-    assert "embedding model" in _serve_error(str(checkpoints / "bert"))
-    assert "at least 1" in _serve_error(str(checkpoints / "gpt2"), "--kv-cache-gib", "0")
+    assert "embedding model" in _serve_error(str(encoder))
+    assert "at least 1" in _serve_error(str(decoder), "--kv-cache-gib", "0")
 
     old = tmp_path / "old"  # as saved before checkpoints named every Auto class
-    shutil.copytree(checkpoints / "gpt2", old)
+    shutil.copytree(decoder, old)
     config = json.loads((old / "config.json").read_text())
     del config["auto_map"]["AutoModel"]
     (old / "config.json").write_text(json.dumps(config))
     assert "save it again" in _serve_error(str(old))
 
     no_tokenizer = tmp_path / "no_tokenizer"
-    shutil.copytree(checkpoints / "gpt2", no_tokenizer)
+    shutil.copytree(decoder, no_tokenizer)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (no_tokenizer / name).unlink()
     assert "save_tokenizer" in _serve_error(str(no_tokenizer))
 
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))  # transformers' GPT-2, not lmblocks'
     assert "not an lmblocks one" in _serve_error(str(tmp_path))
