@@ -161,7 +161,11 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> str:
     if len(vocab) > vocab_size:
         raise ExportError(f"The tokenizer has {len(vocab)} tokens, more than the model's {vocab_size} embeddings.")
     by_id = {index: token for token, index in vocab.items()}
-    special = set(tokenizer.all_special_tokens)
+    # Added tokens are matched in raw text before the BPE, by llama.cpp as by `tokenizers`: special ones as CONTROL
+    # (e.g. SmolLM2's <file_sep>, which all_special_tokens leaves out), the others as USER_DEFINED, as llama.cpp's
+    # own converter marks them.
+    added = {token.content: token.special for token in tokenizer.added_tokens_decoder.values()}
+    special = set(tokenizer.all_special_tokens) | {content for content, is_special in added.items() if is_special}
     byte_level = _matches(state.get("pre_tokenizer"), _BYTE_LEVEL)
     sentencepiece_style = _matches(state.get("pre_tokenizer"), _METASPACE) and state["model"].get("byte_fallback")
     if state.get("normalizer") is not None or not (byte_level or sentencepiece_style):
@@ -184,6 +188,8 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> str:
         scores.append(-float(rank_of[token]) if token in rank_of else 0.0)
         if token in special:
             types.append(TokenType.UNKNOWN if token == tokenizer.unk_token and not byte_level else TokenType.CONTROL)
+        elif token in added:
+            types.append(TokenType.USER_DEFINED)
         elif not byte_level and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
             types.append(TokenType.BYTE)
         else:
