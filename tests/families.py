@@ -1,7 +1,8 @@
 """The shared tiny-config test base: one entry per model family.
 
 Tests that hold for every family (generation, save/load, peft, device_map, Trainer, remote code) are parametrised
-over `FAMILIES` / `DECODERS`; each family's own tests add what is specific to it. Add a family by adding an entry.
+over `FAMILIES` / `DECODERS`; each family's own tests add what is specific to it. A family of `lmblocks.FAMILIES` is
+here with no edit.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from lmblocks.families import FamilySpec
 @dataclass(frozen=True)
 class Family:
     """A family as the tests use it: lmblocks' own spec (classes, objective, ...) plus the token ids of its tiny
-    configs (vocabulary of 99)."""
+    configs (vocabulary of `TINY_VOCAB`)."""
 
     spec: FamilySpec
     token_ids: dict[str, int]
@@ -36,16 +37,25 @@ class Family:
         return {name: 0.0 for name, f in fields.items() if "drop" in name and isinstance(f.default, float)}
 
     def tiny_config(self, **overrides: Any):
-        """The family's "tiny" preset with a vocabulary of 99 and `overrides`: fast on CPU."""
-        return self.config_class.from_preset("tiny", **{"vocab_size": 99, **self.token_ids, **overrides})
+        """The family's "tiny" preset with a vocabulary of `TINY_VOCAB` and `overrides`: fast on CPU."""
+        return self.config_class.from_preset("tiny", **{"vocab_size": TINY_VOCAB, **self.token_ids, **overrides})
 
 
-# LLaMA's tiny preset has grouped-query attention (4 query heads, 2 key-value heads), so the shared tests exercise it;
-# Qwen2's adds q/k/v biases and tied embeddings.
-GPT2 = Family(lmblocks.FAMILIES["gpt2"], dict(bos_token_id=98, eos_token_id=98, pad_token_id=0))
-LLAMA = Family(lmblocks.FAMILIES["llama"], dict(bos_token_id=1, eos_token_id=2, pad_token_id=0))
-QWEN2 = Family(lmblocks.FAMILIES["qwen2"], dict(bos_token_id=1, eos_token_id=2, pad_token_id=0))
-BERT = Family(lmblocks.FAMILIES["bert"], dict(pad_token_id=0))
+TINY_VOCAB = 99
 
-FAMILIES: list[Family] = [GPT2, LLAMA, QWEN2, BERT]
+
+def _tiny_token_ids(spec: FamilySpec) -> dict[str, int]:
+    """The tiny preset's bos / eos ids in a vocabulary of `TINY_VOCAB` (one at the end of the preset's vocabulary, as
+    GPT-2's `<|endoftext|>`, stays at the end), and padding on id 0."""
+    preset = spec.config_class.from_preset("tiny")
+    ids = {key: min(getattr(preset, key), TINY_VOCAB - 1) for key in ("bos_token_id", "eos_token_id")
+           if getattr(preset, key, None) is not None}
+    return {**ids, "pad_token_id": 0}
+
+
+# Every family of lmblocks.FAMILIES, in its order. LLaMA's tiny preset has grouped-query attention (4 query heads,
+# 2 key-value heads), so the shared tests exercise it; Qwen2's adds q/k/v biases and tied embeddings.
+FAMILIES: list[Family] = [Family(spec, _tiny_token_ids(spec)) for spec in lmblocks.FAMILIES.values()]
 DECODERS: list[Family] = [f for f in FAMILIES if f.causal_lm_class is not None]
+# The families some tests take by name, for what is specific to them.
+GPT2, LLAMA, QWEN2, BERT = (next(f for f in FAMILIES if f.name == name) for name in ("gpt2", "llama", "qwen2", "bert"))

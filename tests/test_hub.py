@@ -61,7 +61,8 @@ def checkpoints(tmp_path_factory):
     ):
         from lmblocks.tokenization_trainer import config_kwargs_from_tokenizer
 
-        tokenizer = train_tokenizer(iter([text]), family, vocab_size=512, show_progress=False)
+        tokenizer = train_tokenizer(iter([text]), lmblocks.FAMILIES[family].tokenizer_kind, vocab_size=512,
+                                    show_progress=False)
         kwargs = {k: v for k, v in config_kwargs_from_tokenizer(tokenizer).items()
                   if k in type(config).__dataclass_fields__}
         for key, value in kwargs.items():

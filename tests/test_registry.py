@@ -90,9 +90,11 @@ def test_real_checkpoints_are_covered_where_one_exists():
             assert folder.name in source, f"{folder} is a family checkpoint no test in test_real_models.py loads"
 
 
-# The before-stop check of the project (shared/hooks/before-stop): a comparison with, or membership in, a literal
-# family name.
-_NAME_BRANCH = re.compile(r"""(==|!=)\s*["'](%s)["']|\bin\s*[(\[{]\s*["'](%s)["']""" % (("|".join(FAMILIES),) * 2))
+# A comparison with a literal family name on either side, or a membership test of one (`x in ("gpt2", ...)`,
+# `"llama" in families`): the project's before-stop check (shared/hooks/before-stop), and the reversed forms.
+_NAMES = "|".join(FAMILIES)
+_NAME_BRANCH = re.compile(rf"""(==|!=)\s*["']({_NAMES})["']|["']({_NAMES})["']\s*(==|!=|(not\s+)?in\b)"""
+                          rf"""|\bin\s*[(\[{{]\s*["']({_NAMES})["']""")
 
 
 def test_no_code_outside_a_familys_own_files_branches_on_its_name():
