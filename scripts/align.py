@@ -2,8 +2,8 @@
 """Align a causal language model with human preferences: DPO (`trl.DPOTrainer`) on pairs of a preferred and a
 rejected answer, full or LoRA.
 
-The model is any lmblocks causal-LM checkpoint (GPT-2, LLaMA), or a transformers `gpt2` / `llama` folder, which
-loads into the lmblocks class. `--lora_r R` (> 0) trains a LoRA adapter instead of all weights; the target modules
+The model is any lmblocks causal-LM checkpoint (GPT-2, LLaMA, Qwen2, ...), or a transformers `gpt2` / `llama` /
+`qwen2` folder, which loads into the lmblocks class. `--lora_r R` (> 0) trains a LoRA adapter instead of all weights; the target modules
 default to the family's (registered with peft), `--merge_lora` folds the adapter in for export (the adapter alone
 is kept in `adapter/`). Without LoRA the reference model is a frozen copy of the starting weights; with LoRA it is
 the same model with the adapter switched off.

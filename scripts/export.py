@@ -7,7 +7,7 @@ heads, ...), with the checkpoint's tokenizer: `AutoModel*.from_pretrained(folder
 no lmblocks and no remote code, and compute the same logits. What transformers' class has no place for (GPT-2's
 auxiliary LM loss weight λ) is named in the output. `--outtype` casts the weights (f32, f16, bf16).
 
-`--format gguf` writes one `<checkpoint name>-<outtype>.gguf` file for llama.cpp (GPT-2 and LLaMA causal LMs):
+`--format gguf` writes one `<checkpoint name>-<outtype>.gguf` file for llama.cpp (GPT-2, LLaMA and Qwen2 causal LMs):
 architecture, hyper-parameters, tensors in f32, f16, bf16 or q8_0 (default f16), and the tokenizer as llama.cpp
 needs it. transformers reads it back with `from_pretrained(folder, gguf_file=...)`.
 
