@@ -5,8 +5,8 @@ rejected answer, full or LoRA.
 The model is any lmblocks causal-LM checkpoint (GPT-2, LLaMA, Qwen2, ...), or a transformers `gpt2` / `llama` /
 `qwen2` folder, which loads into the lmblocks class. `--lora_r R` (> 0) trains a LoRA adapter instead of all
 weights; the target modules default to the family's (registered with peft), `--merge_lora` folds the adapter in for
-export (the adapter alone is kept in `adapter/`). Without LoRA the reference model is a frozen copy of the starting weights; with LoRA it is
-the same model with the adapter switched off.
+export (the adapter alone is kept in `adapter/`). Without LoRA the reference model is a frozen copy of the starting
+weights; with LoRA it is the same model with the adapter switched off.
 
 Data: rows with a prompt, a chosen and a rejected answer (`--prompt_column`, `--chosen_column`,
 `--rejected_column`), from `--train_file` / `--validation_file` (csv, json or jsonl) or `--dataset_name` (a
