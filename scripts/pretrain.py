@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Pretrain an lmblocks model from scratch (or continue from a checkpoint) on text files or a `datasets` dataset.
 
-GPT-2 and LLaMA train as causal language models on the corpus packed into blocks of `--block_size` tokens; BERT
-trains with masked-LM + next-sentence prediction. The held-out end of the corpus gives the evaluation perplexity.
-Everything `TrainingArguments` offers works as in transformers' example scripts (`--output_dir`,
-`--per_device_train_batch_size`, `--gradient_accumulation_steps`, `--activation_checkpointing`, `--bf16`,
-`--report_to`, `--resume_from_checkpoint`, `--push_to_hub`, ...), and so does `accelerate launch` / `torchrun`.
+Decoders (GPT-2, LLaMA, Qwen2) train as causal language models on the corpus packed into blocks of `--block_size`
+tokens; BERT trains with masked-LM + next-sentence prediction (each family's `objective` in `lmblocks.FAMILIES`).
+The held-out end of the corpus gives the evaluation perplexity. Everything `TrainingArguments` offers works as in
+transformers' example scripts (`--output_dir`, `--per_device_train_batch_size`, `--gradient_accumulation_steps`,
+`--activation_checkpointing`, `--bf16`, `--report_to`, `--resume_from_checkpoint`, `--push_to_hub`, ...), and so does
+`accelerate launch` / `torchrun`.
 
 Examples:
     python scripts/pretrain.py --model_family gpt2 --preset small --train_files .cache/corpus/*.txt \\

@@ -47,7 +47,8 @@ def check_checkpoint(path: Path) -> None:
     if CAUSAL_LM_AUTO_CLASS not in auto_map:
         raise ValueError(
             f"{path} is not a causal language model (its auto_map names {sorted(auto_map) or 'no class'}); vLLM "
-            f"generates with GPT-2 and LLaMA heads. BERT is served as an embedding model: see docs/serving.md."
+            f"generates with the causal-LM heads (GPT-2, LLaMA, Qwen2, ...); an encoder (BERT) is served as an "
+            f"embedding model: see docs/serving.md."
         )
     if "AutoModel" not in auto_map:
         raise ValueError(
