@@ -58,29 +58,48 @@ test-serving: env vllm-env
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(LLAMACPP_VENV) .cache outputs
 
-# llama.cpp through llama-cpp-python, built from source (20–40 min of both cores), in its own venv with lmblocks:
+# llama.cpp through llama-cpp-python, built from source (20–40 min of both cores), in its own venv with lmblocks and
+# the real clients too heavy for .venv (lm-evaluation-harness: ~35 wheels with scipy, scikit-learn, nltk, sacrebleu):
 # tests_gguf/ runs lmblocks' GGUF exports (scripts/export.py --format gguf) in llama.cpp and compares with
-# transformers (docs/usage.md, "Run it elsewhere"). torch goes in first, pinned to the CPU wheel. The multimodal
-# library (LLAVA_BUILD) is left out: nothing here uses it, and it saves build time.
+# transformers, tests_interop/ runs `lm_eval` on lmblocks checkpoints and their exports (docs/usage.md, "Run it
+# elsewhere"). torch goes in first, pinned to the CPU wheel. The multimodal library (LLAVA_BUILD) is left out: nothing
+# here uses it, and it saves build time. One stamp per step, so that a change to setup.cfg reinstalls lmblocks only:
+# llama-cpp-python's stamp names its version and depends on nothing else, and its recipe skips the build when that
+# version is already installed.
 LLAMACPP_VENV := .venv-llamacpp
 LLAMA_CPP_PYTHON_VERSION := 0.3.36
+LM_EVAL_VERSION := 0.4.13
+LLAMACPP_BUILT := $(LLAMACPP_VENV)/.llama-cpp-python-$(LLAMA_CPP_PYTHON_VERSION)
+LM_EVAL_INSTALLED := $(LLAMACPP_VENV)/.lm-eval-$(LM_EVAL_VERSION)
 
 .PHONY: llama-cpp-env test-gguf bench-llama-cpp
 
-$(LLAMACPP_VENV)/.installed: setup.cfg pyproject.toml
-	$(PYTHON) -m venv $(LLAMACPP_VENV)
+$(LLAMACPP_VENV)/.created:
+	test -x $(LLAMACPP_VENV)/bin/python || $(PYTHON) -m venv $(LLAMACPP_VENV)
 	$(LLAMACPP_VENV)/bin/python -m pip install -q --upgrade pip
 	$(LLAMACPP_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
-	$(LLAMACPP_VENV)/bin/python -m pip install -q -e ".[dev]"
+	touch $@
+
+$(LLAMACPP_BUILT): | $(LLAMACPP_VENV)/.created
+	$(LLAMACPP_VENV)/bin/python -c "import importlib.metadata as m, sys; \
+		sys.exit(m.version('llama-cpp-python') != '$(LLAMA_CPP_PYTHON_VERSION)')" 2>/dev/null || \
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
 		$(LLAMACPP_VENV)/bin/python -m pip install -q --no-binary llama-cpp-python \
 		llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
 	touch $@
 
-llama-cpp-env: $(LLAMACPP_VENV)/.installed
+$(LLAMACPP_VENV)/.installed: setup.cfg pyproject.toml | $(LLAMACPP_BUILT)
+	$(LLAMACPP_VENV)/bin/python -m pip install -q -e ".[dev]"
+	touch $@
+
+$(LM_EVAL_INSTALLED): | $(LLAMACPP_VENV)/.installed
+	$(LLAMACPP_VENV)/bin/python -m pip install -q lm-eval==$(LM_EVAL_VERSION)
+	touch $@
+
+llama-cpp-env: $(LLAMACPP_VENV)/.installed $(LM_EVAL_INSTALLED)
 
 test-gguf: env llama-cpp-env
-	$(LLAMACPP_VENV)/bin/python -m pytest -q -s tests_gguf
+	$(LLAMACPP_VENV)/bin/python -m pytest -q -s tests_gguf tests_interop
 
 # llama.cpp f32 / q8_0 against lmblocks fp32 eager and compiled, SmolLM2-135M-Instruct, batch 1
 # (bench/llama_cpp_decode.py; on an idle machine).
