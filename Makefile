@@ -59,7 +59,8 @@ clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(LLAMACPP_VENV) .cache outputs
 
 # llama.cpp through llama-cpp-python, built from source (20–40 min of both cores), in its own venv with lmblocks and
-# the real clients too heavy for .venv (lm-evaluation-harness: ~35 wheels with scipy, scikit-learn, nltk, sacrebleu):
+# the real clients too heavy for .venv (lm-evaluation-harness: ~35 wheels with scipy, scikit-learn, nltk, sacrebleu;
+# llama-cpp-python's server):
 # tests_gguf/ runs lmblocks' GGUF exports (scripts/export.py --format gguf) in llama.cpp and compares with
 # transformers, tests_interop/ runs `lm_eval` on lmblocks checkpoints and their exports (docs/usage.md, "Run it
 # elsewhere"). torch goes in first, pinned to the CPU wheel. The multimodal library (LLAVA_BUILD) is left out: nothing
@@ -70,7 +71,7 @@ LLAMACPP_VENV := .venv-llamacpp
 LLAMA_CPP_PYTHON_VERSION := 0.3.36
 LM_EVAL_VERSION := 0.4.13
 LLAMACPP_BUILT := $(LLAMACPP_VENV)/.llama-cpp-python-$(LLAMA_CPP_PYTHON_VERSION)
-LM_EVAL_INSTALLED := $(LLAMACPP_VENV)/.lm-eval-$(LM_EVAL_VERSION)
+LM_EVAL_INSTALLED := $(LLAMACPP_VENV)/.clients-lm-eval-$(LM_EVAL_VERSION)
 
 .PHONY: llama-cpp-env test-gguf bench-llama-cpp
 
@@ -92,8 +93,10 @@ $(LLAMACPP_VENV)/.installed: setup.cfg pyproject.toml | $(LLAMACPP_BUILT)
 	$(LLAMACPP_VENV)/bin/python -m pip install -q -e ".[dev]"
 	touch $@
 
+# lm-eval, and what llama-cpp-python's server extra adds (named here: asking for the extra could rebuild it).
 $(LM_EVAL_INSTALLED): | $(LLAMACPP_VENV)/.installed
-	$(LLAMACPP_VENV)/bin/python -m pip install -q lm-eval==$(LM_EVAL_VERSION)
+	$(LLAMACPP_VENV)/bin/python -m pip install -q lm-eval==$(LM_EVAL_VERSION) "sse-starlette>=1.6.1" \
+		"starlette-context>=0.3.6,<0.4"
 	touch $@
 
 llama-cpp-env: $(LLAMACPP_VENV)/.installed $(LM_EVAL_INSTALLED)

@@ -69,9 +69,10 @@ def test_lm_eval_scores_lmblocks_as_transformers_class(tmp_path, family):
     for index, (book, _) in enumerate(BOOKS.items()):
         for line in _lines(book)[200:203]:
             rows.append({"passage": line, "choices": list(BOOKS.values()), "label": index})
-    (tmp_path / "which_book.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "which_book.yaml").write_text(TASK.format(data=tmp_path / "which_book.jsonl"))
+    tasks = tmp_path / "eval_tasks"  # the layout docs/usage.md gives, paths relative to where lm_eval runs
+    tasks.mkdir()
+    (tasks / "which_book.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tasks / "which_book.yaml").write_text(TASK.format(data="eval_tasks/which_book.jsonl"))
 
     spec = lmblocks.FAMILIES[family]
     tokenizer = lmblocks.train_tokenizer(iter(_lines("alice29")[:600]), kind=spec.tokenizer_kind, vocab_size=400)
@@ -88,7 +89,7 @@ def test_lm_eval_scores_lmblocks_as_transformers_class(tmp_path, family):
     for name, model_args in (("lmblocks", "pretrained=checkpoint,trust_remote_code=True,dtype=float32"),
                              ("transformers", "pretrained=exported,dtype=float32")):
         _run(lm_eval, "--model", "hf", "--model_args", model_args, "--device", "cpu", "--batch_size", "8",
-             "--include_path", "tasks", "--tasks", "which_book", "--log_samples", "--output_path", f"eval-{name}",
+             "--include_path", "eval_tasks", "--tasks", "which_book", "--log_samples", "--output_path", f"eval-{name}",
              cwd=tmp_path)
         scores[name] = _loglikelihoods(tmp_path / f"eval-{name}")
     (ours, our_accuracy), (theirs, their_accuracy) = scores["lmblocks"], scores["transformers"]
