@@ -138,6 +138,23 @@ def test_metadata_llama_cpp_reads(exported):
     assert tensor_types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
 
 
+def test_added_tokens_typed_as_llama_cpp_matches_them(tmp_path):
+    """Added tokens are matched in raw text before the BPE: special ones are CONTROL (also those that
+    `all_special_tokens` leaves out, like SmolLM2's <file_sep>), the others USER_DEFINED, as llama.cpp's converter
+    types them."""
+    tokenizer = train_tokenizer(iter(_lines("alice29")[:300]), kind="gpt2", vocab_size=300)
+    tokenizer.add_tokens(["<file_sep>"], special_tokens=True)
+    tokenizer.add_tokens(["hello world"])
+    model = GPT2.causal_lm_class(GPT2.tiny_config(vocab_size=len(tokenizer))).eval()
+    reader = gguf.GGUFReader(export_to_gguf(model, tokenizer, tmp_path / "added.gguf", "f32"))
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert types[tokens.index("<file_sep>")] == gguf.TokenType.CONTROL
+    assert types[tokens.index("hello world")] == gguf.TokenType.USER_DEFINED
+    assert types[tokens.index(tokenizer.eos_token)] == gguf.TokenType.CONTROL
+    assert types[tokens.index("a")] == gguf.TokenType.NORMAL
+
+
 # --- llama.cpp's SentencePiece tokenizer, ported ---------------------------------------------------------------------
 
 def llama_cpp_spm_tokenize(text: str, vocab: dict[str, int], scores: list[float]) -> list[int]:

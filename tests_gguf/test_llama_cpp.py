@@ -125,6 +125,10 @@ def test_smollm2_round_trip_f32(smollm2, tmp_path):
 
     tokenizer, model, cases = smollm2
     llm = _llama(export_to_gguf(model, tokenizer, tmp_path / "smollm2-f32.gguf", "f32"), n_ctx=1024)
+    # the chat text, and added special tokens all_special_tokens leaves out, split as the Hugging Face tokenizer does
+    for input_ids, _ in cases:
+        text = tokenizer.decode(input_ids) + "<file_sep>main.py<filename> 2024"
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer(text).input_ids
     for input_ids, expected in cases:
         got = _greedy_llama_cpp(llm, input_ids, len(expected), tokenizer.eos_token_id)
         print(f"f32: {tokenizer.decode(got)!r}")
