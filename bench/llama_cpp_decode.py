@@ -1,6 +1,6 @@
 """Batch-1 CPU decoding, llama.cpp against lmblocks, on SmolLM2-135M-Instruct (`make bench-llama-cpp`).
 
-    .venv-llamacpp/bin/python bench/llama_cpp_decode.py [--threads 2] [--reps 5]
+    .venv-llamacpp/bin/python bench/llama_cpp_decode.py [--threads 2] [--reps 5] [--skip-compiled]
 
 Runs in `.venv-llamacpp` (`make llama-cpp-env`: llama-cpp-python built from source, with torch and lmblocks). The
 fetched checkpoint (`.cache/models/smollm2-135m-instruct`, `make env`) is loaded into lmblocks' LLaMA and exported
@@ -8,12 +8,16 @@ by lmblocks to GGUF f32 and q8_0 (`lmblocks.export_gguf`); the four engines deco
 template around one question), greedy, with the same number of threads:
 
 - llama.cpp (llama-cpp-python) f32 GGUF and q8_0 GGUF;
-- lmblocks fp32 eager, and fp32 with `lmblocks.decoding.enable_compiled_decoding` (compiled once, before timing).
+- transformers' own `LlamaForCausalLM`, eager;
+- lmblocks fp32 eager, and `lmblocks.decoding.enable_compiled_decoding` with fp32, bf16 and int8 weights (each
+  compiled once, before timing; the warm-up column shows the compilation, from torch's on-disk cache when it has it).
 
 ms/token = (time of generate 65 tokens − time of generate 1 token) / 64, so the prompt's prefill cancels out; every
 generation runs its full length (no stop at end of sequence). The engines take turns within each repetition, in a
-rotating order (interleaved), and the table gives the median with min–max over the repetitions. Also printed: whether
-each engine's 64 greedy tokens equal lmblocks fp32 eager's. The table goes to stdout and to
+rotating order (interleaved), and the table gives the median with min–max over the repetitions, in wall-clock time
+and in CPU time of the calling thread (with --threads 1 both engines compute on it; unlike wall time it does not
+count what the scheduler gave to other processes, so it is the figure to read on a shared machine). Also printed:
+whether each engine's 64 greedy tokens equal lmblocks fp32 eager's. The table goes to stdout and to
 `bench/results/llama-cpp-decode.md`. Measure on an idle machine: on a shared one the numbers say more about the
 neighbours.
 """
@@ -65,7 +69,7 @@ class TransformersEngine:
     def generate(self, input_ids: list[int], n: int) -> list[int]:
         import torch
 
-        with torch.no_grad():
+        with torch.no_grad():  # every token is generated (no stop at the end-of-sequence token)
             out = self.model.generate(torch.tensor([input_ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
         return out[0, len(input_ids):].tolist()
 
@@ -83,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="threads for every engine (default: 2)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per engine (default: 5)")
+    parser.add_argument("--skip-compiled", action="store_true", help="leave out the compiled lmblocks rows")
     args = parser.parse_args(argv)
     if not (SMOLLM2 / "config.json").is_file():
         print(f"error: {SMOLLM2} is missing: `make env` fetches it.", file=sys.stderr)
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     import transformers
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     import lmblocks
     from lmblocks.decoding import enable_compiled_decoding
@@ -107,15 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     input_ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
                                               return_dict=True)["input_ids"]
     eager = lmblocks.LmbLlamaForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32).eval()
-    compiled = enable_compiled_decoding(lmblocks.LmbLlamaForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32)
-                                        .eval())
     engines = {}
     with tempfile.TemporaryDirectory() as folder:
         for outtype in ("f32", "q8_0"):
             path = export_to_gguf(eager, tokenizer, Path(folder) / f"smollm2-{outtype}.gguf", outtype)
             engines[f"llama.cpp {outtype} GGUF"] = LlamaCppEngine(path, args.threads)
+    engines["transformers LlamaForCausalLM fp32 eager"] = TransformersEngine(
+        LlamaForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32).eval())
     engines["lmblocks fp32 eager"] = TransformersEngine(eager)
-    engines["lmblocks fp32 `enable_compiled_decoding`"] = TransformersEngine(compiled)
+    for weights in () if args.skip_compiled else ("fp32", "bf16", "int8"):
+        model = lmblocks.LmbLlamaForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32).eval()
+        engines[f"lmblocks {weights} `enable_compiled_decoding`"] = TransformersEngine(
+            enable_compiled_decoding(model, weights=weights))
 
     same, setup = {}, {}
     for name, engine in engines.items():  # warm up (compiles), and the greedy tokens
@@ -124,19 +132,22 @@ def main(argv: list[str] | None = None) -> int:
         engine.generate(input_ids, SHORT)
         setup[name] = time.perf_counter() - start
         same[name] = tokens[: LONG - 1]
+        print(f"{name}: warm-up {setup[name]:.1f} s", file=sys.stderr, flush=True)
     reference = same["lmblocks fp32 eager"]
     times: dict[str, list[float]] = {name: [] for name in engines}
+    cpu_times: dict[str, list[float]] = {name: [] for name in engines}
     names = list(engines)
     for rep in range(args.reps):
         order = names[rep % len(names):] + names[: rep % len(names)]
         for name in order:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             engines[name].generate(input_ids, SHORT)
-            short = time.perf_counter() - start
-            start = time.perf_counter()
+            short, short_cpu = time.perf_counter() - start, time.thread_time() - cpu
+            start, cpu = time.perf_counter(), time.thread_time()
             engines[name].generate(input_ids, LONG)
-            long = time.perf_counter() - start
+            long, long_cpu = time.perf_counter() - start, time.thread_time() - cpu
             times[name].append((long - short) / (LONG - SHORT) * 1000)
+            cpu_times[name].append((long_cpu - short_cpu) / (LONG - SHORT) * 1000)
 
     lines = [
         f"SmolLM2-135M-Instruct, batch 1, greedy, prompt of {len(input_ids)} tokens, {args.threads} threads, "
@@ -146,15 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         f" llama-cpp-python {llama_cpp.__version__}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}",
         "",
-        "| engine | ms/token | min–max | 64 greedy tokens = lmblocks fp32 eager's | warm-up (s) |",
-        "|---|---|---|---|---|",
+        "| engine | ms/token | min–max | CPU ms/token (thread) | 64 greedy tokens = lmblocks fp32 eager's | warm-up (s) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, values in times.items():
         agree = sum(a == b for a, b in zip(same[name], reference))
         first_diff = next((i for i, (a, b) in enumerate(zip(same[name], reference)) if a != b), None)
         verdict = "yes" if first_diff is None else f"no (first {first_diff} equal, {agree}/64 positions)"
-        lines.append(f"| {name} | {statistics.median(values):.1f} | {min(values):.1f}–{max(values):.1f} | {verdict} "
-                     f"| {setup[name]:.1f} |")
+        lines.append(f"| {name} | {statistics.median(values):.1f} | {min(values):.1f}–{max(values):.1f} "
+                     f"| {statistics.median(cpu_times[name]):.1f} | {verdict} | {setup[name]:.1f} |")
     text = "\n".join(lines)
     print(text)
     RESULT.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,8 @@ here, once.
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,6 +51,18 @@ def compile_on_every_device(config: CompileConfig) -> CompileConfig:
     return config
 
 
+def size_static_caches(model: PreTrainedModel, cache_length: Callable[[int], int]) -> None:
+    """Make `generate` allocate `model`'s static caches `cache_length(n)` long where it would make them `n` long
+    (its `max_length`): transformers sizes the cache to each call, and a compiled step with static shapes compiles
+    again for every new length. Set on the instance (transformers' `_prepare_static_cache`, 5.16 to 5.23)."""
+    prepare = type(model)._prepare_static_cache
+
+    def _prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, *args, **kwargs):
+        return prepare(self, cache_implementation, batch_size, cache_length(max_cache_len), *args, **kwargs)
+
+    model._prepare_static_cache = types.MethodType(_prepare_static_cache, model)
+
+
 def default_generation_params() -> dict[str, Any]:
     """The generation parameters a model config may carry (transformers moves them to the generation config)."""
     return GenerationConfig._get_default_generation_params()
@@ -60,5 +74,6 @@ __all__ = [
     "forget_load_conversions",
     "unmark_static_input",
     "compile_on_every_device",
+    "size_static_caches",
     "default_generation_params",
 ]

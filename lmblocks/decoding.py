@@ -8,73 +8,109 @@ matrix-vector products too small to stream at full speed. transformers' generate
 settings that reach the bandwidth roofline on each device:
 
 - CUDA: transformers' default (`reduce-overhead`: the step replayed as one CUDA graph).
-- CPU: inductor with `freezing` (parameters become constants of the graph, prepacked for MKL's matrix products),
-  `cpp.enable_concat_linear` (products of one input — q/k/v, gate/up — become one larger product, read in one
-  stream) and `cpp_wrapper` (the step runs from C++, not from generated Python). The checkpoint keeps its layout;
-  only the compiled graph changes.
+- CPU: inductor with `freezing` (parameters become constants of the graph), `cpp.enable_concat_linear` (products of
+  one input — q/k/v, gate/up — become one larger product, read in one stream) and `cpp_wrapper` (the step runs from
+  C++, not from generated Python). The checkpoint keeps its layout; only the compiled graph changes.
+
+Compiled once per model for every prompt length and `max_new_tokens`: transformers sizes a static cache to each
+call's `max_length`, and every new length compiled the step again; lmblocks sizes it in buckets instead (`CACHE_BUCKETS`:
+powers of two from 256 up to the model's positions), so one compilation serves every generation up to 256 tokens of
+prompt + output, the next up to 512, and so on. Measured on SmolLM2-135M, one CPU thread, 2026-12-06: a dynamic cache
+length (`dynamic=True`: one graph for every length) decodes as fast (53 against 53 ms/token of CPU time, interleaved)
+but compiles 2.3 times longer (101 s against 43 s of CPU time), in every new process too.
+A new process reuses the compiled step from inductor's on-disk FX graph cache (`TORCHINDUCTOR_CACHE_DIR`, by default
+a folder in the temporary directory): frozen weights are keyed by their shape only and read from the model at load,
+so the cache holds the compiled C++ while the weights stay the model's. MKL's prepacked weights
+(`cpp.weight_prepack`) cannot be pickled and turned the cache off ("mkldnn tensors unpickleable"); at batch 1 a plain
+product is as fast (49–53 against 49–53 ms/token, measured), so prepacking is off. What a new process still pays is
+tracing (dynamo, then AOTAutograd, whose own cache refuses frozen graphs) and freezing: about 20 s of CPU time for
+SmolLM2-135M. Freezing off (weights as graph inputs) lets both caches hold everything, but decodes 1.35 times slower
+(66–69 against 49–53 ms/token), so freezing stays.
+
+Each model compiles its step as a function of its own (`compiled_step`): dynamo keeps compiled graphs per code
+object and falls back to eager after `recompile_limit` (8) graphs on one, and every module's `__call__` is one code
+object — several compiled models in one process (or eight weight updates) would silently decode uncompiled. Should
+the step still run uncompiled, a warning says so.
 
 Freezing must be on while dynamo traces, so lmblocks models run their compiled step through `frozen_call`
-(`LmbPreTrainedModel.get_compiled_call`). Frozen graphs hold their own copies of the weights: lmblocks models notice
+(`LmbPreTrainedModel.get_compiled_call`). Frozen graphs hold the weights as constants: lmblocks models notice
 when a weight changed since the compilation (`weights_stamp`: an optimizer step, `load_state_dict`, `.to()`, a write
-through `.data`) and compile again.
+through `.data`) and compile again (from the on-disk cache: only tracing is paid again).
 Another transformers model given this config compiles without freezing, unless its compiled call is wrapped in
 `frozen_call` too (bench/harness.py does so for the built-ins) — then only for inference on fixed weights.
+
+`enable_compiled_decoding(model, weights=...)` also chooses the weights' format: "fp32", "bf16", or "int8" (int8
+weight-only linear layers with one scale per output channel, `Int8Linear`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import types
 from collections.abc import Callable, Iterator
 
 import torch
 from transformers import CompileConfig, PreTrainedModel
 
-from .compat import compile_on_every_device, unmark_static_input
+from .compat import compile_on_every_device, size_static_caches, unmark_static_input
+
+logger = logging.getLogger(__name__)
 
 
 class FrozenWeightsInductor:
     """`torch.compile` backend: inductor, for graphs traced under `frozen_weights()` (`frozen_call` enters it around
-    the compiled step, so tracing and compiling both see it). Each instance is a distinct backend to dynamo, so a new
-    instance compiles anew rather than reusing graphs frozen with older weights."""
+    the compiled step, so tracing and compiling both see it). Counts its compilations (`compilations`) and the calls
+    of what it compiled (`steps`), so that `frozen_call` notices a step that ran uncompiled."""
 
     freezes_weights = True  # read by duck typing: remote code has its own copy of this class
+
+    def __init__(self) -> None:
+        self.compilations = self.steps = 0
 
     def __deepcopy__(self, memo: dict) -> FrozenWeightsInductor:
         # generate() deep-copies its generation config; a copied backend would be a new backend to dynamo and to
         # transformers' compiled-call cache, and every generate would compile again.
         return self
 
-    def __call__(self, graph_module: torch.fx.GraphModule, example_inputs: list) -> object:
+    def __call__(self, graph_module: torch.fx.GraphModule, example_inputs: list) -> Callable:
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(graph_module, example_inputs)
+        self.compilations += 1
+        compiled = compile_fx(graph_module, example_inputs)
+
+        def counted(*args):
+            self.steps += 1
+            return compiled(*args)
+
+        return counted
 
 
 @contextlib.contextmanager
 def frozen_weights() -> Iterator[None]:
-    """Inductor's `freezing`, `cpp.enable_concat_linear` and `cpp_wrapper` for what compiles inside. The C++
-    wrapper calls the step's ~150 kernels and products from C++ instead of generated Python: a fifth of a base-size
-    LLaMA step on CPU was that Python.
+    """Inductor's `freezing`, `cpp.enable_concat_linear` and `cpp_wrapper` for what compiles inside, and
+    `cpp.weight_prepack` off (MKL's packed weights cannot be pickled: the FX graph cache would refuse the graph). The
+    C++ wrapper calls the step's ~150 kernels and products from C++ instead of generated Python: a fifth of a
+    base-size LLaMA step on CPU was that Python.
 
     Dynamo reads `freezing` while it traces (parameters become constants of the graph only then) and inductor while
     it compiles, so both are set around the compiled call. Passed as `torch.compile(options=...)` they reach inductor
     only: the weights stay graph inputs and nothing is frozen (torch 2.13; tests/test_decoding.py checks this)."""
     import torch._inductor.config as config  # not imported by `import torch`; imported here, when first needed
 
-    saved = config.freezing, config.cpp.enable_concat_linear, config.cpp_wrapper
-    config.freezing, config.cpp.enable_concat_linear, config.cpp_wrapper = True, True, True
-    try:
+    names = ("freezing", "cpp.enable_concat_linear", "cpp_wrapper", "cpp.weight_prepack")
+    with config.patch(dict(zip(names, (True, True, True, False)))):
         yield
-    finally:
-        config.freezing, config.cpp.enable_concat_linear, config.cpp_wrapper = saved
 
 
-def frozen_call(compiled: Callable) -> Callable:
+def frozen_call(compiled: Callable, backend: FrozenWeightsInductor | None = None, name: str = "model") -> Callable:
     """`compiled` (a decoding step) run under `frozen_weights()`, with the KV cache's tensors as ordinary inputs.
 
     transformers marks a static cache's tensors as static addresses (for CUDA graphs); freezing turns static inputs
     into constants of the graph, the cache's length counter among them, which then stops advancing (the next
-    `generate` on the reused cache writes past its end). Unmarked, they stay inputs the graph updates in place."""
+    `generate` on the reused cache writes past its end). Unmarked, they stay inputs the graph updates in place.
+    Given the `backend`, a step that ran without its compiled graph (dynamo fell back to eager) is logged once."""
+    warned = []
 
     def call(*args, **kwargs):
         cache = kwargs.get("past_key_values")
@@ -84,10 +120,39 @@ def frozen_call(compiled: Callable) -> Callable:
                     if torch.is_tensor(tensor):
                         unmark_static_input(tensor)
             cache._inputs_unmarked = True
+        steps = backend.steps if backend is not None else None
         with frozen_weights():
-            return compiled(*args, **kwargs)
+            out = compiled(*args, **kwargs)
+        if backend is not None and backend.steps == steps and not warned:
+            warned.append(True)
+            logger.warning(
+                f"The compiled decoding step of {name} ran uncompiled (torch.compile fell back to eager: a graph "
+                "break, an error or a recompile limit; TORCH_LOGS=recompiles,graph_breaks says which). Decoding goes "
+                "on at eager speed.")
+        return out
 
     return call
+
+
+def compiled_step(model: torch.nn.Module, compile_config: CompileConfig) -> Callable:
+    """`model`'s decoding step compiled with `compile_config` (a frozen-weights one), reused while the weights are
+    unchanged (`weights_stamp`), compiled again when they changed.
+
+    Compiled as a function of its own (a fresh code object): dynamo keeps graphs per code object and gives up after
+    `recompile_limit` of them, and `model.__call__` (transformers compiles that) is one code object for every module
+    — another compiled model in the process, or weight updates, would use up the limit of this one."""
+    stamp = weights_stamp(model)
+    entry = model.__dict__.get("_frozen_step")
+    if entry is None or entry[0] != stamp or entry[1] != compile_config:
+
+        def step(*args, **kwargs):
+            return model(*args, **kwargs)
+
+        step = types.FunctionType(step.__code__.replace(), step.__globals__, "decoding_step", None, step.__closure__)
+        compiled = torch.compile(step, **compile_config.to_dict())
+        entry = (stamp, compile_config, frozen_call(compiled, compile_config.backend, type(model).__name__))
+        model.__dict__["_frozen_step"] = entry
+    return entry[2]
 
 
 _SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -121,13 +186,71 @@ def compiled_decoding_config(device: torch.device | str) -> CompileConfig:
     return compile_on_every_device(config)
 
 
-def enable_compiled_decoding(model: PreTrainedModel) -> PreTrainedModel:
+CACHE_BUCKETS = tuple(2**n for n in range(8, 21))  # 256 ... 1M tokens, then the model's positions
+
+
+def cache_bucket(length: int, positions: int | None = None) -> int:
+    """The static cache length for a `generate` that needs `length` positions: the smallest of `CACHE_BUCKETS` that
+    holds it, at most the model's `positions` (a cache longer than the model's positions is never needed)."""
+    bucket = next((b for b in CACHE_BUCKETS if b >= length), length)
+    return max(length, min(bucket, positions)) if positions else bucket
+
+
+class Int8Linear(torch.nn.Module):
+    """A linear layer with int8 weights, one scale per output channel (symmetric: weight ≈ int8 × scale), for
+    decoding: the product is ATen's weight-only int8 kernel (`_weight_int8pack_mm`) on bfloat16 activations (its
+    float32 path is 7–15 times slower on AVX-512, measured), the output in the input's dtype."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight_int8", torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(torch.bfloat16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16),
+                                                 self.weight_int8, self.scales)
+        out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+
+
+WEIGHT_FORMATS = ("fp32", "bf16", "int8")
+
+
+def convert_weights(model: PreTrainedModel, weights: str) -> PreTrainedModel:
+    """`model` (in place) with its weights in `weights` format: "fp32" or "bf16" (the whole model in that dtype), or
+    "int8" (every `nn.Linear`, the output head included, replaced by an `Int8Linear`; the rest in float32)."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights={weights!r} is not one of {', '.join(WEIGHT_FORMATS)}.")
+    model.to({"bf16": torch.bfloat16}.get(weights, torch.float32))
+    if weights == "int8":
+        for parent in list(model.modules()):
+            for child_name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear:
+                    setattr(parent, child_name, Int8Linear(child))
+    return model
+
+
+def enable_compiled_decoding(model: PreTrainedModel, weights: str | None = None) -> PreTrainedModel:
     """Makes `model.generate` decode with a static cache and a compiled step on the model's device.
 
-    The first `generate` compiles (tens of seconds on CPU); later calls with the same cache length reuse it. Returns
-    the model. Only for models that declare static-cache compilation support (`_can_compile_fullgraph`)."""
+    `weights`: None keeps the model's dtype; "fp32", "bf16" or "int8" convert it in place (`convert_weights`; int8
+    is for inference: the model then holds `Int8Linear` layers). The first `generate` compiles (about two minutes on
+    one busy CPU core for SmolLM2-135M; a new process reuses inductor's on-disk cache); every later generation that
+    fits the same cache bucket (`cache_bucket`: 256, 512, ... positions) reuses it. Returns the model. Only for models that declare static-cache compilation support
+    (`_can_compile_fullgraph`)."""
     if not getattr(model, "_can_compile_fullgraph", False):
         raise ValueError(f"{type(model).__name__} does not support a compiled static-cache decoding step.")
+    if weights is not None:
+        convert_weights(model, weights)
+    positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    size_static_caches(model, lambda length: cache_bucket(length, positions))
     model.generation_config.cache_implementation = "static"
     model.generation_config.compile_config = compiled_decoding_config(model.device)
     return model
@@ -135,6 +258,12 @@ def enable_compiled_decoding(model: PreTrainedModel) -> PreTrainedModel:
 
 __all__ = [
     "FrozenWeightsInductor",
+    "CACHE_BUCKETS",
+    "Int8Linear",
+    "WEIGHT_FORMATS",
+    "cache_bucket",
+    "compiled_step",
+    "convert_weights",
     "frozen_call",
     "frozen_weights",
     "compiled_decoding_config",

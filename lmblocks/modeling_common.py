@@ -19,7 +19,7 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .decoding import frozen_call, weights_stamp
+from .decoding import compiled_step
 from .layers import check_cache_capacity, check_model_inputs
 
 
@@ -45,16 +45,12 @@ class LmbPreTrainedModel(PreTrainedModel):
         super().__init__(config, *inputs, **kwargs)
 
     def get_compiled_call(self, compile_config):
-        """transformers' compiled decoding step, compiled again when a parameter changed since a compilation that
-        froze the weights into the graph (`lmblocks.decoding.weights_stamp`): generating after an optimizer step, a
-        `load_state_dict`, a move or a write through `.data` never runs with the old weights."""
+        """transformers' compiled decoding step; with a frozen-weights config, compiled as this model's own function
+        and again when a parameter changed since the compilation (`lmblocks.decoding.compiled_step`): generating
+        after an optimizer step, a `load_state_dict`, a move or a write through `.data` never runs with the old
+        weights, and other compiled models in the process do not use up this one's recompile limit."""
         if compile_config is not None and getattr(compile_config.backend, "freezes_weights", False):
-            stamp = weights_stamp(self)
-            if getattr(self, "_frozen_weights_stamp", stamp) != stamp:
-                compile_config.backend = type(compile_config.backend)()  # a new backend: dynamo compiles anew
-                self.__dict__.pop("_compiled_call", None)
-            self._frozen_weights_stamp = stamp
-            return frozen_call(super().get_compiled_call(compile_config))
+            return compiled_step(self, compile_config)
         return super().get_compiled_call(compile_config)
 
     def save_pretrained(self, save_directory, *args, **kwargs):

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from lmblocks.cli import parse_arguments, run_script  # noqa: E402
 from lmblocks.training import UsageError  # noqa: E402
 
+WEIGHT_FORMATS = ("fp32", "bf16", "int8")  # lmblocks.decoding.WEIGHT_FORMATS, checked before the heavy imports
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
           "fp16": "float16", "half": "float16"}
 
@@ -56,9 +57,13 @@ class GenerateArguments:
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16 (fp32, bf16, fp16)."})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, mps, ..."})
     compile: bool = field(default=False, metadata={
-        "help": "Decode with a static cache and a compiled step (lmblocks.decoding): each new prompt length "
-                "compiles first (tens of seconds on CPU), then every token is cheaper; for long generations. "
+        "help": "Decode with a static cache and a compiled step (lmblocks.decoding): the first run compiles (a "
+                "minute or more on a small CPU; later processes reuse torch's on-disk cache, and every prompt length "
+                "and --max_new_tokens the same step), then every token is cheaper; for long generations. "
                 "Greedy or sampled decoding only (transformers does not compile beam search)."})
+    weights: str | None = field(default=None, metadata={
+        "help": "Convert the weights after loading: fp32, bf16, or int8 (weight-only, one scale per output "
+                "channel: a quarter of fp32's bytes to read per token); mostly with --compile. Instead of --dtype."})
     lmblocks: bool = field(default=False, metadata={
         "help": "Run a transformers gpt2 / llama checkpoint in lmblocks' class of its family instead of "
                 "transformers' own (the weights load as they are)."})
@@ -76,6 +81,10 @@ def generation_options(args: GenerateArguments) -> dict:
         raise UsageError("--max_new_tokens must be at least 1.")
     if args.num_beams < 1 or args.num_return_sequences < 1:
         raise UsageError("--num_beams and --num_return_sequences must be at least 1.")
+    if args.weights is not None and args.weights not in WEIGHT_FORMATS:
+        raise UsageError(f"--weights {args.weights} is not one of {', '.join(WEIGHT_FORMATS)}.")
+    if args.weights is not None and DTYPES.get(args.dtype) != "float32":
+        raise UsageError(f"--weights {args.weights} sets the weights' format itself; drop --dtype {args.dtype}.")
     if args.compile and args.num_beams > 1:
         raise UsageError(f"--compile decodes greedily or by sampling: transformers does not compile beam search, so "
                          f"--num_beams {args.num_beams} would run uncompiled. Drop --compile or --num_beams.")
@@ -206,6 +215,10 @@ def generate(args: GenerateArguments) -> list[str]:
     model, tokenizer = load_for_generation(args.model_name_or_path, args.trust_remote_code,
                                            args.tokenizer_name_or_path, args.dtype, args.device, args.lmblocks)
     positions = model_positions(model.config)
+    if args.weights is not None:
+        from lmblocks.decoding import convert_weights
+
+        convert_weights(model, args.weights)
     if args.compile:
         from lmblocks.decoding import enable_compiled_decoding
 

@@ -1,19 +1,38 @@
-"""Compiled decoding (lmblocks.decoding): the same tokens as eager decoding, before and after the weights change."""
+"""Compiled decoding (lmblocks.decoding): the same tokens as eager decoding, before and after the weights change, one
+compilation for every prompt length and `max_new_tokens`, the compiled step reused by a new process from the on-disk
+cache and by several models in one process, and the int8 / bf16 weight formats.
 
+Each compilation takes tens of seconds on 2 shared cores (inductor's C++): the tests compile as few times as they
+can, and a compilation the on-disk cache already holds costs only tracing."""
+
+import copy
+import json
+import logging
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
 from families import DECODERS
-from lmblocks.decoding import compiled_decoding_config, enable_compiled_decoding, frozen_weights, weights_stamp
+from lmblocks.decoding import (
+    Int8Linear,
+    cache_bucket,
+    compiled_decoding_config,
+    convert_weights,
+    enable_compiled_decoding,
+    frozen_weights,
+    weights_stamp,
+)
 
 
 def test_cpu_config_freezes_and_concatenates_projections():
-    """Under `frozen_weights()` three products of one input become one prepacked MKL product, called from the C++
-    wrapper (passed as `torch.compile(options=...)` they stay three `aten::mm` on the weights as graph inputs, in
-    torch 2.13)."""
+    """Under `frozen_weights()` three products of one input become one product on the concatenated frozen weights,
+    called from the C++ wrapper (passed as `torch.compile(options=...)` they stay three `aten::mm` on the weights as
+    graph inputs, in torch 2.13)."""
     config = compiled_decoding_config("cpu")
     assert config._compile_all_devices and config.fullgraph and config.dynamic is False
     assert compiled_decoding_config("cuda").mode == "reduce-overhead"
@@ -36,31 +55,145 @@ def test_cpu_config_freezes_and_concatenates_projections():
     assert products == ["aoti_torch_cpu__mkl_linear"], products
 
 
+def _compilations(model) -> int:
+    """How many graphs the model's decoding-step backend has compiled so far (dynamo calls the backend once per
+    graph it compiles: a recompilation calls it again)."""
+    return model.generation_config.compile_config.backend.compilations
+
+
 @pytest.mark.parametrize("family", DECODERS, ids=lambda f: f.name)
-def test_compiled_decoding_matches_eager_and_follows_weight_updates(family):
+def test_compiled_decoding_matches_eager_compiles_once_and_follows_weight_updates(family):
     torch.manual_seed(0)
     model = family.causal_lm_class(family.tiny_config()).eval()
-    prompt = torch.randint(3, 99, (1, 5))
-    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    prompts = [torch.randint(3, 99, (1, 5)), torch.randint(3, 99, (1, 11))]
 
-    def both():
+    def both(prompt, new_tokens=6):
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         eager = model.generate(prompt, disable_compile=True, cache_implementation="dynamic", **kwargs)
         compiled = model.generate(prompt, **kwargs)
         return eager, compiled
 
     enable_compiled_decoding(model)
-    eager, compiled = both()
+    eager, compiled = both(prompts[0])
     assert model.generation_config.cache_implementation == "static"
-    assert hasattr(model, "_compiled_call"), "generate did not compile the decoding step"
+    assert _compilations(model) == 1, "generate did not compile the decoding step"
     assert torch.equal(compiled, eager)
+    # Another prompt length and another max_new_tokens (so another cache length): the same compiled step.
+    for prompt, new_tokens in ((prompts[1], 6), (prompts[0], 13), (prompts[1], 20)):
+        assert torch.equal(*both(prompt, new_tokens))
+    assert _compilations(model) == 1
 
     # The weights change in place through `.data` (as EMA code and hand-written updates do), which moves neither their
     # address nor their version counter: the compiled graph, which froze copies of them, must not keep the old ones.
     for parameter in model.parameters():
         parameter.data.add_(0.05 * torch.randn_like(parameter))
-    eager_after, compiled_after = both()
+    eager_after, compiled_after = both(prompts[0])
     assert not torch.equal(eager_after, eager)
     assert torch.equal(compiled_after, eager_after)
+    assert _compilations(model) == 2
+
+
+def test_several_compiled_models_in_one_process_each_run_compiled(caplog):
+    """dynamo keeps compiled graphs per code object and refuses (fullgraph) or runs uncompiled a frame past
+    `recompile_limit` of them; every module's `__call__` is one code object, so all compiled models (and every
+    recompilation for new weights) used to share one limit. With the limit at 1, each model's step must still run
+    compiled — each is a function of its own."""
+    family = DECODERS[0]
+    prompt = torch.randint(3, 99, (1, 5))
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(enable_compiled_decoding(family.causal_lm_class(family.tiny_config()).eval()))
+    with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level(logging.WARNING, "lmblocks.decoding"):
+        for model in models * 2:
+            backend = model.generation_config.compile_config.backend
+            steps = backend.steps
+            eager = model.generate(prompt, disable_compile=True, cache_implementation="dynamic", **kwargs)
+            assert torch.equal(model.generate(prompt, **kwargs), eager)
+            assert backend.steps == steps + kwargs["max_new_tokens"] - 1  # every step after the prefill, compiled
+    assert "ran uncompiled" not in caplog.text
+
+
+def test_a_step_that_runs_uncompiled_is_logged(caplog):
+    """No silent fallback: when dynamo runs the step eagerly (here: told to by `torch.compiler.set_stance`), a
+    warning says so."""
+    family = DECODERS[0]
+    model = enable_compiled_decoding(family.causal_lm_class(family.tiny_config()).eval())
+    prompt = torch.randint(3, 99, (1, 5))
+    with torch.compiler.set_stance("force_eager"), caplog.at_level(logging.WARNING, "lmblocks.decoding"):
+        model.generate(prompt, max_new_tokens=3, do_sample=False)
+    assert "ran uncompiled" in caplog.text
+
+
+_SECOND_PROCESS = """
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+from torch._dynamo.utils import counters
+from families import DECODERS
+from lmblocks.decoding import enable_compiled_decoding
+family = [f for f in DECODERS if f.name == "llama"][0]
+torch.manual_seed(int(sys.argv[1]))  # other weights each time: the cache holds the code, the model its weights
+model = enable_compiled_decoding(family.causal_lm_class(family.tiny_config()).eval())
+prompt = torch.randint(3, 99, (1, 5))
+compiled = model.generate(prompt, max_new_tokens=5, do_sample=False)
+eager = model.generate(prompt, max_new_tokens=5, do_sample=False, disable_compile=True, cache_implementation="dynamic")
+print(json.dumps({{"same": torch.equal(compiled, eager), **counters["inductor"]}}))
+"""
+
+
+def test_a_new_process_reuses_the_compiled_step_from_the_disk_cache(tmp_path):
+    """inductor's FX graph cache holds the compiled step although its weights are frozen into the graph (keyed by
+    their shapes, read from the model at load): a second process with other weights loads it (a cache hit) and
+    decodes with its own weights."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    code = _SECOND_PROCESS.format(tests=os.path.dirname(__file__))
+    runs = []
+    for seed in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", code, seed], env=env, capture_output=True, text=True, check=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert runs[0]["same"] and runs[1]["same"]
+    assert runs[0].get("fxgraph_cache_miss") == 1 and "fxgraph_cache_bypass" not in runs[0], runs[0]
+    assert runs[1].get("fxgraph_cache_hit") == 1, runs[1]
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_weight_formats(weights):
+    """bf16 and int8 weights: compiled == eager tokens in that format, and (on the test prompts of a tiny model) the
+    same 32 greedy tokens as float32."""
+    family = [f for f in DECODERS if f.name == "llama"][0]
+    torch.manual_seed(0)
+    model = family.causal_lm_class(family.tiny_config()).eval()
+    prompts = torch.randint(3, 99, (2, 6))
+    kwargs = dict(attention_mask=torch.ones_like(prompts), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    fp32 = model.generate(prompts, **kwargs)
+    enable_compiled_decoding(model, weights=weights)
+    if weights == "int8":
+        assert not any(type(m) is torch.nn.Linear for m in model.modules())
+        assert any(isinstance(m, Int8Linear) for m in model.modules())
+    else:
+        assert model.dtype == torch.bfloat16
+    eager = model.generate(prompts, disable_compile=True, cache_implementation="dynamic", **kwargs)
+    assert torch.equal(model.generate(prompts, **kwargs), eager)
+    assert torch.equal(eager, fp32)
+
+
+def test_cache_buckets():
+    assert [cache_bucket(n) for n in (1, 256, 257, 600, 5000)] == [256, 256, 512, 1024, 8192]
+    assert [cache_bucket(n, positions=8192) for n in (100, 5000, 8192)] == [256, 8192, 8192]
+    assert cache_bucket(100, positions=64) == 100  # longer than the model's positions: as asked (generate refuses it)
+    assert cache_bucket(40, positions=64) == 64
+
+
+def test_int8_linear_is_close_to_the_float_product():
+    linear = torch.nn.Linear(64, 48)
+    x = torch.randn(3, 7, 64)
+    quantized = Int8Linear(linear)
+    assert quantized.weight_int8.dtype == torch.int8 and quantized.scales.shape == (48,)
+    error = (quantized(x) - linear(x)).norm() / linear(x).norm()
+    assert error < 0.02, error
+    with pytest.raises(ValueError, match="weights='fp8' is not one of fp32, bf16, int8"):
+        convert_weights(copy.deepcopy(torch.nn.Sequential(linear)), "fp8")
 
 
 def _no_grad_add(model):
