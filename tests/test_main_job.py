@@ -70,15 +70,14 @@ def test_main_job_quick(tmp_path):
     sft = json.loads((out / "tiny-llama-sft" / "all_results.json").read_text())
     assert {"eval_loss_before", "eval_loss"} <= set(sft)
     # The instruction-tuning rows mix corpus questions with the model's own answers to general instructions; the
-    # DPO's pairs: the book question on a passage's first words, the true book chosen, the instruction-tuned model's
-    # likeliest wrong book rejected.
+    # DPO pairs prefer the true author of the passage's book to another book's.
     rows = [json.loads(line) for line in (out / "data" / "sft_train.jsonl").read_text().splitlines()]
     assert {r["instruction"] for r in rows} & {"What is the boiling point of water at sea level?"}
     assert "What is the capital of France?" not in {r["instruction"] for r in rows}  # asked, never trained on
     pair = json.loads((out / "data" / "dpo_train.jsonl").read_text().splitlines()[0])
-    assert pair["prompt"].startswith("Which book is this passage from?") and pair["chosen"] != pair["rejected"]
-    assert pair["chosen"].startswith("It is from ") and pair["rejected"].startswith("It is from ")
-    assert "greedy answer names the true book |" in text and "greedy answers to its held-out questions" in text
+    assert pair["prompt"].startswith("Who wrote the book this passage is from?")
+    assert pair["chosen"] != pair["rejected"] and pair["chosen"].split(" wrote ")[1] == pair["rejected"].split(" wrote ")[1]
+    assert "| who wrote it? greedy answers that name the true author |" in text and "DPO changed" in text
 
     # One loss plot per training stage, each linked from the report; held-out loss from step 0.
     plots = ["gpt2_loss.png", "llama_loss.png", "bert_loss.png", "gpt2-books-lora_loss.png",
