@@ -106,8 +106,8 @@ SFT_LOSS_ROWS = 20             # of those, the rows instruction tuning's held-ou
 DPO_LOSS_PAIRS = 16            # of those, the pairs TRL's held-out DPO loss is measured on during training
 CLASSIFIER_HELD_OUT = (200, 10)
 # Seconds each kind of stage took on 2 idle cores (2026-12-06), for the "time left" estimate only.
-IDLE_SECONDS = {"tokenizers": 5, "pretrain": 125, "classifier": 32, "smollm2_before": 90, "smollm2_sft": 383,
-                "smollm2_dpo": 300, "retrieval": 30}
+IDLE_SECONDS = {"tokenizers": 3, "pretrain": 122, "classifier": 30, "smollm2_before": 66, "smollm2_sft": 420,
+                "smollm2_dpo": 270, "retrieval": 6}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
