@@ -113,6 +113,18 @@ def test_generate_compiled_gives_the_eager_text(gpt2_checkpoint):
     assert ok(run_script(*args, "--compile")).stdout == eager
 
 
+def test_generate_weights(gpt2_checkpoint):
+    """--weights int8 converts the projections and generates (eager here; the compiled path is in test_decoding);
+    a format it does not know, or one given with --dtype, is one error line."""
+    base = ("generate.py", "--model_name_or_path", str(gpt2_checkpoint), "--prompt", "Alice was", "--max_new_tokens",
+            "4", "--no_stream")
+    assert "Alice was" in ok(run_script(*base, "--weights", "int8")).stdout
+    for extra, message in ((("--weights", "int4"), "--weights int4 is not one of"),
+                           (("--weights", "bf16", "--dtype", "bfloat16"), "drop --dtype")):
+        result = run_script(*base, *extra)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_finetune_seq_cls_lora_merge_and_instruct(gpt2_checkpoint, workdir, tmp_path):
     rows = []
     for label in ("alice29", "botchan"):
