@@ -539,9 +539,15 @@ def book_measures(model, tokenizer, rows: list[dict], pairs: list[dict], titles:
             "preference": proportion(preferred, len(pairs)), "pair_log_likelihoods": pair_scores}
 
 
+def author_split(answer: str) -> tuple[str, str]:
+    """An `AUTHOR_ANSWER` cut before its author: ("It is from <book>, by", "<author>")."""
+    start, author = answer.rsplit(", by ", 1)
+    return f"{start}, by", author.rstrip(".")
+
+
 def names_author(answer: str, pair: dict) -> bool:
     """An answer names the pair's chosen author (and not the rejected one)."""
-    chosen, rejected = (pair[side].rsplit(", by ", 1)[1].rstrip(".").lower() for side in ("chosen", "rejected"))
+    chosen, rejected = (author_split(pair[side])[1].lower() for side in ("chosen", "rejected"))
     return chosen in answer.lower() and rejected not in answer.lower()
 
 
@@ -640,7 +646,7 @@ class ChatModel:
         held_out = book_measures(model, tokenizer, self.tasks["sft_eval"], pairs, self.titles)
         held_out["general_correct"] = general_correct(answers[-len(self.general):], list(self.general.values()))
         pair_answers = chat_answers(model, tokenizer, [r["prompt"] for r in pairs], 8, desc="held-out DPO answers",
-                                    begun=[r["chosen"].rsplit(", by ", 1)[0] + ", by" for r in pairs])
+                                    begun=[author_split(r["chosen"])[0] for r in pairs])
         named = sum(names_author(a, r) for r, a in zip(pairs, pair_answers))
         held_out["author_named"] = proportion(named, len(pairs))
         say(f"{self.name} {label}: held-out book accuracy {held_out['book_accuracy']['value']:.2f} "
