@@ -455,6 +455,26 @@ def without_peft_deprecation_warning() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def trl_head_on_answer_tokens() -> Iterator[None]:
+    """Let TRL's fused LM head score only the answer tokens on a CPU too.
+
+    TRL (1.16) projects through the LM head only the positions that have a label where its Triton kernels run (CUDA,
+    XPU); on other devices it scores every position, prompt and padding included, so that tile shapes stay fixed for
+    graph compilers (Neuron). On a CPU, in eager mode, that is only lost time: the head is the largest matrix of a
+    small model, and in the main job's DPO (prompts three times longer than the answers) it took two thirds of each
+    step. Inside this context TRL picks the rows with a label on a CPU as well (its own path for Triton devices,
+    run with its PyTorch tiles); the log-probabilities are the same. tests/test_align.py fails if TRL drops the switch."""
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: original(device) or device.type == "cpu"
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
 # --- instruction tuning -------------------------------------------------------------------------------------------
 
 # The instruction format lmblocks fine-tunes with, as a chat template so that generate.py, pipelines and TRL apply

@@ -23,6 +23,8 @@ class RunArguments:
 
     license: str = field(default="apache-2.0", metadata={"help": "License written into the model card."})
     time_budget_seconds: float | None = field(default=None, metadata={"help": "Stop training after this long."})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "eager, sdpa, flash_attention_2, ... (default: transformers' choice, sdpa where it is available)."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Start afresh in an --output_dir that holds an earlier run's checkpoint-* folders (without it, such a "
                 "folder is refused: resume it with --resume_from_checkpoint)."})

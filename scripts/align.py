@@ -49,7 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from trl import DPOConfig  # noqa: E402
 
-from lmblocks.cli import UsageError, check_tokenizer_files, parse_arguments, run_script  # noqa: E402
+from lmblocks.cli import (UsageError, check_tokenizer_files, parse_arguments, run_script,  # noqa: E402
+                          trl_head_on_answer_tokens)
 from lmblocks.data import CorpusError  # noqa: E402
 from lmblocks.runs import LoraArguments, RowsArguments, RunArguments, TrainingRun, load_rows  # noqa: E402
 
@@ -120,7 +121,7 @@ def preference_rows(dataset, data_args: DataArguments, what: str):
     return dataset
 
 
-def load_policy(model_name_or_path: str, trust_remote_code: bool):
+def load_policy(model_name_or_path: str, trust_remote_code: bool, attn_implementation: str | None = None):
     """The checkpoint as an lmblocks causal LM (transformers' own gpt2 / llama folders load into lmblocks too)."""
     from transformers import AutoConfig
 
@@ -143,7 +144,8 @@ def load_policy(model_name_or_path: str, trust_remote_code: bool):
         raise UsageError(f"{model_name_or_path} is a {family.name} checkpoint ({config.model_type}), not a causal "
                          f"language model: DPO needs a model that generates answers ({' or '.join(decoders)}).")
     with loading(model_name_or_path):
-        model = family.causal_lm_class.from_pretrained(model_name_or_path)
+        model = family.causal_lm_class.from_pretrained(
+            model_name_or_path, **({"attn_implementation": attn_implementation} if attn_implementation else {}))
     return model, family
 
 
@@ -185,6 +187,7 @@ def preference_metrics(chosen, rejected, prefix: str) -> dict[str, float]:
             f"preference_margin_{prefix}": float(delta.mean())}
 
 
+@trl_head_on_answer_tokens()
 def run_alignment(model_args: ModelArguments, data_args: DataArguments, training_args: AlignConfig,
                   train_dataset=None, eval_dataset=None) -> dict[str, Any]:
     """Train with DPO and save the result; returns the metrics (also written to `all_results.json`).
@@ -214,7 +217,8 @@ def run_alignment(model_args: ModelArguments, data_args: DataArguments, training
     if eval_dataset is not None:
         eval_dataset = preference_rows(eval_dataset, data_args, "validation")
 
-    model, family = load_policy(model_args.model_name_or_path, training_args.trust_remote_code)
+    model, family = load_policy(model_args.model_name_or_path, training_args.trust_remote_code,
+                                model_args.attn_implementation)
     with loading(model_args.model_name_or_path, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     if tokenizer.eos_token is None:

@@ -55,7 +55,6 @@ class ModelArguments(RunArguments):
     )
     tokenizer_vocab_size: int = field(default=4096, metadata={"help": "Vocabulary of the trained tokenizer."})
     tokenizer_min_frequency: int = field(default=2, metadata={"help": "min_frequency of the trained tokenizer."})
-    attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2, ..."})
     time_budget_seconds: float | None = field(default=None, metadata={
         "help": "Stop training after this many seconds. With --max_steps unset (-1) and one epoch not fitting, "
                 "max_steps is also set from a short timing of the model, so the LR schedule ends with the budget."})

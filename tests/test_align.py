@@ -165,3 +165,36 @@ def test_bad_input_gives_one_error_line(align, workdir, tmp_path, capsys, case):
     for fragment in expected:
         assert fragment in message, message
     assert not (out / "config.json").exists() and not (out / "adapter_config.json").exists()
+
+
+def test_trl_head_scores_only_answer_tokens_on_cpu_with_the_same_log_probs(workdir, monkeypatch):
+    """`trl_head_on_answer_tokens` (align.py runs inside it): TRL's fused LM head projects only the labelled rows on a
+    CPU, with the log-probabilities of projecting every row. Fails when TRL renames the switch it turns."""
+    import torch
+    import trl.trainer.utils as trl_utils
+    from trl.trainer.utils import add_fused_lm_head
+
+    import lmblocks
+    from lmblocks.cli import trl_head_on_answer_tokens
+
+    kernel, rows = trl_utils._ChunkedLogProbFunction, []
+
+    class CountingKernel:  # the rows of hidden states TRL hands its chunked log-prob kernel
+        @staticmethod
+        def apply(hidden, *args):
+            rows.append(hidden.shape[0])
+            return kernel.apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", CountingKernel)
+    model = lmblocks.LmbLlamaForCausalLM.from_pretrained(workdir / "llama").eval()
+    add_fused_lm_head(model)
+    torch.manual_seed(0)
+    input_ids = torch.randint(3, model.config.vocab_size, (2, 12))
+    labels = input_ids.masked_fill(torch.arange(12) < 8, -100)  # the last four tokens of each row are the answer
+    with torch.no_grad():
+        every = model(input_ids=input_ids, labels=labels, fused_lm_head=True).log_probs
+        with trl_head_on_answer_tokens():
+            answers = model(input_ids=input_ids, labels=labels, fused_lm_head=True).log_probs
+    assert rows == [2 * 11, 2 * 4]  # every shifted position, then only the answers' tokens
+    assert trl_utils._use_triton(torch.device("cpu")) is False  # restored on leaving
+    torch.testing.assert_close(answers, every, rtol=0, atol=1e-5)
