@@ -141,6 +141,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--block_size", type=int, default=128, help="Pretraining sequence length (tokens).")
     parser.add_argument("--batch_size", type=int, default=16, help="Pretraining and classifier batch size.")
     parser.add_argument("--seed", type=int, default=42, help="Same seed, same figures.")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="Training (and SmolLM2's measures) in bf16 autocast or fp32. auto: bf16 where the "
+                             "hardware multiplies bf16 natively (a GPU that supports it; a CPU with AVX512-BF16 or "
+                             "AMX), fp32 elsewhere. Same seed and precision, same figures.")
     parser.add_argument("--quick", action="store_true", help="A short smoke run with tiny models (for tests).")
     parser.add_argument("--resume", action="store_true", help="Go on with an interrupted run in --output_dir.")
     parser.add_argument("--overwrite", action="store_true", help="Replace a run already in --output_dir.")
@@ -167,6 +171,50 @@ def family_with(args, role: str) -> str | None:
 
 def say(text: str) -> None:
     print(f"[main] {text}", flush=True)
+
+
+def resolve_precision(args) -> str:
+    """Sets `args.precision` to what `auto` means on this machine; returns why, for the report.
+
+    bf16 autocast where the hardware multiplies bf16 natively: on this project's 2-core AVX512-BF16 CPU a bf16 matrix
+    product runs 2.2× faster than fp32 (SmolLM2's shapes) and a training step 1.5–2× faster. Elsewhere (AVX2-only
+    CPUs) bf16 is emulated and slower than fp32, so auto keeps fp32."""
+    import torch
+
+    if args.precision != "auto":
+        return "asked for (--precision)"
+    if torch.cuda.is_available():
+        native, where = torch.cuda.is_bf16_supported(), "this GPU"
+    else:
+        native = any(getattr(torch.cpu, probe, lambda: False)()
+                     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        where = "this CPU (AVX512-BF16 or AMX)"
+    args.precision = "bf16" if native else "fp32"
+    return f"auto: {where} {'multiplies' if native else 'does not multiply'} bf16 natively"
+
+
+def precision_arguments(args) -> dict:
+    """`TrainingArguments` fields for `args.precision` (bf16 autocast on a CPU needs `use_cpu`)."""
+    if args.precision != "bf16":
+        return {}
+    import torch
+
+    return {"bf16": True, "use_cpu": not torch.cuda.is_available()}
+
+
+def attention(args) -> str | None:
+    """The attention kernel of the main job's models: under bf16, the plain (eager) one. Measured on the 2-core
+    AVX512-BF16 CPU: PyTorch's fused CPU attention in bf16 takes 4.5× as long as in fp32 for its backward pass, and a
+    SmolLM2 training step with eager attention takes 1.83 s against 2.44 s; in fp32 the two kernels are even."""
+    return "eager" if args.precision == "bf16" else None
+
+
+def autocast(args):
+    """bf16 autocast for `args.precision == "bf16"` (a no-op context otherwise), on the device the models run on."""
+    import torch
+
+    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16,
+                          enabled=args.precision == "bf16")
 
 
 def steps(args, choice: tuple[int, int], given: int | None) -> int:
@@ -311,7 +359,8 @@ def training_arguments(args, output_dir: Path, **overrides):
 
     settings = dict(output_dir=str(output_dir), save_strategy="no", report_to="none", seed=args.seed,
                     dataloader_pin_memory=False, logging_steps=1 if args.quick else 5,
-                    per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=32)
+                    per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=32,
+                    **precision_arguments(args))
     settings.update(overrides)
     return TrainingArguments(**settings)
 
@@ -354,7 +403,8 @@ def pretrain(args, family: str, tokenizer_path: str, texts: list[str], out: Path
     model_args = pretrain_script.ModelArguments(
         model_family=family, preset=settings["preset"],
         config_overrides=settings["quick_overrides"] if args.quick else settings["overrides"],
-        tokenizer_name_or_path=tokenizer_path, time_budget_seconds=cap_seconds(args.minutes_per_model))
+        tokenizer_name_or_path=tokenizer_path, time_budget_seconds=cap_seconds(args.minutes_per_model),
+        attn_implementation=attention(args))
     data_args = pretrain_script.DataArguments(
         train_files=list(args.corpus or []), dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name, text_column=args.text_column, encoding=args.encoding,
@@ -464,8 +514,8 @@ def book_classifier(args, documents, base: str, spec, out: Path) -> dict:
     planned = steps(args, CLASSIFIER_STEPS, args.classifier_steps)
     model_args = finetune_script.ModelArguments(
         model_name_or_path=base, task="seq_cls", lm_loss_weight=spec.demo["classifier"].get("lm_loss_weight"),
-        lora_r=8, lora_alpha=16,
-        lora_dropout=0.05, merge_lora=True, time_budget_seconds=cap_seconds(args.finetune_minutes))
+        lora_r=8, lora_alpha=16, lora_dropout=LORA_DROPOUT, merge_lora=True,
+        time_budget_seconds=cap_seconds(args.finetune_minutes), attn_implementation=attention(args))
     data_args = finetune_script.DataArguments(train_file=str(train), validation_file=str(held_out), max_length=64)
     training_args = training_arguments(args, out / "gpt2-books-lora", learning_rate=2e-3, num_train_epochs=1000,
                                        max_steps=planned, eval_strategy="steps", eval_steps=max(1, planned // 5),
@@ -636,17 +686,17 @@ class ChatModel:
         return tokenizer
 
     def measure(self, label: str, path: Path) -> dict:
-        """Answers to `questions`, held-out book accuracy and DPO preference, general questions right."""
-        import lmblocks
-
-        model = lmblocks.LmbLlamaForCausalLM.from_pretrained(path).eval()
+        """Answers to `questions`, held-out book accuracy and DPO preference, general questions right (in the
+        precision training runs in)."""
+        model = self.load(path)
         tokenizer = self.tokenizer(path)
-        answers = chat_answers(model, tokenizer, self.questions, self.max_new_tokens)
         pairs = self.tasks["dpo_eval"]
-        held_out = book_measures(model, tokenizer, self.tasks["sft_eval"], pairs, self.titles)
+        with autocast(self.args):
+            answers = chat_answers(model, tokenizer, self.questions, self.max_new_tokens)
+            held_out = book_measures(model, tokenizer, self.tasks["sft_eval"], pairs, self.titles)
+            pair_answers = chat_answers(model, tokenizer, [r["prompt"] for r in pairs], 8,
+                                        desc="held-out DPO answers", begun=[author_split(r["chosen"])[0] for r in pairs])
         held_out["general_correct"] = general_correct(answers[-len(self.general):], list(self.general.values()))
-        pair_answers = chat_answers(model, tokenizer, [r["prompt"] for r in pairs], 8, desc="held-out DPO answers",
-                                    begun=[author_split(r["chosen"])[0] for r in pairs])
         named = sum(names_author(a, r) for r, a in zip(pairs, pair_answers))
         held_out["author_named"] = proportion(named, len(pairs))
         say(f"{self.name} {label}: held-out book accuracy {held_out['book_accuracy']['value']:.2f} "
@@ -658,6 +708,14 @@ class ChatModel:
         return {"label": label, "path": str(path), "answers": answers, "held_out": held_out,
                 "pair_answers": pair_answers}
 
+
+    def load(self, path: Path):
+        """The model at `path`, for answering and measuring, with the attention kernel its training used."""
+        import lmblocks
+
+        kernel = attention(self.args)
+        return lmblocks.LmbLlamaForCausalLM.from_pretrained(
+            path, **({"attn_implementation": kernel} if kernel else {})).eval()
 
     def lora_targets(self, base: str | Path, n_layers: int | None) -> list[str] | None:
         """The family's LoRA targets in the last `n_layers` layers (None: all of them, the family's default)."""
@@ -672,10 +730,12 @@ class ChatModel:
 
     def before(self) -> dict:
         """The starting point, and the replay rows: the model's own answers to other general instructions."""
-        base = self.quick_base or smollm2_path(self.out)
-        result = self.measure("before", base)
         import lmblocks
 
+        base = self.quick_base or smollm2_path(self.out)
+        result = self.measure("before", base)
+        # The replay rows are written in fp32 whatever --precision says, so that the training data do not depend on
+        # it: 5 of these 16 answers come out different under bf16 autocast.
         model = lmblocks.LmbLlamaForCausalLM.from_pretrained(base).eval()
         replay = REPLAY_QUESTIONS[:2] if self.args.quick else REPLAY_QUESTIONS
         say(f"answering {len(replay)} general instructions to replay during instruction tuning")
@@ -695,9 +755,9 @@ class ChatModel:
         planned = steps(self.args, SFT_STEPS, self.args.sft_steps)
         run = self.out / f"{self.prefix}-sft"
         model_args = finetune_script.ModelArguments(
-            model_name_or_path=base, task="instruct", lora_r=8, lora_alpha=16, lora_dropout=0.05, merge_lora=True,
-            lora_target_modules=self.lora_targets(base, SFT_LORA_LAYERS),
-            time_budget_seconds=cap_seconds(self.args.real_model_minutes))
+            model_name_or_path=base, task="instruct", lora_r=8, lora_alpha=16, lora_dropout=LORA_DROPOUT,
+            merge_lora=True, lora_target_modules=self.lora_targets(base, SFT_LORA_LAYERS),
+            time_budget_seconds=cap_seconds(self.args.real_model_minutes), attn_implementation=attention(self.args))
         # The held-out loss curve on a few of the held-out questions; book accuracy on all of them (`measure`).
         loss_rows = write_jsonl(self.out / "data" / "sft_eval_loss.jsonl", self.tasks["sft_eval"][:SFT_LOSS_ROWS])
         data_args = finetune_script.DataArguments(train_file=str(self.out / "data" / "sft_train.jsonl"),
@@ -723,16 +783,18 @@ class ChatModel:
 
         planned = steps(self.args, DPO_STEPS, self.args.dpo_steps)
         run = self.out / f"{self.prefix}-dpo"
-        model_args = align_script.ModelArguments(model_name_or_path=base, lora_r=8, lora_alpha=16, lora_dropout=0.0,
-                                                 merge_lora=True, lora_target_modules=self.lora_targets(base, DPO_LORA_LAYERS),
-                                                 time_budget_seconds=cap_seconds(self.args.real_model_minutes))
+        model_args = align_script.ModelArguments(
+            model_name_or_path=base, lora_r=8, lora_alpha=16, lora_dropout=LORA_DROPOUT, merge_lora=True,
+            lora_target_modules=self.lora_targets(base, DPO_LORA_LAYERS),
+            time_budget_seconds=cap_seconds(self.args.real_model_minutes), attn_implementation=attention(self.args))
         data_args = align_script.DataArguments(use_chat_template=True)
         dpo_args = align_script.AlignConfig(
             output_dir=str(run), save_strategy="no", report_to="none", seed=self.args.seed,
             dataloader_pin_memory=False, logging_steps=1, per_device_train_batch_size=2 if self.args.quick else 4,
             per_device_eval_batch_size=16, learning_rate=DPO_LEARNING_RATE, beta=0.1, max_length=160,
             num_train_epochs=1000, max_steps=planned, eval_strategy="steps", eval_steps=max(1, planned // 3),
-            eval_on_start=True, warmup_steps=max(1, planned // 10), lr_scheduler_type="cosine")
+            eval_on_start=True, warmup_steps=max(1, planned // 10), lr_scheduler_type="cosine",
+            **precision_arguments(self.args))
         # TRL's held-out DPO loss (the plot) on a few of the held-out pairs; preference and reward accuracy on all of
         # them come from `measure`, before and after.
         metrics = align_script.run_alignment(
@@ -756,7 +818,10 @@ SFT_LEARNING_RATE = 1e-3
 # or forgot general answers, see SETTINGS_NOTES); on the last 8 for DPO, where it is enough and twice as fast.
 SFT_LORA_LAYERS = None
 DPO_LORA_LAYERS = 8
-DPO_LEARNING_RATE = 1.5e-3
+DPO_LEARNING_RATE = 1e-3
+# No dropout on the LoRA branches: on a CPU drawing the dropout masks took a fifth of each instruction-tuning step
+# (measured), and runs of 30–150 steps do not overfit.
+LORA_DROPOUT = 0.0
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -806,6 +871,17 @@ def retrieval(args, documents) -> dict:
 # How the default step budgets and sizes were chosen: runs of this job's stages on the default corpus (2026-12-06,
 # held-out figures as the report gives them). Kept beside the code that uses them, and printed in every report.
 SETTINGS_NOTES = [
+    "Precision (--precision, auto): bf16 autocast where the hardware multiplies bf16 natively, fp32 elsewhere. On the "
+    "2-core AVX512-BF16 EPYC this job was tuned on, a matrix product of SmolLM2's shapes runs 2.2× faster in bf16 "
+    "(417 against 187 GFLOP/s); a SmolLM2 LoRA step of 8 rows took 3.84 s in fp32 with LoRA dropout, 3.35 s without "
+    "it (drawing the dropout masks was a fifth of the step), 2.44 s in bf16 and 1.83 s in bf16 with eager attention "
+    "(PyTorch's fused CPU attention is 4.5× slower backwards in bf16 than in fp32); a tiny GPT-2 pretraining step "
+    "1.6× faster, a tiny LLaMA's 1.5×. DPO: TRL scores every position through the LM head on a CPU, prompt and "
+    "padding included; align.py has it score the answers' tokens only (the head had been two thirds of a step). "
+    "Same seed, bf16 against fp32: GPT-2 2.251 against 2.240 bits per byte, LLaMA 2.291 against 2.278, classifier "
+    "0.935 against 0.95. The replay rows are written in fp32 in both: written under bf16 autocast, 5 of the 16 "
+    "answers differed and instruction tuning then answered \"The opposite of hot is cool.\" at every setting tried "
+    "(learning rate 7e-4 to 1e-3, LoRA dropout 0 or 0.05, twice the replay rows, fp32 training too).",
     "Tokenizers: 4,096 tokens. In bench/results/tokenizer_quality.md the frequency WordPiece and both BPEs at 4,096 "
     "reach the best held-out bits per byte of tiny models for the same steps; larger vocabularies spend the tiny "
     "models' parameters on embeddings.",
@@ -822,14 +898,16 @@ SETTINGS_NOTES = [
     "plateau. The smallest of the sizes is kept because it costs the least.",
     "GPT-2 classifier: LoRA r=8 on every projection plus the new head, 150 steps of 16 passages at 2e-3: held-out "
     "accuracy 0.15 → 0.95 (200 passages).",
-    "SmolLM2 instruction tuning: LoRA r=8 on all 30 layers, 60 steps of 8 rows at 1e-3: held-out book accuracy 0.23 "
-    "→ 0.87 with the three general questions still right. On fewer layers a step is faster (the backward pass stops "
+    "SmolLM2 instruction tuning: LoRA r=8 on all 30 layers, 60 steps of 8 rows at 1e-3: held-out book accuracy "
+    "0.23 → 0.87 with the three general questions still right, in bf16 and in fp32 alike. On fewer layers a step is faster (the backward pass stops "
     "at the first adapted layer: about 1.8× with the last 8) but the trade was worse: last 8 at 2e-3 reached 0.88 and "
     "answered \"A week is approximately 50 days\"; last 8 at 1.5e-3 0.85 with one general answer right; last 8 at "
     "1e-3 0.72; last 12 at 1e-3 0.82 (3 of 3).",
-    "SmolLM2 DPO: LoRA r=8 on the last 8 layers, 30 steps of 4 pairs at 1.5e-3 (β = 0.1), on a passage's first 12 "
-    "words. Measured from the same instruction-tuned model: this design moved held-out preference accuracy 0.68 → "
-    "1.00 with book accuracy 0.87 → 0.88 and the general answers kept. Earlier designs, same model: \"who wrote it?\" "
+    "SmolLM2 DPO: LoRA r=8 on the last 8 layers, 30 steps of 4 pairs at 1e-3 (β = 0.1), on a passage's first 12 "
+    "words. Measured from the same instruction-tuned model (bf16): preference accuracy 0.67 → 1.00, book accuracy "
+    "0.87 → 0.88, the three general answers kept; at 1.5e-3 (the fp32 setting, 0.68 → 1.00 there with the answers "
+    "kept) bf16 reached 1.00 too but two general answers drifted (\"cool\", a week without its 7 days), and so did "
+    "one in fp32 from the same model. Earlier designs, same model: \"who wrote it?\" "
     "answered \"<author> wrote <book>.\" moved 0.45 → 0.55 in 20 steps at 1e-3–1.5e-3 (the two rare authors start "
     "16–19 nats behind) and to 1.00 in 40 steps at 1.5e-3 at the cost of book accuracy 0.87 → 0.50; the book question "
     "with the model's own likeliest wrong book as rejected left preference at 0.72 and cost book accuracy (0.67); "
@@ -928,7 +1006,10 @@ def machine_line() -> str:
 def write_report(out: Path, corpus_name: str, r: dict, wall_seconds: float, gaps: list[str]) -> Path:
     pre = {family: m for family, m in r["pretrain"].items()}
     lines = ["# lmblocks main job: report", "",
-             f"Corpus: {corpus_name}. Machine: {machine_line()}. Wall time: {wall_seconds / 60:.1f} min.", ""]
+             f"Corpus: {corpus_name}. Machine: {machine_line()}. Wall time: {wall_seconds / 60:.1f} min.", "",
+             f"Precision: {r['precision'][0]} ({r['precision'][1]}). Training runs in it (bf16: autocast, weights "
+             "kept in fp32), and so do SmolLM2's measures; the from-scratch models are measured in fp32. The same "
+             "seed and precision give the same figures; bf16 and fp32 differ a little.", ""]
     lines += [f"- {line}" for line in cut_short({f"pretraining {k}": v for k, v in pre.items()} |
                                                {"the GPT-2 classifier": r.get("classifier"),
                                                 "instruction tuning": (r.get("sft") or {}),
@@ -1093,7 +1174,7 @@ def changed_answers(pairs: list[dict], before: dict, after: dict) -> list[str]:
 
 RUN_SETTINGS = ("corpus", "encoding", "dataset_name", "dataset_config_name", "text_column", "families", "pretrain_steps",
                 "classifier_steps", "sft_steps", "dpo_steps", "no_real_models", "vocab_size", "block_size",
-                "batch_size", "seed", "quick")
+                "batch_size", "seed", "quick", "precision")
 
 
 def prepare_output_dir(args, out: Path) -> None:
@@ -1166,6 +1247,7 @@ def plan(args, documents, books) -> tuple[list[Stage], list[str]]:
 def main(argv=None) -> Path:
     args = parse_args(argv)
     out = Path(args.output_dir).resolve()
+    args.precision_reason = resolve_precision(args)
     prepare_output_dir(args, out)
     import torch
 
@@ -1191,6 +1273,7 @@ def main(argv=None) -> Path:
               f"kept. Go on with: python scripts/main.py --resume --output_dir {out}", file=sys.stderr, flush=True)
         sys.exit(130)
     results["stage_seconds"] = [(s.title, stages_result_seconds(out, s.key)) for s in stage_plan]
+    results["precision"] = (args.precision, args.precision_reason)
     wall = sum(seconds for _, seconds in results["stage_seconds"])
     report = write_report(out, corpus_name, results, wall, gaps)
     for line in cut_short({f"pretraining {k}": v for k, v in results["pretrain"].items()} |

@@ -90,6 +90,7 @@ def test_main_job_quick(tmp_path):
     # The real BERT retrieves passages; the report says what each stage took and what to run next.
     assert "all-MiniLM-L6-v2: passage retrieval" in text and "| top-1 accuracy |" in text
     assert "## Stages" in text and "## What to run next" in text and "torch " in text
+    assert "Precision: " in text  # bf16 autocast or fp32, and why
 
 
 def stage_figures(out: Path) -> dict:
@@ -103,9 +104,10 @@ def stage_figures(out: Path) -> dict:
 
 
 def test_step_budgets_decide_the_figures(tmp_path):
-    """Two runs with the same steps and very different time caps: the same figures (the caps never bind)."""
-    first = run_main(*SMALL, "--minutes_per_model", "30", "--output_dir", str(tmp_path / "a"))
-    second = run_main(*SMALL, "--minutes_per_model", "300", "--finetune_minutes", "100",
+    """Two runs with the same steps and very different time caps: the same figures (the caps never bind). In fp32,
+    which every machine runs (the quick test above takes `auto`: bf16 where the CPU has it)."""
+    first = run_main(*SMALL, "--precision", "fp32", "--minutes_per_model", "30", "--output_dir", str(tmp_path / "a"))
+    second = run_main(*SMALL, "--precision", "fp32", "--minutes_per_model", "300", "--finetune_minutes", "100",
                       "--output_dir", str(tmp_path / "b"))
     assert first.returncode == 0 and second.returncode == 0, failure(first) + failure(second)
     figures = stage_figures(tmp_path / "a")
@@ -113,6 +115,7 @@ def test_step_budgets_decide_the_figures(tmp_path):
     assert figures["pretrain_gpt2"]["bpb"]["bits_per_byte"] > 0
     assert figures == stage_figures(tmp_path / "b")
     assert "cut short" not in (tmp_path / "a" / "report.md").read_text()
+    assert "Precision: fp32 (asked for" in (tmp_path / "a" / "report.md").read_text()
 
 
 def test_a_time_cap_that_cuts_is_said_in_bold(tmp_path):
