@@ -144,8 +144,7 @@ def load_policy(model_name_or_path: str, trust_remote_code: bool, attn_implement
         raise UsageError(f"{model_name_or_path} is a {family.name} checkpoint ({config.model_type}), not a causal "
                          f"language model: DPO needs a model that generates answers ({' or '.join(decoders)}).")
     with loading(model_name_or_path):
-        model = family.causal_lm_class.from_pretrained(
-            model_name_or_path, **({"attn_implementation": attn_implementation} if attn_implementation else {}))
+        model = family.causal_lm_class.from_pretrained(model_name_or_path, attn_implementation=attn_implementation)
     return model, family
 
 

@@ -76,9 +76,7 @@ def load_model(model_args: ModelArguments, num_labels: int | None, id2label: dic
     with loading(model_args.model_name_or_path):
         config = AutoConfig.from_pretrained(model_args.model_name_or_path,
                                             trust_remote_code=model_args.trust_remote_code)
-    kwargs = {"trust_remote_code": model_args.trust_remote_code}
-    if model_args.attn_implementation:
-        kwargs["attn_implementation"] = model_args.attn_implementation
+    kwargs = {"trust_remote_code": model_args.trust_remote_code, "attn_implementation": model_args.attn_implementation}
     if model_args.task == "seq_cls":
         kwargs.update(num_labels=num_labels, id2label=id2label, label2id={v: k for k, v in id2label.items()})
         if model_args.lm_loss_weight is not None:

@@ -711,14 +711,11 @@ class ChatModel:
         return {"label": label, "path": str(path), "answers": answers, "held_out": held_out,
                 "pair_answers": pair_answers}
 
-
     def load(self, path: Path):
         """The model at `path`, for answering and measuring, with the attention kernel its training used."""
         import lmblocks
 
-        kernel = attention(self.args)
-        return lmblocks.LmbLlamaForCausalLM.from_pretrained(
-            path, **({"attn_implementation": kernel} if kernel else {})).eval()
+        return lmblocks.LmbLlamaForCausalLM.from_pretrained(path, attn_implementation=attention(self.args)).eval()
 
     def lora_targets(self, base: str | Path, n_layers: int | None) -> list[str] | None:
         """The family's LoRA targets in the last `n_layers` layers (None: all of them, the family's default)."""
