@@ -55,6 +55,23 @@ def test_cpu_config_freezes_and_concatenates_projections():
     assert products == ["aoti_torch_cpu_mm_out"], products
 
 
+
+def test_wide_products_read_a_contiguous_transposed_weight():
+    """A float32 product with many more outputs than inputs (an LM head) reads a contiguous (in, out) copy of its
+    weight, folded into the frozen graph; a square one keeps the transposed view of the model's weight (measured
+    slower transposed). The model's own weights keep their layout."""
+    config = compiled_decoding_config("cpu")
+    model, x = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 256)).eval(), torch.rand(1, 32)
+    with torch.no_grad(), frozen_weights():
+        out, code = run_and_get_code(torch.compile(model, **config.to_dict()), x)
+    torch.testing.assert_close(out, model(x))
+    # The generated code lists its frozen constants in comments: "// _frozen_param3 ... torch.float32 (32, 256) (256, 1)".
+    constants = re.findall(r"torch\.float32 \((\d+), (\d+)\) \((\d+), (\d+)\)", "\n".join(code))
+    layouts = {tuple(map(int, c[:2])): tuple(map(int, c[2:])) for c in constants}
+    assert layouts[(32, 256)] == (256, 1), layouts  # wide: contiguous W.T
+    assert layouts[(32, 32)] == (1, 32), layouts  # square: W's transposed view
+    assert model[1].weight.shape == (256, 32) and model[1].weight.is_contiguous()
+
 def _compilations(model) -> int:
     """How many graphs the model's decoding-step backend has compiled so far (dynamo calls the backend once per
     graph it compiles: a recompilation calls it again)."""
