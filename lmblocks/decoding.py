@@ -43,9 +43,9 @@ Another transformers model given this config compiles without freezing, unless i
 
 `enable_compiled_decoding(model, weights=...)` also chooses the weights' format: "fp32", "bf16", or "int8" (int8
 weight-only linear layers with one scale per output channel, `Int8Linear`). SmolLM2-135M-Instruct, batch 1, one
-thread, CPU time per token on a shared AMD EPYC (AVX-512 BF16, no AMX), 2026-12-06 (bench/llama_cpp_decode.py):
-fp32 57, bf16 60 (43 alone in its process), int8 32; llama.cpp f32 34, q8_0 12; greedy tokens equal fp32's for 32
-(bf16) and 56 (int8) of 64 on the chat prompt, llama.cpp q8_0 16.
+thread, ms per token on an idle AMD EPYC (AVX-512 BF16, no AMX), 2026-12-06 (bench/llama_cpp_decode.py): fp32 39.6,
+bf16 43.4 (25.5–27.5 alone in its process), int8 26.0; eager 62.5; llama.cpp f32 26.7, q8_0 10.3; greedy tokens
+equal fp32's for 32 (bf16) and 56 (int8) of 64 on the chat prompt, llama.cpp q8_0 16.
 """
 
 from __future__ import annotations
