@@ -160,11 +160,15 @@ FAMILIES: dict[str, FamilySpec] = {
         lora_target_modules=modeling_bert.LORA_TARGET_MODULES,
         demo=dict(
             preset="tiny",
-            overrides="hidden_size=128,intermediate_size=512,num_hidden_layers=2,num_attention_heads=2",
+            overrides="hidden_size=128,intermediate_size=512,num_hidden_layers=2,num_attention_heads=2,"
+            "max_position_embeddings=16",
             quick_overrides="hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,"
             "max_position_embeddings=64",
-            steps=600,
-            learning_rate=1e-3,
+            steps=2400,
+            learning_rate=2e-3,
+            block_size=16,  # sentence pairs of 16 tokens, 128 to a batch, PyTorch's linear init: main.py's notes
+            batch_size=128,
+            linear_init="pytorch",
         ),
     ),
 }

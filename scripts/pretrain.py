@@ -55,9 +55,17 @@ class ModelArguments(RunArguments):
     )
     tokenizer_vocab_size: int = field(default=4096, metadata={"help": "Vocabulary of the trained tokenizer."})
     tokenizer_min_frequency: int = field(default=2, metadata={"help": "min_frequency of the trained tokenizer."})
+    linear_init: str = field(default="family", metadata={
+        "help": "A new model's linear layers: 'family' keeps the family's initialisation (normal(0, "
+                "initializer_range), zero biases); 'pytorch' resets every nn.Linear to PyTorch's default (uniform "
+                "±1/√fan_in weights and biases; a tied output layer resets the embeddings it shares). A 2-layer BERT "
+                "from scratch leaves the always-the-most-frequent-token plateau with 'pytorch', not with 'family'."})
     time_budget_seconds: float | None = field(default=None, metadata={
         "help": "Stop training after this many seconds. With --max_steps unset (-1) and one epoch not fitting, "
                 "max_steps is also set from a short timing of the model, so the LR schedule ends with the budget."})
+
+
+LINEAR_INITS = ("family", "pytorch")
 
 
 @dataclass
@@ -92,9 +100,14 @@ def validate_inputs(model_args: ModelArguments, data_args: DataArguments, traini
         raise UsageError(f"--block_size must be at least 8, got {data_args.block_size}.")
     if not 0.0 <= data_args.eval_fraction < 1.0:
         raise UsageError(f"--eval_fraction must be in [0, 1), got {data_args.eval_fraction}.")
+    if model_args.linear_init not in LINEAR_INITS:
+        raise UsageError(f"--linear_init must be one of {', '.join(LINEAR_INITS)}, got {model_args.linear_init!r}.")
     if model_args.model_name_or_path:
         from transformers import AutoConfig
 
+        if model_args.linear_init != "family":
+            raise UsageError("--linear_init initialises a new model; with --model_name_or_path the checkpoint's "
+                             "weights are trained further. Leave it out.")
         if model_args.preset or model_args.config_name or model_args.config_overrides:
             raise UsageError("--preset, --config_name and --config_overrides build a new model; with "
                              "--model_name_or_path the checkpoint's config is used. Give one or the other.")
@@ -194,6 +207,12 @@ def build_model(model_args: ModelArguments, family, tokenizer, block_size: int):
         fields = family.config_class.__dataclass_fields__
         kwargs = {k: v for k, v in kwargs.items() if k in fields or k in family.config_class.attribute_map}
         model = family.pretraining_class(new_config(model_args, family, **kwargs))
+        if model_args.linear_init == "pytorch":
+            import torch
+
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.reset_parameters()
         if model_args.attn_implementation:
             model.set_attn_implementation(model_args.attn_implementation)
     if len(tokenizer) > model.config.vocab_size:

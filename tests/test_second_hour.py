@@ -313,3 +313,37 @@ def test_help_does_not_import_torch_once_printed(tmp_path):
     assert again.returncode == 0 and again.stdout == first.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in again.stderr.splitlines() if "|" in line}
     assert not {"torch", "transformers", "lmblocks"} & imported, sorted(imported)[:20]
+
+
+def test_pretrain_linear_init(tmp_path):
+    """--linear_init pytorch resets every nn.Linear of a new model to PyTorch's default (non-zero biases, weights
+    within ±1/√fan_in); 'family' keeps the family's zero biases; an unknown value or a checkpoint is refused."""
+    import torch
+
+    from lmblocks import LmbBertConfig
+
+    (tmp_path / "corpus.txt").write_text("One sentence here.\nAnother one.\n\nA second document.\nIts end.\n")
+    base = ["--model_family", "bert", "--preset", "tiny", "--config_overrides",
+            "hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2", "--train_files",
+            str(tmp_path / "corpus.txt"), "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+
+    class Tokenizer(list):  # what build_model reads of a tokenizer: its length and special-token ids
+        cls_token_id = sep_token_id = mask_token_id = pad_token_id = unk_token_id = 0
+        bos_token_id = eos_token_id = None
+
+    def first_layer(init: str) -> torch.nn.Linear:
+        model_args, data_args, training_args = pretrain.parse_args([*base, "--linear_init", init])
+        pretrain.validate_inputs(model_args, data_args, training_args)
+        model = pretrain.build_model(model_args, pretrain.FAMILIES["bert"], Tokenizer(range(50)), 32)
+        return model.bert.encoder.layer[0].attention.self.query
+
+    family, reset = first_layer("family"), first_layer("pytorch")
+    assert torch.count_nonzero(family.bias) == 0
+    assert torch.count_nonzero(reset.bias) == reset.bias.numel()
+    assert reset.weight.abs().max() <= 1 / 32**0.5 and reset.weight.std() > 2 * LmbBertConfig().initializer_range
+    with pytest.raises(UsageError, match="--linear_init must be one of family, pytorch"):
+        pretrain.validate_inputs(*pretrain.parse_args([*base, "--linear_init", "xavier"]))
+    with pytest.raises(UsageError, match="--linear_init initialises a new model"):
+        pretrain.validate_inputs(*pretrain.parse_args([
+            "--model_name_or_path", str(tmp_path), "--linear_init", "pytorch", "--train_files",
+            str(tmp_path / "corpus.txt"), "--output_dir", str(tmp_path / "out2"), "--report_to", "none"]))
