@@ -59,7 +59,8 @@ class ModelArguments(RunArguments):
         "help": "A new model's linear layers: 'family' keeps the family's initialisation (normal(0, "
                 "initializer_range), zero biases); 'pytorch' resets every nn.Linear to PyTorch's default (uniform "
                 "±1/√fan_in weights and biases; a tied output layer resets the embeddings it shares). A 2-layer BERT "
-                "from scratch leaves the always-the-most-frequent-token plateau with 'pytorch', not with 'family'."})
+                "on 16-token pairs leaves the always-the-most-frequent-token plateau with 'pytorch', not with "
+                "'family' (measured: scripts/main.py's settings notes)."})
     time_budget_seconds: float | None = field(default=None, metadata={
         "help": "Stop training after this many seconds. With --max_steps unset (-1) and one epoch not fitting, "
                 "max_steps is also set from a short timing of the model, so the LR schedule ends with the budget."})
