@@ -105,8 +105,9 @@ HELD_OUT_QUESTIONS = (60, 4)   # held-out "which book?" questions and DPO pairs
 SFT_LOSS_ROWS = 20             # of those, the rows instruction tuning's held-out loss is measured on
 DPO_LOSS_PAIRS = 16            # of those, the pairs TRL's held-out DPO loss is measured on during training
 CLASSIFIER_HELD_OUT = (200, 10)
-# Seconds each kind of stage took on 2 idle cores (2026-12-06, bf16, a fresh clone), for the "time left" estimate.
-IDLE_SECONDS = {"tokenizers": 3, "pretrain": 83, "classifier": 19, "smollm2_before": 42, "smollm2_sft": 179,
+# Seconds each kind of stage took on 2 idle cores (2026-12-06, bf16, a fresh clone), for the "time left" estimate;
+# "pretrain" is the mean of GPT-2's, LLaMA's and BERT's (1.9, 1.4 and 2.3 min).
+IDLE_SECONDS = {"tokenizers": 3, "pretrain": 112, "classifier": 19, "smollm2_before": 42, "smollm2_sft": 179,
                 "smollm2_dpo": 129, "retrieval": 9}
 
 
