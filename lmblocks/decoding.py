@@ -51,6 +51,7 @@ equal fp32's for 32 (bf16) and 56 (int8) of 64 on the chat prompt, llama.cpp q8_
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import types
 from collections.abc import Callable, Iterator
@@ -59,6 +60,7 @@ import torch
 from transformers import CompileConfig, PreTrainedModel
 
 from .compat import compile_on_every_device, size_static_caches, unmark_static_input
+from .layers import preferred_attention
 
 logger = logging.getLogger(__name__)
 
@@ -155,25 +157,21 @@ def contiguous_wide_weights(graph: torch.fx.Graph) -> None:
         product.replace_input_with(weight_t, copy)
 
 
-_WIDE_WEIGHTS_PASS = []
-
-
+@functools.cache
 def contiguous_wide_weights_pass():
     """`contiguous_wide_weights` as an inductor custom pass (made on first use: `torch._inductor` is not imported by
     `import torch`). Its `uuid` is this file's hash, so inductor's on-disk cache keeps compiled steps across
     processes and drops them when this file changes."""
-    if not _WIDE_WEIGHTS_PASS:
-        from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-        class ContiguousWideWeights(CustomGraphPass):
-            def __call__(self, graph: torch.fx.Graph) -> None:
-                contiguous_wide_weights(graph)
+    class ContiguousWideWeights(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            contiguous_wide_weights(graph)
 
-            def uuid(self) -> bytes:
-                return get_hash_for_files((__file__,))
+        def uuid(self) -> bytes:
+            return get_hash_for_files((__file__,))
 
-        _WIDE_WEIGHTS_PASS.append(ContiguousWideWeights())
-    return _WIDE_WEIGHTS_PASS[0]
+    return ContiguousWideWeights()
 
 
 def frozen_call(compiled: Callable, backend: FrozenWeightsInductor | None = None, name: str = "model") -> Callable:
@@ -325,10 +323,9 @@ def enable_compiled_decoding(model: PreTrainedModel, weights: str | None = None)
         raise ValueError(f"{type(model).__name__} does not support a compiled static-cache decoding step.")
     if weights is not None:
         convert_weights(model, weights)
-    if model.device.type == "cpu" and model.dtype == torch.bfloat16 and model.config._attn_implementation == "sdpa":
-        # PyTorch's fused CPU attention is slow in bf16 (7.8 of a SmolLM2-135M step's 36 ms, against 2.7 ms in
-        # fp32); the plain one compiles into inductor's own kernels: 28.3 against 37.1 CPU ms/token (fp32: 46.3).
-        model.set_attn_implementation("eager")
+    faster = preferred_attention(model.device, model.dtype)  # eager for bf16 on a CPU
+    if faster and model.config._attn_implementation == "sdpa":
+        model.set_attn_implementation(faster)
     positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
     size_static_caches(model, lambda length: cache_bucket(length, positions))
     model.generation_config.cache_implementation = "static"

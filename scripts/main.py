@@ -206,13 +206,14 @@ def precision_arguments(args) -> dict:
 
 
 def attention(args) -> str | None:
-    """The attention kernel of the main job's models: under bf16 on a CPU, the plain (eager) one; otherwise
-    transformers' default (sdpa). Measured on the 2-core AVX512-BF16 CPU: PyTorch's fused CPU attention in bf16 takes
-    4.5× as long as in fp32 for its backward pass, and a SmolLM2 training step with eager attention takes 1.83 s
-    against 2.44 s; in fp32 the two kernels are even."""
+    """The attention kernel of the main job's models for `args.precision` on the device they run on:
+    `lmblocks.layers.preferred_attention` (eager for bf16 on a CPU, transformers' default elsewhere)."""
     import torch
 
-    return "eager" if args.precision == "bf16" and not torch.cuda.is_available() else None
+    from lmblocks.layers import preferred_attention
+
+    return preferred_attention("cuda" if torch.cuda.is_available() else "cpu",
+                               torch.bfloat16 if args.precision == "bf16" else torch.float32)
 
 
 def autocast(args):

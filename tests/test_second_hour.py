@@ -321,20 +321,20 @@ def test_pretrain_linear_init(tmp_path):
     import torch
 
     from lmblocks import LmbBertConfig
+    from lmblocks.tokenization_trainer import train_tokenizer
 
     (tmp_path / "corpus.txt").write_text("One sentence here.\nAnother one.\n\nA second document.\nIts end.\n")
     base = ["--model_family", "bert", "--preset", "tiny", "--config_overrides",
             "hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2", "--train_files",
             str(tmp_path / "corpus.txt"), "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
 
-    class Tokenizer(list):  # what build_model reads of a tokenizer: its length and special-token ids
-        cls_token_id = sep_token_id = mask_token_id = pad_token_id = unk_token_id = 0
-        bos_token_id = eos_token_id = None
+    tokenizer = train_tokenizer(iter([(tmp_path / "corpus.txt").read_text()]), "bert", vocab_size=60, min_frequency=1,
+                                show_progress=False)
 
     def first_layer(init: str) -> torch.nn.Linear:
         model_args, data_args, training_args = pretrain.parse_args([*base, "--linear_init", init])
         pretrain.validate_inputs(model_args, data_args, training_args)
-        model = pretrain.build_model(model_args, pretrain.FAMILIES["bert"], Tokenizer(range(50)), 32)
+        model = pretrain.build_model(model_args, pretrain.FAMILIES["bert"], tokenizer, 32)
         return model.bert.encoder.layer[0].attention.self.query
 
     family, reset = first_layer("family"), first_layer("pytorch")
