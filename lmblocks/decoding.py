@@ -60,6 +60,9 @@ import torch
 from transformers import CompileConfig, PreTrainedModel
 
 from .compat import compile_on_every_device, size_static_caches, unmark_static_input
+from .int8_matmul import BLOCK as INT8_BLOCK
+from .int8_matmul import int8_linear, pack_weight, unpack_weight
+from .int8_matmul import operator as int8_operator
 from .layers import preferred_attention
 
 logger = logging.getLogger(__name__)
@@ -231,7 +234,8 @@ _SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64
 
 def weights_stamp(model: torch.nn.Module) -> tuple[int, ...]:
     """A checksum of every parameter and buffer (the graphs freeze both): the sum of its bytes read as integers of its
-    width, modulo 2^32. A change of any one element changes it (several could cancel only by an exact coincidence
+    width (of 4 bytes for 1- and 2-byte types where the size allows: ATen sums int8 about 10 times slower than int32;
+    an int8 SmolLM2-135M took 77 ms), modulo 2^32. A change of any one element changes it (several could cancel only by an exact coincidence
     of their bits), whatever path wrote it: an optimizer step, a
     `load_state_dict`, `.to()`, or a write through `.data` (`p.data.add_()`), which changes neither the tensor's
     address nor its version counter (measured, torch 2.13: `p.data` is a new tensor with its own counter each time).
@@ -243,8 +247,11 @@ def weights_stamp(model: torch.nn.Module) -> tuple[int, ...]:
     for tensor in (*model.parameters(), *model.buffers()):
         if tensor.device.type == "meta":  # offloaded (device_map): its values live elsewhere, loaded per forward
             continue
+        tensor = tensor.detach().reshape(-1)
+        if tensor.element_size() < 4 and tensor.numel() * tensor.element_size() % 4 == 0:
+            tensor = tensor.view(torch.uint8).view(torch.int32)  # int8 weights: ATen sums int32 ~100x faster
         width = tensor.element_size()
-        sums.append(tensor.detach().view(_SAME_WIDTH_INT[width]).sum(dtype=torch.int64 if width == 8 else torch.int32))
+        sums.append(tensor.view(_SAME_WIDTH_INT[width]).sum(dtype=torch.int64 if width == 8 else torch.int32))
     return tuple(torch.stack([s.to(torch.int64) for s in sums]).tolist()) if sums else ()
 
 
@@ -271,26 +278,50 @@ def cache_bucket(length: int, positions: int | None = None) -> int:
 
 class Int8Linear(torch.nn.Module):
     """A linear layer with int8 weights, one scale per output channel (symmetric: weight ≈ int8 × scale), for
-    decoding: the product is ATen's weight-only int8 kernel (`_weight_int8pack_mm`) on bfloat16 activations (its
-    float32 path is 7–15 times slower on AVX-512, measured), the output in the input's dtype."""
+    decoding. On a CPU, with float32 inputs and `in_features` a multiple of 64, the product is lmblocks' int8 × int8
+    kernel (`lmblocks.int8_matmul`: the activations quantized to int8 per block of 64, as llama.cpp's q8_0 does);
+    elsewhere ATen's weight-only int8 kernel (`_weight_int8pack_mm`) on bfloat16 activations (its float32 path is
+    7–15 times slower on AVX-512, measured). The output is in the input's dtype."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         weight = linear.weight.detach().float()
         scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight_int8", torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        weight_int8 = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        # The kernel's layout (`pack_weight`: tiles of four rows, block by block) where the kernel can take it.
+        self.packed = self.in_features % INT8_BLOCK == 0 and int8_kernel_available()
+        self.register_buffer("weight_int8", pack_weight(weight_int8) if self.packed else weight_int8)
         self.register_buffer("scales", scales.to(torch.bfloat16))
+        self.register_buffer("scales_fp32", scales)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16),
-                                                 self.weight_int8, self.scales)
+        if self.packed and x.device.type == "cpu" and x.dtype == torch.float32:
+            return int8_linear(x, self.weight_int8, self.scales_fp32, self.bias)
+        weight = unpack_weight(self.weight_int8) if self.packed else self.weight_int8
+        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), weight,
+                                                 self.scales)
         out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+        kernel = "lmblocks int8 x int8" if self.packed else "ATen weight-only int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kernel}"
+
+
+@functools.cache
+def int8_kernel_available() -> bool:
+    """Whether lmblocks' int8 kernel is built (or loaded) for this machine: built on first use, which needs a C++
+    compiler. Without one, `Int8Linear` uses ATen's weight-only kernel, and this says so once. Loaded here, when a
+    layer is made, not while `torch.compile` traces one."""
+    try:
+        int8_operator()
+    except Exception as error:  # noqa: BLE001 - a failed build must leave decoding working, the slower way
+        logger.warning(f"lmblocks' int8 kernel could not be built ({type(error).__name__}: {error}); int8 layers use "
+                       "ATen's weight-only int8 kernel instead (slower at batch 1).")
+        return False
+    return True
 
 
 WEIGHT_FORMATS = ("fp32", "bf16", "int8")
