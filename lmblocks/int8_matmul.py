@@ -33,8 +33,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-BLOCK = 64  # activation values per scale: one 512-bit register of int8
+BLOCK = 64  # int8 values in one 512-bit register: the unit of the packed weight layout
 ROWS = 4  # weight rows read together (the C++ `ROWS`)
+SCALE_BLOCK = 16  # activation values per scale (the C++ `SCALE_BLOCK`)
 
 SOURCE = r"""
 #include <ATen/Parallel.h>
@@ -54,40 +55,38 @@ SOURCE = r"""
 namespace {
 
 constexpr int64_t BLOCK = 64;
+constexpr int64_t SCALE_BLOCK = SCALE_BLOCK_SIZE;  // activation values per scale (`SCALE_BLOCK` in Python)
 constexpr int ROWS = 4;  // weight rows per pass (`ROWS` in Python): the activations' registers serve all four
 
-// One row of activations, block by block: |q| (unsigned), where q < 0 (one bit per value), and the block's scale.
+// One row of activations: |q| (unsigned) and where q < 0 (one bit per value) by blocks of BLOCK, and the scale of
+// each group of 4 values (the values one 32-bit lane of a VNNI product sums): the scale of its SCALE_BLOCK.
 struct QuantizedRow {
   std::vector<uint8_t> magnitude;
   std::vector<uint64_t> negative;
   std::vector<int8_t> values;  // q itself, for the AVX2 and plain paths
-  std::vector<float> scale;
+  std::vector<float> lane_scale;
 };
 
 QuantizedRow quantize(const float* x, int64_t K) {
-  const int64_t blocks = K / BLOCK;
-  QuantizedRow row{std::vector<uint8_t>(K), std::vector<uint64_t>(blocks), std::vector<int8_t>(K),
-                   std::vector<float>(blocks)};
-  for (int64_t b = 0; b < blocks; ++b) {
-    const float* xb = x + b * BLOCK;
+  QuantizedRow row{std::vector<uint8_t>(K), std::vector<uint64_t>(K / BLOCK), std::vector<int8_t>(K),
+                   std::vector<float>(K / 4)};
+  for (int64_t start = 0; start < K; start += SCALE_BLOCK) {
     float amax = 0.f;
-    for (int64_t i = 0; i < BLOCK; ++i) amax = std::max(amax, std::fabs(xb[i]));
-    const float scale = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
-    row.scale[b] = scale;
-    uint64_t negative = 0;
-    for (int64_t i = 0; i < BLOCK; ++i) {
-      const int q = static_cast<int>(std::nearbyint(xb[i] * inverse));
-      row.values[b * BLOCK + i] = static_cast<int8_t>(q);
-      row.magnitude[b * BLOCK + i] = static_cast<uint8_t>(q < 0 ? -q : q);
-      negative |= static_cast<uint64_t>(q < 0) << i;
+    for (int64_t i = start; i < start + SCALE_BLOCK; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+    for (int64_t lane = start / 4; lane < (start + SCALE_BLOCK) / 4; ++lane) row.lane_scale[lane] = amax / 127.f;
+    for (int64_t i = start; i < start + SCALE_BLOCK; ++i) {
+      const int q = static_cast<int>(std::nearbyint(x[i] * inverse));
+      row.values[i] = static_cast<int8_t>(q);
+      row.magnitude[i] = static_cast<uint8_t>(q < 0 ? -q : q);
+      row.negative[i / BLOCK] |= static_cast<uint64_t>(q < 0) << (i % BLOCK);
     }
-    row.negative[b] = negative;
   }
   return row;
 }
 
-// sum over blocks of scale[b] * (q_b . w_b), for R weight rows stored block by block: block b of row r at
-// w + b * R * BLOCK + r * BLOCK (`pack_weight`), so that the R rows are one sequential stream.
+// For R weight rows stored block by block (block b of row r at w + (b * R + r) * BLOCK: `pack_weight`, so that the R
+// rows are one sequential stream): the sum over 4-value groups of their scale times their int8 dot product.
 template <int R>
 void dot_rows(const QuantizedRow& x, const int8_t* w, int64_t K, float* out) {
   const int64_t blocks = K / BLOCK;
@@ -98,7 +97,7 @@ void dot_rows(const QuantizedRow& x, const int8_t* w, int64_t K, float* out) {
   for (int64_t b = 0; b < blocks; ++b) {
     const __m512i magnitude = _mm512_loadu_si512(x.magnitude.data() + b * BLOCK);
     const __mmask64 negative = x.negative[b];
-    const __m512 scale = _mm512_set1_ps(x.scale[b]);
+    const __m512 scale = _mm512_loadu_ps(x.lane_scale.data() + b * BLOCK / 4);
     for (int r = 0; r < R; ++r) {
       __m512i wb = _mm512_loadu_si512(w + (b * R + r) * BLOCK);
       wb = _mm512_mask_sub_epi8(wb, negative, zero, wb);  // w takes q's sign: |q| * (±w) = q * w
@@ -116,9 +115,9 @@ void dot_rows(const QuantizedRow& x, const int8_t* w, int64_t K, float* out) {
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < blocks; ++b) {
-    const __m256 scale = _mm256_set1_ps(x.scale[b]);
     for (int half = 0; half < 2; ++half) {
       const int64_t k = b * BLOCK + half * 32;
+      const __m256 scale = _mm256_loadu_ps(x.lane_scale.data() + k / 4);
       const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.values.data() + k));
       const __m256i magnitude = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.magnitude.data() + k));
       for (int r = 0; r < R; ++r) {
@@ -138,9 +137,12 @@ void dot_rows(const QuantizedRow& x, const int8_t* w, int64_t K, float* out) {
   for (int r = 0; r < R; ++r) {
     float total = 0.f;
     for (int64_t b = 0; b < blocks; ++b) {
-      int32_t dot = 0;
-      for (int64_t i = 0; i < BLOCK; ++i) dot += int32_t(x.values[b * BLOCK + i]) * int32_t(w[(b * R + r) * BLOCK + i]);
-      total += x.scale[b] * static_cast<float>(dot);
+      for (int64_t lane = 0; lane < BLOCK / 4; ++lane) {
+        int32_t dot = 0;
+        for (int64_t i = lane * 4; i < lane * 4 + 4; ++i)
+          dot += int32_t(x.values[b * BLOCK + i]) * int32_t(w[(b * R + r) * BLOCK + i]);
+        total += x.lane_scale[b * BLOCK / 4 + lane] * static_cast<float>(dot);
+      }
     }
     out[r] = total;
   }
@@ -227,7 +229,7 @@ def operator(march: str = "native") -> torch._ops.OpOverloadPacket:
         return _LOADED[march]
     from torch.utils.cpp_extension import load
 
-    kind = f"{march}, {machine_kind() if march == 'native' else ''}, torch {torch.__version__}"
+    kind = f"{march}, {SCALE_BLOCK}, {machine_kind() if march == 'native' else ''}, torch {torch.__version__}"
     name = f"lmblocks_int8_{hashlib.sha256(f'{SOURCE}{kind}'.encode()).hexdigest()[:12]}"
     folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions") / name
     library = folder / f"{name}.so"
@@ -240,7 +242,8 @@ def operator(march: str = "native") -> torch._ops.OpOverloadPacket:
         staged = folder / f"int8_matmul.cpp.{os.getpid()}"
         staged.write_text(SOURCE)
         staged.replace(source)  # whole, whichever process writes it
-        load(name, [str(source)], extra_cflags=["-O3", f"-march={march}", f"-DLMBLOCKS_NAMESPACE={name}"],
+        load(name, [str(source)], extra_cflags=["-O3", f"-march={march}", f"-DLMBLOCKS_NAMESPACE={name}",
+                                                  f"-DSCALE_BLOCK_SIZE={SCALE_BLOCK}"],
              build_directory=str(folder), is_python_module=False, verbose=False)
     op = getattr(torch.ops, name)
 

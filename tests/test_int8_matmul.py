@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmblocks import decoding
-from lmblocks.int8_matmul import BLOCK, ROWS, int8_linear, operator, pack_weight, unpack_weight
+from lmblocks.int8_matmul import BLOCK, ROWS, SCALE_BLOCK, int8_linear, operator, pack_weight, unpack_weight
 
 
 @functools.cache
@@ -33,13 +33,13 @@ TARGETS = {
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
-    """The kernel's definition in float64: x quantized per block of BLOCK values (scale = max|x| / 127, round to
+    """The kernel's definition in float64: x quantized per block of SCALE_BLOCK values (scale = max|x| / 127, round to
     nearest even), int8 dot products per block, scaled by the block's and the channel's scales."""
     m, k = x.shape
-    blocks = x.double().reshape(m, k // BLOCK, BLOCK)
+    blocks = x.double().reshape(m, k // SCALE_BLOCK, SCALE_BLOCK)
     block_scale = blocks.abs().amax(-1, keepdim=True) / 127
     q = torch.where(block_scale > 0, torch.round(blocks / block_scale), 0.0)
-    dots = torch.einsum("mbi,nbi->mnb", q, weight.double().reshape(-1, k // BLOCK, BLOCK))
+    dots = torch.einsum("mbi,nbi->mnb", q, weight.double().reshape(-1, k // SCALE_BLOCK, SCALE_BLOCK))
     out = (dots * block_scale.squeeze(-1)[:, None, :]).sum(-1) * scales.double()
     return out if bias is None else out + bias.double()
 
@@ -53,7 +53,7 @@ def test_every_path_computes_the_defined_product(march):
     for m, k, n, with_bias in [(1, 576, 1536, False), (3, 128, 4 * ROWS + 1, True), (2, 64, 6, False),
                                (1, 192, 7, True), (5, 64, 1, False)]:
         x = torch.randn(m, k) * torch.rand(m, k)  # blocks of different magnitudes
-        x[0, :BLOCK] = 0  # an all-zero block (scale 0)
+        x[0, :SCALE_BLOCK] = 0  # an all-zero block (scale 0)
         weight = torch.randint(-127, 128, (n, k), dtype=torch.int8)
         scales, bias = torch.rand(n) / 100, torch.randn(n) if with_bias else None
         out = operator(march).linear(x, pack_weight(weight), scales, bias)
