@@ -17,7 +17,9 @@ generation runs its full length (no stop at end of sequence). The engines take t
 rotating order (interleaved), and the table gives the median with min–max over the repetitions, in wall-clock time
 and in CPU time of the calling thread (with --threads 1 both engines compute on it; unlike wall time it does not
 count what the scheduler gave to other processes, so it is the figure to read on a shared machine). Also printed:
-whether each engine's 64 greedy tokens equal lmblocks fp32 eager's. The table goes to stdout and to
+whether each engine's 64 greedy tokens equal lmblocks fp32 eager's. After the timing, a second table gives the
+quality of lmblocks' weight formats: bits per byte of the main job's held-out text (12,000 characters of the
+Canterbury books, scripts/main.py's `held_out_text`; `--skip-quality` leaves it out). The tables go to stdout and to
 `bench/results/llama-cpp-decode.md`. Measure on an idle machine: on a shared one the numbers say more about the
 neighbours.
 """
@@ -83,11 +85,39 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs"
 
 
+def quality_table(tokenizer) -> list[str]:
+    """Bits per byte of the main job's held-out text under lmblocks' SmolLM2-135M in each weight format (eager: the
+    compiled step computes the same products)."""
+    import torch
+
+    import lmblocks
+    from lmblocks.data import read_text_files
+    from lmblocks.decoding import WEIGHT_FORMATS, convert_weights
+    from lmblocks.evaluation import bits_per_byte
+
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    from main import DEFAULT_CORPUS, held_out_text
+
+    if not all(path.is_file() for path in DEFAULT_CORPUS):
+        return ["(quality table left out: the main job's corpus is not fetched; `make env` fetches it)"]
+    text = held_out_text(read_text_files([str(path) for path in DEFAULT_CORPUS], "utf-8"), 12000)
+    lines = [f"Quality: bits per byte of the main job's held-out text ({len(text)} characters), lmblocks' "
+             "SmolLM2-135M-Instruct.", "", "| weights | bits per byte | vs fp32 |", "|---|---|---|"]
+    results = {}
+    for weights in WEIGHT_FORMATS:
+        model = lmblocks.LmbLlamaForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32).eval()
+        results[weights] = bits_per_byte(convert_weights(model, weights), tokenizer, text)["bits_per_byte"]
+        lines.append(f"| {weights} | {results[weights]:.4f} | {results[weights] / results['fp32'] - 1:+.2%} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="threads for every engine (default: 2)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per engine (default: 5)")
     parser.add_argument("--skip-compiled", action="store_true", help="leave out the compiled lmblocks rows")
+    parser.add_argument("--skip-quality", action="store_true",
+                        help="leave out the bits-per-byte table of lmblocks' weight formats")
     args = parser.parse_args(argv)
     if not (SMOLLM2 / "config.json").is_file():
         print(f"error: {SMOLLM2} is missing: `make env` fetches it.", file=sys.stderr)
@@ -166,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "yes" if first_diff is None else f"no (first {first_diff} equal, {agree}/64 positions)"
         lines.append(f"| {name} | {statistics.median(values):.1f} | {min(values):.1f}–{max(values):.1f} "
                      f"| {statistics.median(cpu_times[name]):.1f} | {verdict} | {setup[name]:.1f} |")
+    if not args.skip_quality:
+        lines += ["", *quality_table(tokenizer)]
     text = "\n".join(lines)
     print(text)
     RESULT.parent.mkdir(parents=True, exist_ok=True)

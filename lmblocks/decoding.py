@@ -279,8 +279,8 @@ def cache_bucket(length: int, positions: int | None = None) -> int:
 class Int8Linear(torch.nn.Module):
     """A linear layer with int8 weights, one scale per output channel (symmetric: weight ≈ int8 × scale), for
     decoding. On a CPU, with float32 inputs and `in_features` a multiple of 64, the product is lmblocks' int8 × int8
-    kernel (`lmblocks.int8_matmul`: the activations quantized to int8 per block of 64, as llama.cpp's q8_0 does);
-    elsewhere ATen's weight-only int8 kernel (`_weight_int8pack_mm`) on bfloat16 activations (its float32 path is
+    kernel (`lmblocks.int8_matmul`: the activations quantized to int8 with one scale per 16 values, as llama.cpp's
+    q8_0 does per 32; the weight stored in the kernel's packed layout); elsewhere ATen's weight-only int8 kernel (`_weight_int8pack_mm`) on bfloat16 activations (its float32 path is
     7–15 times slower on AVX-512, measured). The output is in the input's dtype."""
 
     def __init__(self, linear: torch.nn.Linear):

@@ -62,8 +62,9 @@ class GenerateArguments:
                 "and --max_new_tokens the same step), then every token is cheaper; for long generations. "
                 "Greedy or sampled decoding only (transformers does not compile beam search)."})
     weights: str | None = field(default=None, metadata={
-        "help": "Convert the weights after loading: fp32, bf16, or int8 (weight-only, one scale per output "
-                "channel: a quarter of fp32's bytes to read per token); mostly with --compile. Instead of --dtype."})
+        "help": "Convert the weights after loading: fp32, bf16, or int8 (one scale per output channel, a quarter "
+                "of fp32's bytes to read per token; on a CPU the activations are quantized to int8 too, one scale "
+                "per 16 values, as llama.cpp's q8_0 does); mostly with --compile. Instead of --dtype."})
     lmblocks: bool = field(default=False, metadata={
         "help": "Run a transformers gpt2 / llama checkpoint in lmblocks' class of its family instead of "
                 "transformers' own (the weights load as they are)."})
