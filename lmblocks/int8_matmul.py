@@ -240,15 +240,16 @@ def operator(march: str = "native") -> torch._ops.OpOverloadPacket:
     name = f"lmblocks_int8_{hashlib.sha256(f'{SOURCE}{kind}'.encode()).hexdigest()[:12]}"
     folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions") / name
     library = folder / f"{name}.so"
-    if library.is_file():  # built before, for this source, machine kind and torch: no compiler, no ninja
+    try:  # built before, for this source, machine kind and torch: no compiler, no ninja
         torch.ops.load_library(str(library))
-    else:
+    except OSError:  # not built yet (or another process is writing it: `load` waits for its lock)
         logger.info(f"Building lmblocks' int8 linear kernel ({name}, -march={march}) in {folder}.")
         folder.mkdir(parents=True, exist_ok=True)
         source = folder / "int8_matmul.cpp"
-        staged = folder / f"int8_matmul.cpp.{os.getpid()}"
-        staged.write_text(SOURCE)
-        staged.replace(source)  # whole, whichever process writes it
+        if not source.is_file() or source.read_text() != SOURCE:  # a rewrite would make ninja build it again
+            staged = folder / f"int8_matmul.cpp.{os.getpid()}"
+            staged.write_text(SOURCE)
+            staged.replace(source)  # whole, whichever process writes it
         load(name, [str(source)], extra_cflags=["-O3", f"-march={march}", f"-DLMBLOCKS_NAMESPACE={name}",
                                                   f"-DSCALE_BLOCK_SIZE={SCALE_BLOCK}"],
              build_directory=str(folder), is_python_module=False, verbose=False)
@@ -285,8 +286,8 @@ def unpack_weight(packed: torch.Tensor) -> torch.Tensor:
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
                 march: str = "native") -> torch.Tensor:
-    """x (..., K) float32 @ weight (N, K) int8 · scales (N,) float32 (+ bias), with x quantized to int8 per block of
-    `BLOCK` values; K a multiple of `BLOCK`; the weight in `pack_weight`'s layout."""
+    """x (..., K) float32 @ weight (N, K) int8 · scales (N,) float32 (+ bias), with x quantized to int8 with one scale
+    per `SCALE_BLOCK` values; K a multiple of `BLOCK`; the weight in `pack_weight`'s layout."""
     op = _LOADED.get(march) or operator(march)
     out = op.linear(x.reshape(-1, x.shape[-1]), weight, scales, bias)
     return out.reshape(*x.shape[:-1], weight.shape[0])
