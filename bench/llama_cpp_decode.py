@@ -13,10 +13,11 @@ template around one question), greedy, with the same number of threads:
   compiled once, before timing; the warm-up column shows the compilation, from torch's on-disk cache when it has it).
 
 ms/token = (time of generate 65 tokens − time of generate 1 token) / 64, so the prompt's prefill cancels out; every
-generation runs its full length (no stop at end of sequence: `eos_token_id=None`). The engines take turns within each repetition, in a
-rotating order (interleaved), and the table gives the median with min–max over the repetitions, in wall-clock time
-and in CPU time of the calling thread (with --threads 1 both engines compute on it; unlike wall time it does not
-count what the scheduler gave to other processes, so it is the figure to read on a shared machine). Also printed:
+generation runs its full length (no stop at end of sequence: `eos_token_id=None`). The engines take turns within
+each repetition, in a rotating order (interleaved), and the table gives the median with min–max over the
+repetitions, in wall-clock time and in CPU time of the calling thread (with --threads 1 both engines compute on it;
+unlike wall time it does not count what the scheduler gave to other processes, so it is the figure to read on a
+shared machine). Also printed:
 whether each engine's 64 greedy tokens equal lmblocks fp32 eager's. After the timing, a second table gives the
 quality of lmblocks' weight formats: bits per byte of the main job's held-out text (12,000 characters of the
 Canterbury books, scripts/main.py's `held_out_text`; `--skip-quality` leaves it out). The tables go to stdout and to

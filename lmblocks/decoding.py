@@ -236,8 +236,8 @@ _SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64
 def weights_stamp(model: torch.nn.Module) -> tuple[int, ...]:
     """A checksum of every parameter and buffer (the graphs freeze both): the sum of its bytes read as integers of its
     width (of 4 bytes for 1- and 2-byte types where the size allows: ATen sums int8 about 10 times slower than int32;
-    an int8 SmolLM2-135M took 77 ms), modulo 2^32. A change of any one element changes it (several could cancel only by an exact coincidence
-    of their bits), whatever path wrote it: an optimizer step, a
+    an int8 SmolLM2-135M took 77 ms, 8 ms read as int32), modulo 2^32. A change of any one element changes it (several
+    could cancel only by an exact coincidence of their bits), whatever path wrote it: an optimizer step, a
     `load_state_dict`, `.to()`, or a write through `.data` (`p.data.add_()`), which changes neither the tensor's
     address nor its version counter (measured, torch 2.13: `p.data` is a new tensor with its own counter each time).
 
@@ -250,7 +250,7 @@ def weights_stamp(model: torch.nn.Module) -> tuple[int, ...]:
             continue
         tensor = tensor.detach().reshape(-1)
         if tensor.element_size() < 4 and tensor.numel() * tensor.element_size() % 4 == 0:
-            tensor = tensor.view(torch.uint8).view(torch.int32)  # int8 weights: ATen sums int32 ~100x faster
+            tensor = tensor.view(torch.uint8).view(torch.int32)  # int8 weights: ATen sums int32 ~10x faster
         width = tensor.element_size()
         sums.append(tensor.view(_SAME_WIDTH_INT[width]).sum(dtype=torch.int64 if width == 8 else torch.int32))
     return tuple(torch.stack([s.to(torch.int64) for s in sums]).tolist()) if sums else ()
@@ -281,8 +281,9 @@ class Int8Linear(torch.nn.Module):
     """A linear layer with int8 weights, one scale per output channel (symmetric: weight ≈ int8 × scale), for
     decoding. On a CPU, with float32 inputs and `in_features` a multiple of 64, the product is lmblocks' int8 × int8
     kernel (`lmblocks.int8_matmul`: the activations quantized to int8 with one scale per 16 values, as llama.cpp's
-    q8_0 does per 32; the weight stored in the kernel's packed layout); elsewhere ATen's weight-only int8 kernel (`_weight_int8pack_mm`) on bfloat16 activations (its float32 path is
-    7–15 times slower on AVX-512, measured). The output is in the input's dtype."""
+    q8_0 does per 32; the weight stored in the kernel's packed layout); elsewhere ATen's weight-only int8 kernel
+    (`_weight_int8pack_mm`) on bfloat16 activations (its float32 path is 7–15 times slower on AVX-512, measured).
+    The output is in the input's dtype."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
