@@ -225,7 +225,7 @@ def machine_kind() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:10]
 
 
-_LOADED: dict[str, torch._ops.OpOverloadPacket] = {}
+_LOADED: dict[str, str] = {}  # -march → the loaded library's operator namespace (names: module globals must pickle)
 
 
 def operator(march: str = "native") -> torch._ops.OpOverloadPacket:
@@ -233,7 +233,7 @@ def operator(march: str = "native") -> torch._ops.OpOverloadPacket:
     10 s on one core) or loaded from torch's extension folder. `Int8Linear` loads it when it is made, so that
     `torch.compile` finds it loaded."""
     if march in _LOADED:
-        return _LOADED[march]
+        return getattr(torch.ops, _LOADED[march])
     from torch.utils.cpp_extension import load
 
     kind = f"{march}, {SCALE_BLOCK}, {machine_kind() if march == 'native' else ''}, torch {torch.__version__}"
@@ -259,7 +259,7 @@ def operator(march: str = "native") -> torch._ops.OpOverloadPacket:
     def _(input, weight, scales, bias):
         return input.new_empty(input.shape[0], weight.shape[0])
 
-    _LOADED[march] = op
+    _LOADED[march] = name
     return op
 
 
@@ -288,7 +288,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
                 march: str = "native") -> torch.Tensor:
     """x (..., K) float32 @ weight (N, K) int8 · scales (N,) float32 (+ bias), with x quantized to int8 with one scale
     per `SCALE_BLOCK` values; K a multiple of `BLOCK`; the weight in `pack_weight`'s layout."""
-    op = _LOADED.get(march) or operator(march)
+    op = getattr(torch.ops, _LOADED[march]) if march in _LOADED else operator(march)
     out = op.linear(x.reshape(-1, x.shape[-1]), weight, scales, bias)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
