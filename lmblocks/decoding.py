@@ -294,16 +294,15 @@ class Int8Linear(torch.nn.Module):
         # The kernel's layout (`pack_weight`: tiles of four rows, block by block) where the kernel can take it.
         self.packed = self.in_features % INT8_BLOCK == 0 and int8_kernel_available()
         self.register_buffer("weight_int8", pack_weight(weight_int8) if self.packed else weight_int8)
-        self.register_buffer("scales", scales.to(torch.bfloat16))
-        self.register_buffer("scales_fp32", scales)
+        self.register_buffer("scales", scales)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed and x.device.type == "cpu" and x.dtype == torch.float32:
-            return int8_linear(x, self.weight_int8, self.scales_fp32, self.bias)
+            return int8_linear(x, self.weight_int8, self.scales, self.bias)
         weight = unpack_weight(self.weight_int8) if self.packed else self.weight_int8
         out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), weight,
-                                                 self.scales)
+                                                 self.scales.to(torch.bfloat16))
         out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return out if self.bias is None else out + self.bias
 

@@ -30,6 +30,7 @@ node, and the compiled step's C++ wrapper calls it through the dispatcher, witho
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -216,12 +217,19 @@ TORCH_LIBRARY_IMPL(LMBLOCKS_NAMESPACE, CPU, m) {
 """
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (Linux; empty elsewhere)."""
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return frozenset()
+    return frozenset(line.split(":", 1)[1].split())
+
+
 def machine_kind() -> str:
     """The CPU features the compiler targets with `-march=native` (a build is only valid on a machine of its kind)."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor() or platform.machine()
+    flags = " ".join(sorted(cpu_flags())) or platform.processor() or platform.machine()
     return hashlib.sha256(flags.encode()).hexdigest()[:10]
 
 
@@ -288,8 +296,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
                 march: str = "native") -> torch.Tensor:
     """x (..., K) float32 @ weight (N, K) int8 · scales (N,) float32 (+ bias), with x quantized to int8 with one scale
     per `SCALE_BLOCK` values; K a multiple of `BLOCK`; the weight in `pack_weight`'s layout."""
-    op = getattr(torch.ops, _LOADED[march]) if march in _LOADED else operator(march)
-    out = op.linear(x.reshape(-1, x.shape[-1]), weight, scales, bias)
+    out = operator(march).linear(x.reshape(-1, x.shape[-1]), weight, scales, bias)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -2,23 +2,11 @@
 the product its quantization defines, for every tile shape; the layout round-trips; Int8Linear falls back to ATen's
 kernel when the kernel cannot be built."""
 
-import functools
-from pathlib import Path
-
 import pytest
 import torch
 
 from lmblocks import decoding
-from lmblocks.int8_matmul import BLOCK, ROWS, SCALE_BLOCK, int8_linear, operator, pack_weight, unpack_weight
-
-
-@functools.cache
-def cpu_flags() -> set[str]:
-    try:
-        line = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
-    except (OSError, StopIteration):
-        return set()
-    return set(line.split(":", 1)[1].split())
+from lmblocks.int8_matmul import BLOCK, ROWS, SCALE_BLOCK, cpu_flags, int8_linear, operator, pack_weight, unpack_weight
 
 
 # -march targets and the CPU flags their code needs: AVX-512 with VNNI (dpbusd), AVX-512 BW without VNNI
