@@ -69,14 +69,20 @@ from .layers import preferred_attention
 logger = logging.getLogger(__name__)
 
 
-class FrozenWeightsInductor:
+class FrozenWeightsInductor(dict):
     """`torch.compile` backend: inductor, for graphs traced under `frozen_weights()` (`frozen_call` enters it around
     the compiled step, so tracing and compiling both see it). Counts its compilations (`compilations`) and the calls
-    of what it compiled (`steps`), so that `frozen_call` notices a step that ran uncompiled."""
+    of what it compiled (`steps`), so that `frozen_call` notices a step that ran uncompiled.
+
+    A dict of its settings, so that the generation config that holds it still turns into JSON: transformers hashes
+    and prints a generation config through `json.dumps` (`save_pretrained` hashes it too), which refuses any other
+    object. Compared and hashed as itself, not as its settings: each model's step counts its own compilations."""
 
     freezes_weights = True  # read by duck typing: remote code has its own copy of this class
+    __eq__, __ne__, __hash__ = object.__eq__, object.__ne__, object.__hash__
 
     def __init__(self, weight_prepack: bool = False) -> None:
+        super().__init__(backend="lmblocks frozen-weights inductor", weight_prepack=weight_prepack)
         self.weight_prepack = weight_prepack  # see `frozen_weights`
         self.compilations = self.steps = 0
 
@@ -84,6 +90,9 @@ class FrozenWeightsInductor:
         # generate() deep-copies its generation config; a copied backend would be a new backend to dynamo and to
         # transformers' compiled-call cache, and every generate would compile again.
         return self
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(weight_prepack={self.weight_prepack})"
 
     def __call__(self, graph_module: torch.fx.GraphModule, example_inputs: list) -> Callable:
         from torch._inductor.compile_fx import compile_fx

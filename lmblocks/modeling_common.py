@@ -19,7 +19,7 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .decoding import compiled_step
+from .decoding import Int8Linear, compiled_step
 from .layers import check_cache_capacity, check_model_inputs
 
 
@@ -54,6 +54,13 @@ class LmbPreTrainedModel(PreTrainedModel):
         return super().get_compiled_call(compile_config)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        if any(isinstance(module, Int8Linear) for module in self.modules()):
+            # Its int8 layers are saved under names no model class loads: from_pretrained would build those layers
+            # from random weights, with a warning only.
+            raise ValueError(
+                f"This {type(self).__name__} holds int8 decoding layers (lmblocks.decoding.Int8Linear, made by "
+                "`enable_compiled_decoding(model, weights='int8')`), which from_pretrained cannot load back. Save "
+                "the model before converting it; the conversion takes a second when the model is loaded.")
         if getattr(self, "_auto_class", None) is not None:
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **family_auto_map(type(self))}
         return super().save_pretrained(save_directory, *args, **kwargs)

@@ -196,6 +196,26 @@ def test_weight_formats(weights):
     assert torch.equal(eager, fp32)
 
 
+def test_saving_a_model_after_enabling_compiled_decoding(tmp_path):
+    """The generation config holds the compiled step's backend; transformers prints, hashes and saves generation
+    configs through JSON, which used to fail on it (`save_pretrained` raised TypeError). The saved config loads back
+    without the compile settings (transformers leaves `compile_config` out of generation_config.json). A model with
+    int8 layers is refused: from_pretrained would rebuild them from random weights."""
+    family = [f for f in DECODERS if f.name == "llama"][0]
+    torch.manual_seed(0)
+    model = enable_compiled_decoding(family.causal_lm_class(family.tiny_config()).eval())
+    assert "FrozenWeightsInductor" in repr(model.generation_config.compile_config)
+    json.loads(model.generation_config.to_json_string())
+    model.save_pretrained(tmp_path / "fp32")
+    loaded = family.causal_lm_class.from_pretrained(tmp_path / "fp32")
+    assert loaded.generation_config.compile_config is None
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    convert_weights(model, "int8")
+    with pytest.raises(ValueError, match="int8 decoding layers"):
+        model.save_pretrained(tmp_path / "int8")
+    assert not (tmp_path / "int8").exists()
+
+
 def test_cache_buckets():
     assert [cache_bucket(n) for n in (1, 256, 257, 600, 5000)] == [256, 256, 512, 1024, 8192]
     assert [cache_bucket(n, positions=8192) for n in (100, 5000, 8192)] == [256, 8192, 8192]
