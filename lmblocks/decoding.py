@@ -61,6 +61,7 @@ import torch
 from transformers import CompileConfig, PreTrainedModel
 
 from .compat import compile_on_every_device, size_static_caches, unmark_static_input
+from .huge_pages import in_one_block
 from .int8_matmul import BLOCK as INT8_BLOCK
 from .int8_matmul import int8_linear, pack_weight, unpack_weight
 from .int8_matmul import operator as int8_operator
@@ -339,7 +340,8 @@ WEIGHT_FORMATS = ("fp32", "bf16", "int8")
 
 def convert_weights(model: PreTrainedModel, weights: str) -> PreTrainedModel:
     """`model` (in place) with its weights in `weights` format: "fp32" or "bf16" (the whole model in that dtype), or
-    "int8" (every `nn.Linear`, the output head included, replaced by an `Int8Linear`; the rest in float32)."""
+    "int8" (every `nn.Linear`, the output head included, replaced by an `Int8Linear`, their weights in one block
+    of huge pages; the rest in float32)."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights={weights!r} is not one of {', '.join(WEIGHT_FORMATS)}.")
     model.to({"bf16": torch.bfloat16}.get(weights, torch.float32))
@@ -348,6 +350,11 @@ def convert_weights(model: PreTrainedModel, weights: str) -> PreTrainedModel:
             for child_name, child in list(parent.named_children()):
                 if type(child) is torch.nn.Linear:
                     setattr(parent, child_name, Int8Linear(child))
+        # The kernel's weights in one block of huge pages, in the order of the modules (the order a decoding step
+        # reads them): 12.6 against 14.4–14.9 ms/token for SmolLM2-135M (`lmblocks.huge_pages`).
+        packed = [m for m in model.modules() if isinstance(m, Int8Linear) and m.packed and m.weight_int8.is_cpu]
+        for layer, weight in zip(packed, in_one_block([layer.weight_int8 for layer in packed])):
+            layer.weight_int8 = weight
     return model
 
 

@@ -1,0 +1,55 @@
+"""Weights that decoding streams, laid out back to back in one block of memory backed by huge pages.
+
+Batch-1 decoding reads every weight once per token, one matrix after another. Allocated one by one, each matrix is
+its own mapping of 4 KiB pages: the CPU's prefetchers stop at every page boundary and every 4 KiB costs a TLB entry.
+In one block of 2 MiB pages (Linux's transparent huge pages, asked for with `madvise`), the same bytes stream faster.
+Measured on an AMD EPYC thread (AVX-512 VNNI), 2026-12-06, lmblocks' int8 kernel over 150 matrices of 1536 × 576
+(133 MB, SmolLM2-135M's size): 16 GB/s as separate tensors, 18 GB/s in one block of 4 KiB pages, 22 GB/s in one
+block of huge pages; a whole int8 SmolLM2-135M decoding step 14.4–14.9 → 12.6 ms/token (bench/llama_cpp_decode.py).
+
+Where huge pages cannot be had (not Linux, or transparent huge pages set to "never") the block is ordinary memory,
+still one stream.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import torch
+
+HUGE_PAGE = 2 << 20  # x86-64's and arm64's transparent huge page size
+ALIGNMENT = 64  # each tensor starts on a cache line (and on a 64-byte boundary for aligned vector loads)
+
+
+def huge_page_block(nbytes: int) -> torch.Tensor:
+    """`nbytes` of zeroed uint8 memory, aligned to `HUGE_PAGE`, advised as transparent huge pages where the OS has
+    them. Backed by an anonymous mapping that lives as long as the tensor (or a view of it) does."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):  # not Linux: ordinary memory
+        return torch.zeros(nbytes, dtype=torch.uint8)
+    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = torch.frombuffer(mapping, dtype=torch.uint8)  # holds `mapping` alive
+    start = -whole.data_ptr() % HUGE_PAGE
+    # Before any page is touched: the kernel then backs the range with huge pages as it faults in.
+    mapping.madvise(mmap.MADV_HUGEPAGE, start, nbytes)
+    return whole[start:start + nbytes]
+
+
+def in_one_block(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of the CPU `tensors`, back to back in that order in one `huge_page_block` (each at a multiple of
+    `ALIGNMENT` bytes), with their shapes and dtypes: give them in the order decoding reads them."""
+    offsets, end = [], 0
+    for tensor in tensors:
+        if tensor.device.type != "cpu":
+            raise ValueError(f"in_one_block places CPU tensors; got one on {tensor.device}.")
+        offsets.append(end)
+        end += -(-tensor.numel() * tensor.element_size() // ALIGNMENT) * ALIGNMENT
+    block = huge_page_block(end)
+    copies = []
+    for tensor, offset in zip(tensors, offsets):
+        nbytes = tensor.numel() * tensor.element_size()
+        copy = block[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
+        copies.append(copy.copy_(tensor))
+    return copies
+
+
+__all__ = ["HUGE_PAGE", "huge_page_block", "in_one_block"]
