@@ -15,19 +15,23 @@ settings that reach the bandwidth roofline on each device:
   SmolLM2-135M fp32 step). The checkpoint keeps its layout; only the compiled graph changes.
 
 Compiled once per model for every prompt length and `max_new_tokens`: transformers sizes a static cache to each
-call's `max_length`, and every new length compiled the step again; lmblocks sizes it in buckets instead (`CACHE_BUCKETS`:
-powers of two from 256 up to the model's positions), so one compilation serves every generation up to 256 tokens of
-prompt + output, the next up to 512, and so on. Measured on SmolLM2-135M, one CPU thread, 2026-12-06: a dynamic cache
-length (`dynamic=True`: one graph for every length) decodes as fast (53 against 53 ms/token of CPU time, interleaved)
+call's `max_length`, and every new length compiled the step again; lmblocks sizes it in buckets instead
+(`CACHE_BUCKETS`: powers of two from 256 up to the model's positions), so one compilation serves every generation up
+to 256 tokens of prompt + output, the next up to 512, and so on. Measured on SmolLM2-135M, one CPU thread,
+2026-12-06: a dynamic cache length (`dynamic=True`: one graph for every length) decodes as fast (53 against 53 ms/token of CPU time, interleaved)
 but compiles 2.3 times longer (101 s against 43 s of CPU time), in every new process too.
 A new process reuses the compiled step from inductor's on-disk FX graph cache (`TORCHINDUCTOR_CACHE_DIR`, by default
 a folder in the temporary directory): frozen weights are keyed by their shape only and read from the model at load,
 so the cache holds the compiled C++ while the weights stay the model's. MKL's prepacked weights
 (`cpp.weight_prepack`) cannot be pickled and turned the cache off ("mkldnn tensors unpickleable"); at batch 1 a plain
 product is as fast (49–53 against 49–53 ms/token, measured), so prepacking is off. What a new process still pays is
-tracing (dynamo, then AOTAutograd, whose own cache refuses frozen graphs) and freezing: about 20 s of CPU time for
-SmolLM2-135M. Freezing off (weights as graph inputs) lets both caches hold everything, but decodes 1.35 times slower
-(66–69 against 49–53 ms/token), so freezing stays.
+tracing (dynamo, then AOTAutograd, whose own cache refuses frozen graphs) and freezing: 15–18 s for SmolLM2-135M on
+one thread (int8, 2026-12-07: dynamo 4.8 s, AOTAutograd and freezing 8.8 s, loading the compiled step 1.4 s).
+Freezing off (weights as graph inputs) lets both caches hold everything, but decodes 1.35 times slower in float32
+(66–69 against 49–53 ms/token); for int8 (whose products are lmblocks' operator either way) it decodes as fast and a
+new process starts in 10 s, but its first compilation took 212 s instead of 93 (both measured before the C++ wrapper
+was built apart), so freezing stays. torch's precompiled dynamo cache (`caching_precompile`, experimental in 2.13)
+failed to pickle the step's guards.
 
 Each model compiles its step as a function of its own (`compiled_step`): dynamo keeps compiled graphs per code
 object and falls back to eager after `recompile_limit` (8) graphs on one, and every module's `__call__` is one code
@@ -115,8 +119,8 @@ def frozen_weights(weight_prepack: bool = False) -> Iterator[None]:
     refuses a graph that holds them. Float32 products are as fast without (measured at batch 1); bfloat16 ones are
     1.4–1.9 times faster packed (oneDNN's packed bf16 product against ATen's bf16 `mm`, 30 distinct SmolLM2-sized
     matrices, one thread, AVX-512 BF16), and slower than float32 unpacked: bf16 keeps packing and compiles in every
-    process. The C++ wrapper calls the step's ~150 kernels and products from C++ instead of generated Python: a fifth of a
-    base-size LLaMA step on CPU was that Python. It is built apart from the kernels (`cpp_wrapper_build_separate`):
+    process. The C++ wrapper calls the step's ~150 kernels and products from C++ instead of generated Python: a fifth of
+    a base-size LLaMA step on CPU was that Python. It is built apart from the kernels (`cpp_wrapper_build_separate`):
     a first compilation of SmolLM2-135M's step took 46 s instead of 65 (fp32) and 89 (int8), decoding as fast
     (45.0 against 45.3, 14.1 against 13.9 ms/token, interleaved in one process, one thread, 2026-12-07).
 
@@ -376,8 +380,9 @@ def convert_weights(model: PreTrainedModel, weights: str) -> PreTrainedModel:
         # The kernel's weights in one block of huge pages, in the order of the modules (the order a decoding step
         # reads them): 12.6 against 14.4–14.9 ms/token for SmolLM2-135M (`lmblocks.huge_pages`).
         packed = [m for m in model.modules() if isinstance(m, Int8Linear) and m.packed and m.weight_int8.is_cpu]
-        for layer, weight in zip(packed, in_one_block([layer.weight_int8 for layer in packed])):
-            layer.weight_int8 = weight
+        if packed:
+            for layer, weight in zip(packed, in_one_block([layer.weight_int8 for layer in packed])):
+                layer.weight_int8 = weight
     return model
 
 
@@ -386,9 +391,10 @@ def enable_compiled_decoding(model: PreTrainedModel, weights: str | None = None)
 
     `weights`: None keeps the model's dtype; "fp32", "bf16" or "int8" convert it in place (`convert_weights`; int8
     is for inference: the model then holds `Int8Linear` layers). A bf16 model on a CPU switches from sdpa to the
-    plain (eager) attention, which is faster there once compiled. The first `generate` compiles (about two minutes on
-    one busy CPU core for SmolLM2-135M; a new process reuses inductor's on-disk cache); every later generation that
-    fits the same cache bucket (`cache_bucket`: 256, 512, ... positions) reuses it. Returns the model. Only for models that declare static-cache compilation support
+    plain (eager) attention, which is faster there once compiled. The first `generate` compiles (45–60 s on one CPU
+    thread for SmolLM2-135M; a new process reuses inductor's on-disk cache, 15–18 s; bf16's packed weights keep it out
+    of that cache); every later generation that fits the same cache bucket (`cache_bucket`: 256, 512, ... positions)
+    reuses it. Returns the model. Only for models that declare static-cache compilation support
     (`_can_compile_fullgraph`)."""
     if not getattr(model, "_can_compile_fullgraph", False):
         raise ValueError(f"{type(model).__name__} does not support a compiled static-cache decoding step.")
