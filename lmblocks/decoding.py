@@ -18,8 +18,9 @@ Compiled once per model for every prompt length and `max_new_tokens`: transforme
 call's `max_length`, and every new length compiled the step again; lmblocks sizes it in buckets instead
 (`CACHE_BUCKETS`: powers of two from 256 up to the model's positions), so one compilation serves every generation up
 to 256 tokens of prompt + output, the next up to 512, and so on. Measured on SmolLM2-135M, one CPU thread,
-2026-12-06: a dynamic cache length (`dynamic=True`: one graph for every length) decodes as fast (53 against 53 ms/token of CPU time, interleaved)
-but compiles 2.3 times longer (101 s against 43 s of CPU time), in every new process too.
+2026-12-06: a dynamic cache length (`dynamic=True`: one graph for every length) decodes as fast (53 against 53
+ms/token of CPU time, interleaved) but compiles 2.3 times longer (101 s against 43 s of CPU time), in every new
+process too.
 A new process reuses the compiled step from inductor's on-disk FX graph cache (`TORCHINDUCTOR_CACHE_DIR`, by default
 a folder in the temporary directory): frozen weights are keyed by their shape only and read from the model at load,
 so the cache holds the compiled C++ while the weights stay the model's. MKL's prepacked weights
