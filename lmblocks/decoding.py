@@ -48,10 +48,11 @@ Another transformers model given this config compiles without freezing, unless i
 
 `enable_compiled_decoding(model, weights=...)` also chooses the weights' format: "fp32", "bf16", or "int8" (int8
 linear layers with one scale per output channel, `Int8Linear`, multiplied on a CPU by lmblocks' int8 × int8 kernel,
-`lmblocks.int8_matmul`). SmolLM2-135M-Instruct, batch 1, one thread, ms per token on an idle AMD EPYC (AVX-512 BF16
-and VNNI, no AMX), 2026-12-06 (bench/llama_cpp_decode.py): fp32 42.6, bf16 46.7 (25.5–27.5 alone in its process),
-int8 12.8; eager 66.5; llama.cpp f32 29.1, q8_0 11.0; greedy tokens equal fp32's for 64 (int8) and 32 (bf16) of 64
-on the chat prompt, llama.cpp q8_0 16; bits per byte of the main job's held-out text within 0.02 % of fp32's.
+`lmblocks.int8_matmul`, their weights in one block of huge pages, `lmblocks.huge_pages`). SmolLM2-135M-Instruct,
+batch 1, one thread, ms per token on an AMD EPYC (AVX-512 BF16 and VNNI, no AMX), 2026-12-07
+(bench/llama_cpp_decode.py): fp32 43.7, bf16 28.2, int8 14.1 (12.7–13.1 alone in its process); eager 66.8; llama.cpp
+f32 27.3, q8_0 10.7; greedy tokens equal fp32's for 64 (int8) and 32 (bf16) of 64 on the chat prompt, llama.cpp q8_0
+16; bits per byte of the main job's held-out text within 0.02 % of fp32's.
 """
 
 from __future__ import annotations
