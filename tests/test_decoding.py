@@ -25,6 +25,7 @@ from lmblocks.decoding import (
     convert_weights,
     enable_compiled_decoding,
     frozen_weights,
+    reuse_guard_checks,
     weights_stamp,
 )
 
@@ -130,6 +131,50 @@ def test_several_compiled_models_in_one_process_each_run_compiled(caplog):
             assert torch.equal(model.generate(prompt, **kwargs), eager)
             assert backend.steps == steps + kwargs["max_new_tokens"] - 1  # every step after the prefill, compiled
     assert "ran uncompiled" not in caplog.text
+
+
+FACTOR = 2.0  # read by the compiled function below: dynamo guards on its value
+
+
+def test_within_a_generation_calls_with_the_same_arguments_skip_the_guard_checks():
+    """`reuse_guard_checks`: a call whose arguments match the last checked call's skips dynamo's guards (so a change
+    only a guard would see goes unseen: the global below — why it is used for the tokens of one generation only); a
+    call with other arguments (another shape, another object, another number) is checked and gets its own graph."""
+    global FACTOR
+
+    def scaled(x, cache, position):
+        return x * FACTOR + position
+
+    class CountingEager:  # dynamo's "eager" backend, counting the runs of what it compiled
+        runs = 0
+
+        def __call__(self, graph_module, example_inputs):
+            def run(*args):
+                self.runs += 1
+                return graph_module(*args)
+            return run
+
+    def reused(function):
+        backend = CountingEager()
+        compiled = torch.compile(function, backend=backend, fullgraph=True, dynamic=False)
+        return reuse_guard_checks(compiled, lambda: backend.runs)
+
+    FACTOR = 2.0
+    call = reused(scaled)
+    cache, other_cache = object(), object()
+    assert torch.equal(call(torch.ones(2), cache, 1), torch.full((2,), 3.0))
+    FACTOR = 5.0
+    assert torch.equal(call(torch.ones(2), cache, 1), torch.full((2,), 3.0)), "the guards were checked"
+    assert torch.equal(call(torch.ones(3), cache, 1), torch.full((3,), 6.0))  # another shape: checked
+    assert torch.equal(call(torch.ones(3), other_cache, 1), torch.full((3,), 6.0))
+    FACTOR = 7.0
+    assert torch.equal(call(torch.ones(3), other_cache, 2), torch.full((3,), 9.0))  # another number: checked
+    fresh = reused(scaled)
+    assert torch.equal(fresh(torch.ones(3), cache, 2), torch.full((3,), 9.0))  # a new generation checks first
+    with torch.compiler.set_stance("force_eager"):  # run eagerly: nothing to reuse, every call goes through dynamo
+        FACTOR = 1.0
+        assert torch.equal(fresh(torch.ones(4), cache, 2), torch.full((4,), 3.0))
+        assert torch.equal(fresh(torch.ones(4), cache, 2), torch.full((4,), 3.0))
 
 
 def test_a_step_that_runs_uncompiled_is_logged(caplog):
