@@ -50,9 +50,9 @@ Another transformers model given this config compiles without freezing, unless i
 linear layers with one scale per output channel, `Int8Linear`, multiplied on a CPU by lmblocks' int8 × int8 kernel,
 `lmblocks.int8_matmul`, their weights in one block of huge pages, `lmblocks.huge_pages`). SmolLM2-135M-Instruct,
 batch 1, one thread, ms per token on an AMD EPYC (AVX-512 BF16 and VNNI, no AMX), 2026-12-07
-(bench/llama_cpp_decode.py): fp32 43.7, bf16 28.2, int8 14.1 (12.7–13.1 alone in its process); eager 66.8; llama.cpp
-f32 27.3, q8_0 10.7; greedy tokens equal fp32's for 64 (int8) and 32 (bf16) of 64 on the chat prompt, llama.cpp q8_0
-16; bits per byte of the main job's held-out text within 0.02 % of fp32's.
+(bench/llama_cpp_decode.py): fp32 39.6, bf16 26.4, int8 11.3; eager 65.7; llama.cpp f32 26.0, q8_0 10.2; greedy
+tokens equal fp32's for 64 (int8) and 32 (bf16) of 64 on the chat prompt, llama.cpp q8_0 16; bits per byte of the
+main job's held-out text within 0.02 % of fp32's.
 """
 
 from __future__ import annotations
