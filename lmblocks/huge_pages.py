@@ -7,8 +7,8 @@ Measured on an AMD EPYC thread (AVX-512 VNNI), 2026-12-06, lmblocks' int8 kernel
 (133 MB, SmolLM2-135M's size): 16 GB/s as separate tensors, 18 GB/s in one block of 4 KiB pages, 22 GB/s in one
 block of huge pages; a whole int8 SmolLM2-135M decoding step 14.4–14.9 → 12.6 ms/token (bench/llama_cpp_decode.py).
 
-Where huge pages cannot be had (not Linux, or transparent huge pages set to "never") the block is ordinary memory,
-still one stream.
+Where huge pages cannot be had (not Linux, a kernel without them, or transparent huge pages set to "never") the
+block is ordinary memory, still one stream.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ def huge_page_block(nbytes: int) -> torch.Tensor:
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(mapping, dtype=torch.uint8)  # holds `mapping` alive
     start = -whole.data_ptr() % HUGE_PAGE
-    # Before any page is touched: the kernel then backs the range with huge pages as it faults in.
-    mapping.madvise(mmap.MADV_HUGEPAGE, start, nbytes)
+    try:  # before any page is touched: the kernel then backs the range with huge pages as it faults in
+        mapping.madvise(mmap.MADV_HUGEPAGE, start, nbytes)
+    except OSError:  # a kernel built without transparent huge pages (EINVAL): ordinary pages, one stream all the same
+        pass
     return whole[start:start + nbytes]
 
 

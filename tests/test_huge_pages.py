@@ -44,8 +44,9 @@ def test_in_one_block_copies_back_to_back_in_one_huge_page_aligned_block():
     assert not torch.equal(copies[1], tensors[1])
 
 
-@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE") or not Path("/proc/self/smaps").exists(),
-                    reason="transparent huge pages are Linux's")
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE") or not Path("/proc/self/smaps").exists()
+                    or not Path("/sys/kernel/mm/transparent_hugepage").exists(),
+                    reason="transparent huge pages: Linux's, where the kernel has them")
 def test_the_block_is_advised_as_huge_pages():
     """The kernel marks a mapping advised with MADV_HUGEPAGE with the "hg" VmFlag, whatever the system's setting."""
     block = huge_page_block(3 * HUGE_PAGE)
@@ -74,3 +75,16 @@ def test_int8_weights_of_a_converted_model_share_one_block():
         for layer in layers:  # the same weights, each in memory of its own
             layer.weight_int8 = layer.weight_int8.clone()
         assert torch.equal(model(prompt).logits, logits)
+
+
+def test_a_kernel_without_huge_pages_gets_ordinary_memory(monkeypatch):
+    """A kernel built without transparent huge pages refuses MADV_HUGEPAGE (EINVAL): the block is ordinary memory."""
+
+    class RefusingMapping(mmap.mmap):
+        def madvise(self, *args):
+            raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr("lmblocks.huge_pages.mmap.mmap", RefusingMapping)
+    block = huge_page_block(HUGE_PAGE + 5)
+    block.fill_(1)
+    assert block.numel() == HUGE_PAGE + 5 and int(block.sum()) == HUGE_PAGE + 5
