@@ -90,8 +90,11 @@ class FrozenWeightsInductor(dict):
 
     def __init__(self, weight_prepack: bool = False) -> None:
         super().__init__(backend="lmblocks frozen-weights inductor", weight_prepack=weight_prepack)
-        self.weight_prepack = weight_prepack  # see `frozen_weights`
         self.compilations = self.steps = 0
+
+    @property
+    def weight_prepack(self) -> bool:  # see `frozen_weights`
+        return self["weight_prepack"]
 
     def __deepcopy__(self, memo: dict) -> FrozenWeightsInductor:
         # generate() deep-copies its generation config; a copied backend would be a new backend to dynamo and to
@@ -105,6 +108,8 @@ class FrozenWeightsInductor(dict):
         from torch._inductor.compile_fx import compile_fx
 
         self.compilations += 1
+        if self.weight_prepack:
+            register_weight_packing()
         compiled = compile_fx(graph_module, example_inputs)
 
         def counted(*args):
@@ -135,8 +140,6 @@ def frozen_weights(weight_prepack: bool = False) -> Iterator[None]:
              "joint_custom_post_pass")
     values = (True, True, True, True, weight_prepack, contiguous_wide_weights_pass())
     with config.patch(dict(zip(names, values))):
-        if weight_prepack:
-            register_weight_packing()
         yield
 
 
@@ -144,7 +147,8 @@ def register_weight_packing() -> None:
     """Registers inductor's oneDNN weight-packing patterns, which inductor itself registers only once per process, at
     the first frozen compilation, and only if `cpp.weight_prepack` is on then (torch 2.13: `freezing_patterns.lazy_init`
     runs once). A bf16 model compiled after a float32 one (prepacking off) used to get no packing at all: 46 against
-    27–30 ms/token for SmolLM2-135M on one thread, silently. Idempotent (inductor caches it). The other way round
+    27–30 ms/token for SmolLM2-135M on one thread, silently. Called by `FrozenWeightsInductor` before it compiles
+    with prepacking; idempotent (inductor caches it). The other way round
     is left: once registered, the patterns also pack a float32 model's weights compiled later in that process (as
     fast, measured: 45.0 against 44.2 ms/token), and that step then bypasses the on-disk cache."""
     try:

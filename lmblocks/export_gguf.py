@@ -32,6 +32,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .export import ExportError
+from .int8_matmul import cpu_flags
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -259,10 +260,7 @@ def export_to_gguf(
 
 def cpu_has_amx() -> bool:
     """Whether /proc/cpuinfo lists AMX (Linux; False elsewhere)."""
-    try:
-        return " amx_" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    return any(flag.startswith("amx_") for flag in cpu_flags())
 
 
 def llama_cpp_model(path: str | os.PathLike, *, extra_buffer_types: bool | None = None, **kwargs):
