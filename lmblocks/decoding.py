@@ -67,6 +67,8 @@ import torch
 from transformers import CompileConfig, PreTrainedModel
 
 from .compat import compile_on_every_device, size_static_caches, unmark_static_input
+from .cpu_attention import CPU_DECODING_ATTENTION
+from .cpu_attention import kernel_available as cpu_attention_available
 from .huge_pages import in_one_block
 from .int8_matmul import BLOCK as INT8_BLOCK
 from .int8_matmul import int8_linear, pack_weight, unpack_weight
@@ -431,6 +433,15 @@ def convert_weights(model: PreTrainedModel, weights: str) -> PreTrainedModel:
     return model
 
 
+def decoding_attention(device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """The attention implementation that a compiled decoding step on `device` with weights of `dtype` runs fastest
+    with, or None for transformers' default (sdpa): on a CPU, lmblocks' kernel in float32 (`lmblocks.cpu_attention`:
+    it reads only the cache positions written so far) and the written-out attention in bf16 (`preferred_attention`)."""
+    if torch.device(device).type == "cpu" and dtype == torch.float32 and cpu_attention_available():
+        return CPU_DECODING_ATTENTION
+    return preferred_attention(device, dtype)
+
+
 def enable_compiled_decoding(model: PreTrainedModel, weights: str | None = None) -> PreTrainedModel:
     """Makes `model.generate` decode with a static cache and a compiled step on the model's device.
 
@@ -445,7 +456,7 @@ def enable_compiled_decoding(model: PreTrainedModel, weights: str | None = None)
         raise ValueError(f"{type(model).__name__} does not support a compiled static-cache decoding step.")
     if weights is not None:
         convert_weights(model, weights)
-    faster = preferred_attention(model.device, model.dtype)  # eager for bf16 on a CPU
+    faster = decoding_attention(model.device, model.dtype)
     if faster and model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(faster)
     positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)

@@ -32,7 +32,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .export import ExportError
-from .int8_matmul import cpu_flags
+from .cpu_kernels import cpu_flags
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 

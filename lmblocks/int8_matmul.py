@@ -20,26 +20,15 @@ int8 by int8, 64 products per instruction with AVX-512 VNNI (`vpdpbusd`); this k
 `vpdpbusd` multiplies unsigned by signed bytes: the activations enter as |q| and the weights take q's sign (as
 llama.cpp does). Paths by what the compiler targets (`-march=native`): AVX-512 VNNI, AVX-512 BW (`vpmaddubsw` +
 `vpmaddwd`), AVX2 (the same on 256 bits), and plain C++ elsewhere (tests/test_int8_matmul.py runs each path this
-machine can). Built on first use (about 10 s) with torch's C++ extension builder, once per source, machine kind and
-torch version, in torch's extension folder (`TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions); a new
-process loads the built library in 0.1 s.
-
-It is an operator of its own (`torch.ops.<namespace>.linear`) with a C++ kernel: `torch.compile` keeps it as one
-node, and the compiled step's C++ wrapper calls it through the dispatcher, without Python.
+machine can). Built on first use for the machine it runs on (`lmblocks.cpu_kernels`), it is an operator of its own
+(`torch.ops.<namespace>.linear`): `torch.compile` keeps it as one node, called from the compiled step's C++.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import logging
-import os
-import platform
-from pathlib import Path
-
 import torch
 
-logger = logging.getLogger(__name__)
+from .cpu_kernels import cpu_flags, load_operators
 
 BLOCK = 64  # int8 values in one 512-bit register: the unit of the packed weight layout
 ROWS = 4  # weight rows read together (the C++ `ROWS`)
@@ -217,58 +206,22 @@ TORCH_LIBRARY_IMPL(LMBLOCKS_NAMESPACE, CPU, m) {
 """
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as /proc/cpuinfo lists them (Linux; empty elsewhere)."""
-    try:
-        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return frozenset()
-    return frozenset(line.split(":", 1)[1].split())
-
-
-def machine_kind() -> str:
-    """The CPU features the compiler targets with `-march=native` (a build is only valid on a machine of its kind)."""
-    flags = " ".join(sorted(cpu_flags())) or platform.processor() or platform.machine()
-    return hashlib.sha256(flags.encode()).hexdigest()[:10]
-
-
 _LOADED: dict[str, str] = {}  # -march → the loaded library's operator namespace (names: module globals must pickle)
 
 
 def operator(march: str = "native") -> torch._ops.OpOverloadPacket:
     """The int8 linear operator compiled for `march` (`-march=`; "native": this machine), built on first use (about
-    10 s on one core) or loaded from torch's extension folder. `Int8Linear` loads it when it is made, so that
-    `torch.compile` finds it loaded."""
-    if march in _LOADED:
-        return getattr(torch.ops, _LOADED[march])
-    from torch.utils.cpp_extension import load
+    10 s on one core) or loaded from torch's extension folder (`lmblocks.cpu_kernels`). `Int8Linear` loads it when
+    it is made, so that `torch.compile` finds it loaded."""
+    if march not in _LOADED:
+        name = load_operators("int8", SOURCE, march, {"SCALE_BLOCK_SIZE": SCALE_BLOCK})
 
-    kind = f"{march}, {SCALE_BLOCK}, {machine_kind() if march == 'native' else ''}, torch {torch.__version__}"
-    name = f"lmblocks_int8_{hashlib.sha256(f'{SOURCE}{kind}'.encode()).hexdigest()[:12]}"
-    folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions") / name
-    library = folder / f"{name}.so"
-    try:  # built before, for this source, machine kind and torch: no compiler, no ninja
-        torch.ops.load_library(str(library))
-    except OSError:  # not built yet (or another process is writing it: `load` waits for its lock)
-        logger.info(f"Building lmblocks' int8 linear kernel ({name}, -march={march}) in {folder}.")
-        folder.mkdir(parents=True, exist_ok=True)
-        source = folder / "int8_matmul.cpp"
-        if not source.is_file() or source.read_text() != SOURCE:  # a rewrite would make ninja build it again
-            staged = folder / f"int8_matmul.cpp.{os.getpid()}"
-            staged.write_text(SOURCE)
-            staged.replace(source)  # whole, whichever process writes it
-        load(name, [str(source)], extra_cflags=["-O3", f"-march={march}", f"-DLMBLOCKS_NAMESPACE={name}",
-                                                  f"-DSCALE_BLOCK_SIZE={SCALE_BLOCK}"],
-             build_directory=str(folder), is_python_module=False, verbose=False)
-    op = getattr(torch.ops, name)
+        @torch.library.register_fake(f"{name}::linear")
+        def _(input, weight, scales, bias):
+            return input.new_empty(input.shape[0], weight.shape[0])
 
-    @torch.library.register_fake(f"{name}::linear")
-    def _(input, weight, scales, bias):
-        return input.new_empty(input.shape[0], weight.shape[0])
-
-    _LOADED[march] = name
-    return op
+        _LOADED[march] = name
+    return getattr(torch.ops, _LOADED[march])
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -300,4 +253,4 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-__all__ = ["BLOCK", "ROWS", "int8_linear", "operator", "pack_weight", "unpack_weight"]
+__all__ = ["BLOCK", "ROWS", "cpu_flags", "int8_linear", "operator", "pack_weight", "unpack_weight"]

@@ -1,0 +1,194 @@
+"""Attention for decoding on CPU that reads only the cache positions the mask lets a query see.
+
+A compiled decoding step keeps its KV cache in a static buffer (`lmblocks.decoding`: 256 positions, then 512, ...)
+and attends over all of it, the positions not written yet masked out: every token reads the whole buffer, whatever
+the length so far. And grouped-query attention, as transformers writes it, first copies each key-value head once per
+query head that shares it (`repeat_kv`). SmolLM2-135M's int8 step (3 query heads per key-value head, 256 positions,
+one CPU thread) spent about 3 of 11 ms a token on attention that way, for a few hundred kilobytes of keys and values
+per layer. This kernel, per query row, skips every position its mask excludes — keys and values of those positions
+are never read — and reads each key-value head in place for the query heads of its group, in one pass over
+positions. Exact: a masked position adds exp(-inf) = 0 to the softmax either way.
+
+`cpu_decoding_attention` is registered as transformers attention implementation `CPU_DECODING_ATTENTION` (with
+sdpa's boolean masks): float32 queries of up to `SHORT_QUERY` positions on a CPU (decoding steps) use the kernel, and
+every other call — prompts, other dtypes and devices, training with dropout — transformers' sdpa. A row whose mask
+excludes every position gets zeros (sdpa's math gives NaN there).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .cpu_kernels import load_operators
+
+logger = logging.getLogger(__name__)
+
+CPU_DECODING_ATTENTION = "lmblocks_cpu_decoding"  # the attention implementation's name in transformers' registries
+SHORT_QUERY = 16  # query positions up to which the kernel runs (one for decoding; a few for speculative steps)
+
+SOURCE = r"""
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr int LANES = 16;  // partial sums kept apart so that the compiler vectorizes a dot product
+
+float dot(const float* a, const float* b, int64_t n) {
+  float partial[LANES] = {};
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES)
+    for (int lane = 0; lane < LANES; ++lane) partial[lane] += a[i + lane] * b[i + lane];
+  float total = 0.f;
+  for (; i < n; ++i) total += a[i] * b[i];
+  for (int lane = 0; lane < LANES; ++lane) total += partial[lane];
+  return total;
+}
+
+// query (B, H, T, D), key and value (B, G, S, D) with H a multiple of G (query head h reads key-value head
+// h / (H / G)), mask broadcastable to (B, H, T, S): bool (true: attend) or float (added; -inf: skipped).
+// Returns (B, T, H, D), the layout transformers' attention functions return.
+at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                     const std::optional<at::Tensor>& mask, double scale) {
+  TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4, "cpu attention: query, key and value must be "
+              "4-D (batch, heads, positions, head size)");
+  TORCH_CHECK(query.scalar_type() == at::kFloat && key.scalar_type() == at::kFloat &&
+              value.scalar_type() == at::kFloat, "cpu attention: float32 tensors only");
+  const int64_t B = query.size(0), H = query.size(1), T = query.size(2), D = query.size(3);
+  const int64_t G = key.size(1), S = key.size(2);
+  TORCH_CHECK(key.size(0) == B && value.size(0) == B && value.size(1) == G && value.size(2) == S &&
+              key.size(3) == D && value.size(3) == D && G > 0 && H % G == 0,
+              "cpu attention: shapes do not match: query ", query.sizes(), ", key ", key.sizes(), ", value ",
+              value.sizes());
+  const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
+  at::Tensor m;
+  bool bool_mask = false;
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->dim() == 4, "cpu attention: the mask must be 4-D, got ", mask->sizes());
+    bool_mask = mask->scalar_type() == at::kBool;
+    m = (bool_mask ? *mask : mask->to(at::kFloat)).expand({B, H, T, S});  // strides 0 where broadcast: no copy
+  }
+  at::Tensor out = at::empty({B, T, H, D}, q.options());
+  const float *q_data = q.data_ptr<float>(), *k_data = k.data_ptr<float>(), *v_data = v.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  const int64_t rep = H / G, mask_step = m.defined() ? m.stride(3) : 0;
+  // One task per (batch, head, query position); neighbouring heads share a key-value head, still in cache.
+  at::parallel_for(0, B * H * T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(S);
+    std::vector<int64_t> seen(S);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / (H * T), h = row / T % H, t = row % T;
+      const float* q_row = q_data + row * D;
+      const float* k_head = k_data + (b * G + h / rep) * S * D;
+      const float* v_head = v_data + (b * G + h / rep) * S * D;
+      float* o = out_data + ((b * T + t) * H + h) * D;
+      const int64_t mask_row = m.defined() ? b * m.stride(0) + h * m.stride(1) + t * m.stride(2) : 0;
+      const bool* allowed = m.defined() && bool_mask ? m.const_data_ptr<bool>() + mask_row : nullptr;
+      const float* bias = m.defined() && !bool_mask ? m.const_data_ptr<float>() + mask_row : nullptr;
+      int64_t count = 0;
+      float highest = -std::numeric_limits<float>::infinity();
+      for (int64_t s = 0; s < S; ++s) {
+        float added = 0.f;
+        if (allowed != nullptr && !allowed[s * mask_step]) continue;
+        if (bias != nullptr) {
+          added = bias[s * mask_step];
+          if (added == -std::numeric_limits<float>::infinity()) continue;
+        }
+        const float score = dot(q_row, k_head + s * D, D) * static_cast<float>(scale) + added;
+        scores[count] = score;
+        seen[count++] = s;
+        highest = std::max(highest, score);
+      }
+      std::fill(o, o + D, 0.f);
+      if (count == 0) continue;  // nothing to attend to: zeros
+      float total = 0.f;
+      for (int64_t i = 0; i < count; ++i) {
+        const float p = std::exp(scores[i] - highest);
+        total += p;
+        const float* v_row = v_head + seen[i] * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += p * v_row[d];
+      }
+      const float inverse = 1.f / total;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inverse;
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(LMBLOCKS_NAMESPACE, m) {
+  m.def("attention(Tensor query, Tensor key, Tensor value, Tensor? mask, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(LMBLOCKS_NAMESPACE, CPU, m) {
+  m.impl("attention", &attention);
+}
+"""
+
+_LOADED: list[str] = []  # the loaded library's operator namespace (a name: module globals must pickle)
+
+
+def operator() -> torch._ops.OpOverloadPacket:
+    """The attention operator for this machine, built on first use or loaded (`lmblocks.cpu_kernels`)."""
+    if not _LOADED:
+        name = load_operators("attention", SOURCE)
+
+        @torch.library.register_fake(f"{name}::attention")
+        def _(query, key, value, mask, scale):
+            return query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+
+        _LOADED.append(name)
+    return getattr(torch.ops, _LOADED[0])
+
+
+_FAILED: list[str] = []  # why the kernel could not be built, once
+
+
+def kernel_available() -> bool:
+    """Whether the kernel is built (or loaded) for this machine; it needs a C++ compiler. Without one, attention
+    stays transformers' sdpa, and this says so once. `lmblocks.decoding` calls it before `torch.compile` traces a
+    step, so that tracing finds the kernel loaded (a plain function, no cache wrapper: dynamo traces it)."""
+    if not _LOADED and not _FAILED:
+        try:
+            operator()
+        except Exception as error:  # noqa: BLE001 - a failed build must leave decoding working, with sdpa
+            _FAILED.append(f"{type(error).__name__}: {error}")
+            logger.warning(f"lmblocks' CPU attention kernel could not be built ({_FAILED[0]}); decoding attends "
+                           "with transformers' sdpa instead.")
+    return bool(_LOADED)
+
+
+def cpu_decoding_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                           **kwargs) -> tuple[torch.Tensor, None]:
+    """A transformers attention function (module, query (B, H, T, D), key and value (B, G, S, D), mask) -> output
+    (B, T, H, D), no weights: lmblocks' kernel for short float32 queries on a CPU, sdpa for everything else."""
+    short = query.shape[2] <= SHORT_QUERY and (attention_mask is not None or query.shape[2] == 1)
+    if (short and query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.float32
+            and not (module.training and dropout) and kernel_available()):
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return operator().attention(query, key, value, attention_mask, scale), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                  **kwargs)
+
+
+AttentionInterface.register(CPU_DECODING_ATTENTION, cpu_decoding_attention)
+AttentionMaskInterface.register(CPU_DECODING_ATTENTION, sdpa_mask)
+
+__all__ = ["CPU_DECODING_ATTENTION", "SHORT_QUERY", "cpu_decoding_attention", "kernel_available", "operator"]

@@ -1,0 +1,68 @@
+"""lmblocks' C++ operators for CPU decoding, built for the machine they run on.
+
+Each operator library is one C++ source (`lmblocks.int8_matmul`, `lmblocks.cpu_attention`), compiled on first use
+(about 10 s) with torch's C++ extension builder and `-march=native`, once per source, machine kind and torch version,
+in torch's extension folder (`TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions); a new process loads the
+built library in 0.1 s. Its operators live in a namespace named after that build (`torch.ops.<namespace>`): a build
+for another source or machine never shadows this one. `torch.compile` keeps such an operator as one node, and the
+compiled step's C++ wrapper calls it through the dispatcher, without Python.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (Linux; empty elsewhere)."""
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return frozenset()
+    return frozenset(line.split(":", 1)[1].split())
+
+
+def machine_kind() -> str:
+    """The CPU features the compiler targets with `-march=native` (a build is only valid on a machine of its kind)."""
+    flags = " ".join(sorted(cpu_flags())) or platform.processor() or platform.machine()
+    return hashlib.sha256(flags.encode()).hexdigest()[:10]
+
+
+def load_operators(stem: str, source: str, march: str = "native", defines: dict[str, object] | None = None) -> str:
+    """Builds (or loads, when built before) the operator library `source` for `-march=march` with the macros
+    `defines`, and returns its namespace (`torch.ops.<namespace>`). The source declares its operators with
+    `TORCH_LIBRARY(LMBLOCKS_NAMESPACE, m)`. Callers keep the namespace: loading a library twice fails."""
+    from torch.utils.cpp_extension import load
+
+    defines = dict(defines or {})
+    kind = f"{march}, {sorted(defines.items())}, {machine_kind() if march == 'native' else ''}, torch {torch.__version__}"
+    name = f"lmblocks_{stem}_{hashlib.sha256(f'{source}{kind}'.encode()).hexdigest()[:12]}"
+    folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions") / name
+    library = folder / f"{name}.so"
+    try:  # built before, for this source, machine kind and torch: no compiler, no ninja
+        torch.ops.load_library(str(library))
+    except OSError:  # not built yet (or another process is writing it: `load` waits for its lock)
+        logger.info(f"Building lmblocks' {stem} kernels ({name}, -march={march}) in {folder}.")
+        folder.mkdir(parents=True, exist_ok=True)
+        source_file = folder / f"{stem}.cpp"
+        if not source_file.is_file() or source_file.read_text() != source:  # a rewrite would make ninja build again
+            staged = folder / f"{stem}.cpp.{os.getpid()}"
+            staged.write_text(source)
+            staged.replace(source_file)  # whole, whichever process writes it
+        flags = ["-O3", f"-march={march}", f"-DLMBLOCKS_NAMESPACE={name}"]
+        load(name, [str(source_file)], extra_cflags=flags + [f"-D{key}={value}" for key, value in defines.items()],
+             build_directory=str(folder), is_python_module=False, verbose=False)
+    return name
+
+
+__all__ = ["cpu_flags", "load_operators", "machine_kind"]
