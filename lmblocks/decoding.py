@@ -66,8 +66,12 @@ from collections.abc import Callable, Iterator
 import torch
 from transformers import CompileConfig, PreTrainedModel
 
+from .bf16_matmul import BLOCK as BF16_BLOCK
+from .bf16_matmul import has_bf16_instructions
+from .bf16_matmul import operator as bf16_operator
 from .compat import compile_on_every_device, size_static_caches, unmark_static_input
 from .cpu_attention import CPU_DECODING_ATTENTION
+from .cpu_attention import KERNEL_DTYPES as CPU_KERNEL_DTYPES
 from .cpu_attention import kernel_available as cpu_attention_available
 from .huge_pages import in_one_block
 from .int8_matmul import BLOCK as INT8_BLOCK
@@ -140,7 +144,7 @@ def frozen_weights(weight_prepack: bool = False) -> Iterator[None]:
 
     names = ("freezing", "cpp.enable_concat_linear", "cpp_wrapper", "cpp_wrapper_build_separate", "cpp.weight_prepack",
              "joint_custom_post_pass")
-    values = (True, True, True, True, weight_prepack, contiguous_wide_weights_pass())
+    values = (True, True, True, True, weight_prepack, weight_layouts_pass())
     with config.patch(dict(zip(names, values))):
         yield
 
@@ -178,9 +182,7 @@ def contiguous_wide_weights(graph: torch.fx.Graph) -> None:
     feeds another product too (q/k/v, gate/up) are left to `cpp.enable_concat_linear`, which already makes their
     weight one contiguous transposed block; square and narrow ones (attention output, down projection) measured
     slower transposed (bf16 products too), and keep the view."""
-    context = torch._guards.TracingContext.try_get()
-    n_params = len(context.params_flat or ()) if context is not None else 0
-    params = set(graph.find_nodes(op="placeholder")[:n_params])  # AOTAutograd puts the parameters first
+    params = graph_parameters(graph)
     aten = torch.ops.aten
     views = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
     products = (aten.mm.default, aten.addmm.default)
@@ -192,10 +194,7 @@ def contiguous_wide_weights(graph: torch.fx.Graph) -> None:
 
     for product in [node for target in products for node in graph.find_nodes(op="call_function", target=target)]:
         x, weight_t = product.args[-2], product.args[-1]
-        if not (isinstance(weight_t, torch.fx.Node) and weight_t.target is aten.permute.default
-                and list(weight_t.args[1]) == [1, 0] and weight_t.args[0] in params):
-            continue
-        weight = weight_t.args[0].meta.get("val")
+        weight = transposed_parameter(weight_t, params)
         if weight is None or weight.dtype != torch.float32 or weight.shape[0] < WIDE_PRODUCT * weight.shape[1]:
             continue
         if isinstance(x, torch.fx.Node) and any(r is not product and r.target in products for r in readers(x)):
@@ -206,21 +205,85 @@ def contiguous_wide_weights(graph: torch.fx.Graph) -> None:
         product.replace_input_with(weight_t, copy)
 
 
+def graph_parameters(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """The placeholders of an inference graph that are the model's parameters and buffers (freezing makes them
+    constants): AOTAutograd puts them first."""
+    context = torch._guards.TracingContext.try_get()
+    n_params = len(context.params_flat or ()) if context is not None else 0
+    return set(graph.find_nodes(op="placeholder")[:n_params])
+
+
+def transposed_parameter(node: object, params: set[torch.fx.Node]) -> torch.Tensor | None:
+    """The (fake) parameter W when `node` is W.T (`permute(W, [1, 0])`, how a linear layer's product reads it) for one
+    of `params`, else None."""
+    if not (isinstance(node, torch.fx.Node) and node.target is torch.ops.aten.permute.default
+            and list(node.args[1]) == [1, 0] and node.args[0] in params):
+        return None
+    return node.args[0].meta.get("val")
+
+
+def bf16_products(graph: torch.fx.Graph) -> None:
+    """In an inference graph about to be frozen, on a CPU with AVX-512 BF16: every bfloat16 product `x @ W.T (+ b)`
+    of a parameter W becomes lmblocks' bf16 kernel on W packed in its layout (`lmblocks.bf16_matmul`); freezing
+    folds the packing into a constant, made once per compilation from the live weights (the model keeps its own).
+    SmolLM2-135M's products streamed 12.5 GB/s with oneDNN's packed product, about 19 with this kernel (one AMD EPYC
+    thread, 2026-12-07)."""
+    if not bf16_kernel_available():
+        return
+    params = graph_parameters(graph)
+    aten = torch.ops.aten
+    operator = bf16_operator()
+    for product in [n for t in (aten.mm.default, aten.addmm.default) for n in graph.find_nodes(op="call_function",
+                                                                                               target=t)]:
+        x, weight_t = product.args[-2], product.args[-1]
+        weight = transposed_parameter(weight_t, params)
+        bias = product.args[0] if product.target is aten.addmm.default else None
+        x_value = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+        if (weight is None or weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or x_value is None
+                or x_value.dtype != torch.bfloat16 or weight.shape[1] % BF16_BLOCK or product.kwargs
+                or (bias is not None and not (isinstance(bias, torch.fx.Node) and bias.meta["val"].dim() == 1))):
+            continue
+        with graph.inserting_before(product):
+            packed = graph.call_function(operator.pack.default, (weight_t.args[0],))
+            packed.meta["val"] = weight
+            linear = graph.call_function(operator.linear.default, (x, packed, bias))
+            linear.meta["val"] = product.meta["val"]
+        product.replace_all_uses_with(linear)
+        graph.erase_node(product)
+
+
 @functools.cache
-def contiguous_wide_weights_pass():
-    """`contiguous_wide_weights` as an inductor custom pass (made on first use: `torch._inductor` is not imported by
-    `import torch`). Its `uuid` is this file's hash, so inductor's on-disk cache keeps compiled steps across
-    processes and drops them when this file changes."""
+def bf16_kernel_available() -> bool:
+    """Whether bfloat16 products use lmblocks' kernel (`bf16_products`): on CPUs with AVX-512 BF16, once it is built
+    (or loaded). Without a C++ compiler, oneDNN's packed product stays, and this says so once."""
+    if not has_bf16_instructions():
+        return False
+    try:
+        bf16_operator()
+    except Exception as error:  # noqa: BLE001 - a failed build must leave decoding working, with oneDNN
+        logger.warning(f"lmblocks' bf16 kernel could not be built ({type(error).__name__}: {error}); bfloat16 "
+                       "products use oneDNN's instead.")
+        return False
+    return True
+
+
+@functools.cache
+def weight_layouts_pass():
+    """`contiguous_wide_weights` and `bf16_products`, the weight layouts of a decoding step, as an inductor custom
+    pass (made on first use: `torch._inductor` is not imported by `import torch`). Its `uuid` is this file's hash
+    and whether the bf16 kernel runs here, so inductor's on-disk cache keeps compiled steps across processes and
+    drops them when this file changes."""
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-    class ContiguousWideWeights(CustomGraphPass):
+    class WeightLayouts(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph) -> None:
             contiguous_wide_weights(graph)
+            bf16_products(graph)
 
         def uuid(self) -> bytes:
-            return get_hash_for_files((__file__,))
+            return get_hash_for_files((__file__,)) + str(bf16_kernel_available()).encode()
 
-    return ContiguousWideWeights()
+    return WeightLayouts()
 
 
 def frozen_call(compiled: Callable, backend: FrozenWeightsInductor | None = None, name: str = "model") -> Callable:
@@ -344,7 +407,8 @@ def compiled_decoding_config(device: torch.device | str, dtype: torch.dtype = to
     """The `CompileConfig` for decoding on `device` with weights of `dtype` (see the module docstring), forced on for
     every device."""
     if torch.device(device).type == "cpu":
-        backend = FrozenWeightsInductor(weight_prepack=dtype == torch.bfloat16)
+        # bf16 products: lmblocks' kernel where it runs (`bf16_products`), else oneDNN's, packed
+        backend = FrozenWeightsInductor(weight_prepack=dtype == torch.bfloat16 and not bf16_kernel_available())
         config = CompileConfig(fullgraph=True, dynamic=False, mode=None, backend=backend)
     else:
         config = CompileConfig(fullgraph=True, dynamic=False)
@@ -435,9 +499,9 @@ def convert_weights(model: PreTrainedModel, weights: str) -> PreTrainedModel:
 
 def decoding_attention(device: torch.device | str, dtype: torch.dtype) -> str | None:
     """The attention implementation that a compiled decoding step on `device` with weights of `dtype` runs fastest
-    with, or None for transformers' default (sdpa): on a CPU, lmblocks' kernel in float32 (`lmblocks.cpu_attention`:
-    it reads only the cache positions written so far) and the written-out attention in bf16 (`preferred_attention`)."""
-    if torch.device(device).type == "cpu" and dtype == torch.float32 and cpu_attention_available():
+    with, or None for transformers' default (sdpa): on a CPU, lmblocks' kernel (`lmblocks.cpu_attention`: it reads
+    only the cache positions written so far), or where it cannot be built `preferred_attention`'s choice."""
+    if torch.device(device).type == "cpu" and dtype in CPU_KERNEL_DTYPES and cpu_attention_available():
         return CPU_DECODING_ATTENTION
     return preferred_attention(device, dtype)
 
@@ -446,10 +510,10 @@ def enable_compiled_decoding(model: PreTrainedModel, weights: str | None = None)
     """Makes `model.generate` decode with a static cache and a compiled step on the model's device.
 
     `weights`: None keeps the model's dtype; "fp32", "bf16" or "int8" convert it in place (`convert_weights`; int8
-    is for inference: the model then holds `Int8Linear` layers). A bf16 model on a CPU switches from sdpa to the
-    plain (eager) attention, which is faster there once compiled. The first `generate` compiles (45–60 s on one CPU
-    thread for SmolLM2-135M; a new process reuses inductor's on-disk cache, 15–18 s; bf16's packed weights keep it out
-    of that cache); every later generation that fits the same cache bucket (`cache_bucket`: 256, 512, ... positions)
+    is for inference: the model then holds `Int8Linear` layers). On a CPU the model switches from sdpa to lmblocks'
+    decoding attention (`decoding_attention`), which reads only the cache positions written so far. The first
+    `generate` compiles (40–50 s on one CPU thread for SmolLM2-135M; a new process reuses inductor's on-disk cache,
+    15–18 s; bf16's packed weights keep it out of that cache); every later generation that fits the same cache bucket (`cache_bucket`: 256, 512, ... positions)
     reuses it. Returns the model. Only for models that declare static-cache compilation support
     (`_can_compile_fullgraph`)."""
     if not getattr(model, "_can_compile_fullgraph", False):
@@ -478,6 +542,7 @@ __all__ = [
     "frozen_call",
     "frozen_weights",
     "compiled_decoding_config",
+    "decoding_attention",
     "enable_compiled_decoding",
     "weights_stamp",
 ]

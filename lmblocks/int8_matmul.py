@@ -224,24 +224,25 @@ def operator(march: str = "native") -> torch._ops.OpOverloadPacket:
     return getattr(torch.ops, _LOADED[march])
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """An int8 (N, K) weight in the kernel's layout: tiles of `ROWS` rows (the last one shorter), each stored block by
-    block — the `BLOCK` values of block 0 of its rows, then block 1, ... — so that a tile is read as one sequential
+def pack_weight(weight: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """An (N, K) weight in the kernel's layout: tiles of `ROWS` rows (the last one shorter), each stored block by
+    block — the `block` values of block 0 of its rows, then block 1, ... — so that a tile is read as one sequential
     stream. Reading four rows side by side instead streamed cold weights at 9 GB/s, against 17 for one row at a
-    time (one AMD EPYC thread, 2026-12-06): the hardware prefetcher follows one stream, not four interleaved."""
+    time (one AMD EPYC thread, 2026-12-06): the hardware prefetcher follows one stream, not four interleaved.
+    `block`: the values of one 512-bit register (64 int8; 32 for `lmblocks.bf16_matmul`)."""
     n, k = weight.shape
     full = n - n % ROWS
-    head = weight[:full].reshape(full // ROWS, ROWS, k // BLOCK, BLOCK).transpose(1, 2).reshape(full, k)
-    tail = weight[full:].reshape(1, n - full, k // BLOCK, BLOCK).transpose(1, 2).reshape(n - full, k)
+    head = weight[:full].reshape(full // ROWS, ROWS, k // block, block).transpose(1, 2).reshape(full, k)
+    tail = weight[full:].reshape(1, n - full, k // block, block).transpose(1, 2).reshape(n - full, k)
     return torch.cat([head, tail]).contiguous()
 
 
-def unpack_weight(packed: torch.Tensor) -> torch.Tensor:
+def unpack_weight(packed: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     """`pack_weight`'s inverse: the (N, K) weight row by row."""
     n, k = packed.shape
     full = n - n % ROWS
-    head = packed[:full].reshape(full // ROWS, k // BLOCK, ROWS, BLOCK).transpose(1, 2).reshape(full, k)
-    tail = packed[full:].reshape(1, k // BLOCK, n - full, BLOCK).transpose(1, 2).reshape(n - full, k)
+    head = packed[:full].reshape(full // ROWS, k // block, ROWS, block).transpose(1, 2).reshape(full, k)
+    tail = packed[full:].reshape(1, k // block, n - full, block).transpose(1, 2).reshape(n - full, k)
     return torch.cat([head, tail])
 
 

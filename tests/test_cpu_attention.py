@@ -39,6 +39,11 @@ def test_the_kernel_computes_attention_for_every_mask_form(shape):
         out = operator().attention(query, key, value, mask, 0.3)
         assert out.shape == (batch, length, heads, head_dim)
         torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5, msg=name)
+    # bfloat16: summed in float32 from the same bfloat16 values, rounded once at the end
+    bf16 = [t.bfloat16() for t in (query, key, value)]
+    out = operator().attention(*bf16, allowed, 0.3)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, reference(*[t.float() for t in bf16], allowed, 0.3).bfloat16(), atol=0, rtol=0.008)
 
 
 def test_masked_positions_are_never_read_and_a_row_that_sees_nothing_is_zero():
@@ -55,7 +60,7 @@ def test_masked_positions_are_never_read_and_a_row_that_sees_nothing_is_zero():
 def test_bad_inputs_are_refused_with_their_shapes():
     with pytest.raises(RuntimeError, match="shapes do not match"):
         operator().attention(torch.randn(1, 3, 1, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), None, 1.0)
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         operator().attention(*torch.randn(3, 1, 2, 1, 8, dtype=torch.float64), None, 1.0)
 
 
@@ -78,9 +83,9 @@ def test_long_queries_other_dtypes_and_a_missing_kernel_use_sdpa(monkeypatch):
         expected = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=0.25, enable_gqa=True,
                                                   is_causal=mask is None).transpose(1, 2)
         torch.testing.assert_close(out, expected)
-    bf16 = [t.bfloat16() for t in (cases[0][0][:, :, :1], key, value)]
-    out, _ = cpu_decoding_attention(module, *bf16, None, scaling=0.25)
-    assert out.dtype == torch.bfloat16
+    float16 = [t.half() for t in (cases[0][0][:, :, :1], key, value)]
+    out, _ = cpu_decoding_attention(module, *float16, None, scaling=0.25)
+    torch.testing.assert_close(out, reference(*float16, None, 0.25))
     monkeypatch.setattr(cpu_attention, "_LOADED", [])
     monkeypatch.setattr(cpu_attention, "_FAILED", ["no compiler"])
     query = torch.randn(1, 4, 1, 16)

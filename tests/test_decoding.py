@@ -224,7 +224,9 @@ import json, sys, torch
 sys.path.insert(0, {tests!r})
 from torch._dynamo.utils import counters
 from families import DECODERS
+from lmblocks import decoding
 from lmblocks.decoding import enable_compiled_decoding
+decoding.has_bf16_instructions = lambda: False  # a CPU without AVX-512 BF16: oneDNN's products, packed
 family = [f for f in DECODERS if f.name == "llama"][0]
 prompt = torch.randint(3, 99, (1, 5))
 packed = []
@@ -239,8 +241,9 @@ print(json.dumps(packed))
 def test_bf16_weights_are_packed_after_a_float32_model_compiled_in_the_same_process(tmp_path):
     """inductor registers its oneDNN weight-packing patterns once per process, at the first frozen compilation, and
     only if prepacking is on then: a bf16 step compiled after a float32 one (prepacking off) got no packed products
-    (1.6 times slower for SmolLM2-135M). `frozen_weights` registers them for bf16. A fresh process: in this one an
-    earlier test may have registered them already."""
+    (1.6 times slower for SmolLM2-135M). `frozen_weights` registers them for bf16. On a CPU without AVX-512 BF16
+    (forced here), where bf16 products stay oneDNN's. A fresh process: in this one an earlier test may have
+    registered them already."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
     code = _FLOAT32_THEN_BF16.format(tests=os.path.dirname(__file__))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -265,7 +268,7 @@ def test_weight_formats(weights):
         assert any(isinstance(m, Int8Linear) for m in model.modules())
     else:
         assert model.dtype == torch.bfloat16
-        assert model.config._attn_implementation == "eager"  # PyTorch's fused CPU attention is slow in bf16
+        assert model.config._attn_implementation == "lmblocks_cpu_decoding"
     eager = model.generate(prompts, disable_compile=True, cache_implementation="dynamic", **kwargs)
     assert torch.equal(model.generate(prompts, **kwargs), eager)
     assert torch.equal(eager, fp32)
