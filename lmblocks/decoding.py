@@ -12,7 +12,10 @@ settings that reach the bandwidth roofline on each device:
   one input — q/k/v, gate/up — become one larger product, read in one stream) and `cpp_wrapper` (the step runs from
   C++, not from generated Python); and the LM head reads a contiguous transposed copy of its float32 weight
   (`contiguous_wide_weights`: MKL's matrix-vector product reads the transposed view at half the speed; 13 % off a
-  SmolLM2-135M fp32 step). The checkpoint keeps its layout; only the compiled graph changes.
+  SmolLM2-135M fp32 step); on CPUs with AVX-512 BF16, bf16 products run lmblocks' bf16 kernel on weights packed
+  once per compilation (`bf16_products`, `lmblocks.bf16_matmul`). The checkpoint keeps its layout; only the
+  compiled graph changes. `enable_compiled_decoding` also sets the attention to lmblocks' CPU kernel
+  (`lmblocks.cpu_attention`), which reads only the cache positions written so far.
 
 Compiled once per model for every prompt length and `max_new_tokens`: transformers sizes a static cache to each
 call's `max_length`, and every new length compiled the step again; lmblocks sizes it in buckets instead
@@ -131,8 +134,8 @@ def frozen_weights(weight_prepack: bool = False) -> Iterator[None]:
     `cpp.weight_prepack` off unless asked for: oneDNN's packed weights cannot be pickled, so the FX graph cache
     refuses a graph that holds them. Float32 products are as fast without (measured at batch 1); bfloat16 ones are
     1.4–1.9 times faster packed (oneDNN's packed bf16 product against ATen's bf16 `mm`, 30 distinct SmolLM2-sized
-    matrices, one thread, AVX-512 BF16), and slower than float32 unpacked: bf16 keeps packing and compiles in every
-    process. The C++ wrapper calls the step's ~150 kernels and products from C++ instead of generated Python: a fifth of
+    matrices, one thread, AVX-512 BF16), and slower than float32 unpacked: where lmblocks' bf16 kernel does not run
+    (`bf16_products`: CPUs without AVX-512 BF16), bf16 keeps oneDNN's packing and compiles in every process. The C++ wrapper calls the step's ~150 kernels and products from C++ instead of generated Python: a fifth of
     a base-size LLaMA step on CPU was that Python. It is built apart from the kernels (`cpp_wrapper_build_separate`):
     a first compilation of SmolLM2-135M's step took 46 s instead of 65 (fp32) and 89 (int8), decoding as fast
     (45.0 against 45.3, 14.1 against 13.9 ms/token, interleaved in one process, one thread, 2026-12-07).
