@@ -12,8 +12,8 @@ settings that reach the bandwidth roofline on each device:
   one input — q/k/v, gate/up — become one larger product, read in one stream) and `cpp_wrapper` (the step runs from
   C++, not from generated Python); and the LM head reads a contiguous transposed copy of its float32 weight
   (`contiguous_wide_weights`: MKL's matrix-vector product reads the transposed view at half the speed; 13 % off a
-  SmolLM2-135M fp32 step); on CPUs with AVX-512 BF16, bf16 products run lmblocks' bf16 kernel on weights packed
-  once per compilation (`bf16_products`, `lmblocks.bf16_matmul`). The checkpoint keeps its layout; only the
+  SmolLM2-135M fp32 step); on AVX-512 CPUs, float32 products (and bf16 ones with AVX-512 BF16) run lmblocks' own
+  kernel on weights packed once per compilation (`packed_products`, `lmblocks.packed_matmul`). The checkpoint keeps its layout; only the
   compiled graph changes. `enable_compiled_decoding` also sets the attention to lmblocks' CPU kernel
   (`lmblocks.cpu_attention`), which reads only the cache positions written so far.
 
@@ -69,9 +69,8 @@ from collections.abc import Callable, Iterator
 import torch
 from transformers import CompileConfig, PreTrainedModel
 
-from .bf16_matmul import BLOCK as BF16_BLOCK
-from .bf16_matmul import has_bf16_instructions
-from .bf16_matmul import operator as bf16_operator
+from .packed_matmul import BLOCK_BYTES, kernel_runs
+from .packed_matmul import operator as packed_operator
 from .compat import compile_on_every_device, size_static_caches, unmark_static_input
 from .cpu_attention import CPU_DECODING_ATTENTION
 from .cpu_attention import KERNEL_DTYPES as CPU_KERNEL_DTYPES
@@ -135,7 +134,7 @@ def frozen_weights(weight_prepack: bool = False) -> Iterator[None]:
     refuses a graph that holds them. Float32 products are as fast without (measured at batch 1); bfloat16 ones are
     1.4–1.9 times faster packed (oneDNN's packed bf16 product against ATen's bf16 `mm`, 30 distinct SmolLM2-sized
     matrices, one thread, AVX-512 BF16), and slower than float32 unpacked: where lmblocks' bf16 kernel does not run
-    (`bf16_products`: CPUs without AVX-512 BF16), bf16 keeps oneDNN's packing and compiles in every process. The C++ wrapper calls the step's ~150 kernels and products from C++ instead of generated Python: a fifth of
+    (`packed_products`: CPUs without AVX-512 BF16), bf16 keeps oneDNN's packing and compiles in every process. The C++ wrapper calls the step's ~150 kernels and products from C++ instead of generated Python: a fifth of
     a base-size LLaMA step on CPU was that Python. It is built apart from the kernels (`cpp_wrapper_build_separate`):
     a first compilation of SmolLM2-135M's step took 46 s instead of 65 (fp32) and 89 (int8), decoding as fast
     (45.0 against 45.3, 14.1 against 13.9 ms/token, interleaved in one process, one thread, 2026-12-07).
@@ -225,27 +224,26 @@ def transposed_parameter(node: object, params: set[torch.fx.Node]) -> torch.Tens
     return node.args[0].meta.get("val")
 
 
-def bf16_products(graph: torch.fx.Graph) -> None:
-    """In an inference graph about to be frozen, on a CPU with AVX-512 BF16: every bfloat16 product `x @ W.T (+ b)`
-    of a parameter W becomes lmblocks' bf16 kernel on W packed in its layout (`lmblocks.bf16_matmul`); freezing
-    folds the packing into a constant, made once per compilation from the live weights (the model keeps its own).
-    SmolLM2-135M's products streamed 12.5 GB/s with oneDNN's packed product, about 19 with this kernel (one AMD EPYC
-    thread, 2026-12-07)."""
-    if not bf16_kernel_available():
-        return
+def packed_products(graph: torch.fx.Graph) -> None:
+    """In an inference graph about to be frozen: every float32 or bfloat16 product `x @ W.T (+ b)` of a parameter W
+    whose dtype lmblocks' packed kernel runs on this CPU (`packed_kernel_available`) becomes that kernel on W packed
+    in its layout (`lmblocks.packed_matmul`); freezing folds the packing into a constant, made once per compilation
+    from the live weights (the model keeps its own). SmolLM2-135M's products streamed 10.5–14 GB/s (MKL, float32)
+    and 12.5 (oneDNN, bf16) against about 25 and 22 with the kernel (one AMD EPYC thread, 2026-12-07)."""
     params = graph_parameters(graph)
     aten = torch.ops.aten
-    operator = bf16_operator()
     for product in [n for t in (aten.mm.default, aten.addmm.default) for n in graph.find_nodes(op="call_function",
                                                                                                target=t)]:
         x, weight_t = product.args[-2], product.args[-1]
         weight = transposed_parameter(weight_t, params)
         bias = product.args[0] if product.target is aten.addmm.default else None
         x_value = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
-        if (weight is None or weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or x_value is None
-                or x_value.dtype != torch.bfloat16 or weight.shape[1] % BF16_BLOCK or product.kwargs
+        if (weight is None or weight.device.type != "cpu" or x_value is None or x_value.dtype != weight.dtype
+                or not packed_kernel_available(weight.dtype) or weight.shape[1] * weight.element_size() % BLOCK_BYTES
+                or product.kwargs
                 or (bias is not None and not (isinstance(bias, torch.fx.Node) and bias.meta["val"].dim() == 1))):
             continue
+        operator = packed_operator()
         with graph.inserting_before(product):
             packed = graph.call_function(operator.pack.default, (weight_t.args[0],))
             packed.meta["val"] = weight
@@ -256,23 +254,24 @@ def bf16_products(graph: torch.fx.Graph) -> None:
 
 
 @functools.cache
-def bf16_kernel_available() -> bool:
-    """Whether bfloat16 products use lmblocks' kernel (`bf16_products`): on CPUs with AVX-512 BF16, once it is built
-    (or loaded). Without a C++ compiler, oneDNN's packed product stays, and this says so once."""
-    if not has_bf16_instructions():
+def packed_kernel_available(dtype: torch.dtype) -> bool:
+    """Whether `dtype` products use lmblocks' packed kernel (`packed_products`): where this CPU runs its fast path
+    (`lmblocks.packed_matmul.kernel_runs`: float32 on AVX-512, bfloat16 on AVX-512 BF16), once it is built (or
+    loaded). Without a C++ compiler, MKL's and oneDNN's products stay, and this says so once."""
+    if not kernel_runs(dtype):
         return False
     try:
-        bf16_operator()
-    except Exception as error:  # noqa: BLE001 - a failed build must leave decoding working, with oneDNN
-        logger.warning(f"lmblocks' bf16 kernel could not be built ({type(error).__name__}: {error}); bfloat16 "
-                       "products use oneDNN's instead.")
+        packed_operator()
+    except Exception as error:  # noqa: BLE001 - a failed build must leave decoding working, with MKL and oneDNN
+        logger.warning(f"lmblocks' packed float kernels could not be built ({type(error).__name__}: {error}); "
+                       "products use MKL's and oneDNN's instead.")
         return False
     return True
 
 
 @functools.cache
 def weight_layouts_pass():
-    """`contiguous_wide_weights` and `bf16_products`, the weight layouts of a decoding step, as an inductor custom
+    """`packed_products` and `contiguous_wide_weights`, the weight layouts of a decoding step, as an inductor custom
     pass (made on first use: `torch._inductor` is not imported by `import torch`). Its `uuid` is this file's hash
     and whether the bf16 kernel runs here, so inductor's on-disk cache keeps compiled steps across processes and
     drops them when this file changes."""
@@ -280,11 +279,12 @@ def weight_layouts_pass():
 
     class WeightLayouts(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph) -> None:
-            contiguous_wide_weights(graph)
-            bf16_products(graph)
+            packed_products(graph)
+            contiguous_wide_weights(graph)  # what the packed kernel does not take
 
         def uuid(self) -> bytes:
-            return get_hash_for_files((__file__,)) + str(bf16_kernel_available()).encode()
+            kernels = [packed_kernel_available(dtype) for dtype in (torch.float32, torch.bfloat16)]
+            return get_hash_for_files((__file__,)) + str(kernels).encode()
 
     return WeightLayouts()
 
@@ -410,8 +410,8 @@ def compiled_decoding_config(device: torch.device | str, dtype: torch.dtype = to
     """The `CompileConfig` for decoding on `device` with weights of `dtype` (see the module docstring), forced on for
     every device."""
     if torch.device(device).type == "cpu":
-        # bf16 products: lmblocks' kernel where it runs (`bf16_products`), else oneDNN's, packed
-        backend = FrozenWeightsInductor(weight_prepack=dtype == torch.bfloat16 and not bf16_kernel_available())
+        # bf16 products: lmblocks' kernel where it runs (`packed_products`), else oneDNN's, packed
+        backend = FrozenWeightsInductor(weight_prepack=dtype == torch.bfloat16 and not packed_kernel_available(dtype))
         config = CompileConfig(fullgraph=True, dynamic=False, mode=None, backend=backend)
     else:
         config = CompileConfig(fullgraph=True, dynamic=False)

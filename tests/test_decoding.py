@@ -18,6 +18,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 from families import DECODERS
+from lmblocks import decoding
 from lmblocks.decoding import (
     Int8Linear,
     cache_bucket,
@@ -30,10 +31,21 @@ from lmblocks.decoding import (
 )
 
 
-def test_cpu_config_freezes_and_concatenates_projections():
+@pytest.fixture
+def without_packed_kernels(monkeypatch):
+    """A CPU where lmblocks' packed float kernels do not run (no AVX-512): MKL's and oneDNN's products stay."""
+    monkeypatch.setattr(decoding, "kernel_runs", lambda dtype: False)
+    decoding.packed_kernel_available.cache_clear()
+    yield
+    monkeypatch.undo()
+    decoding.packed_kernel_available.cache_clear()
+
+
+def test_cpu_config_freezes_and_concatenates_projections(without_packed_kernels):
     """Under `frozen_weights()` three products of one input become one product on the concatenated frozen weights
-    (not prepacked: MKL's packed weights would keep the graph out of the on-disk cache), called from the C++ wrapper (passed as `torch.compile(options=...)` they stay three `aten::mm` on the weights as
-    graph inputs, in torch 2.13)."""
+    (not prepacked: MKL's packed weights would keep the graph out of the on-disk cache), called from the C++ wrapper
+    (passed as `torch.compile(options=...)` they stay three `aten::mm` on the weights as graph inputs, in torch
+    2.13). Where lmblocks' packed kernels run, they take these products (tests/test_packed_matmul.py)."""
     config = compiled_decoding_config("cpu")
     assert config._compile_all_devices and config.fullgraph and config.dynamic is False
     assert compiled_decoding_config("cuda").mode == "reduce-overhead"
@@ -57,7 +69,7 @@ def test_cpu_config_freezes_and_concatenates_projections():
 
 
 
-def test_wide_products_read_a_contiguous_transposed_weight():
+def test_wide_products_read_a_contiguous_transposed_weight(without_packed_kernels):
     """A float32 product with many more outputs than inputs (an LM head) reads a contiguous (in, out) copy of its
     weight, folded into the frozen graph; a square one keeps the transposed view of the model's weight (measured
     slower transposed). The model's own weights keep their layout."""
@@ -226,7 +238,7 @@ from torch._dynamo.utils import counters
 from families import DECODERS
 from lmblocks import decoding
 from lmblocks.decoding import enable_compiled_decoding
-decoding.has_bf16_instructions = lambda: False  # a CPU without AVX-512 BF16: oneDNN's products, packed
+decoding.kernel_runs = lambda dtype: False  # a CPU without AVX-512: MKL and oneDNN products, bf16 packed
 family = [f for f in DECODERS if f.name == "llama"][0]
 prompt = torch.randint(3, 99, (1, 5))
 packed = []
