@@ -53,9 +53,9 @@ Another transformers model given this config compiles without freezing, unless i
 linear layers with one scale per output channel, `Int8Linear`, multiplied on a CPU by lmblocks' int8 × int8 kernel,
 `lmblocks.int8_matmul`, their weights in one block of huge pages, `lmblocks.huge_pages`). SmolLM2-135M-Instruct,
 batch 1, one thread, ms per token on an AMD EPYC (AVX-512 BF16 and VNNI, no AMX), 2026-12-07
-(bench/llama_cpp_decode.py): fp32 39.6, bf16 26.4, int8 11.3; eager 65.7; llama.cpp f32 26.0, q8_0 10.2; greedy
-tokens equal fp32's for 64 (int8) and 32 (bf16) of 64 on the chat prompt, llama.cpp q8_0 16; bits per byte of the
-main job's held-out text within 0.02 % of fp32's.
+(bench/llama_cpp_decode.py): fp32 27.9, bf16 16.7, int8 9.8; eager 69.3; llama.cpp f32 33.2, q8_0 11.1; greedy
+tokens equal fp32 eager's for 64 (fp32), the first 53 (bf16) and 24 (int8) of 64 on the chat prompt, llama.cpp q8_0
+16; bits per byte of the main job's held-out text within 0.02 % of fp32's.
 """
 
 from __future__ import annotations
@@ -516,7 +516,8 @@ def enable_compiled_decoding(model: PreTrainedModel, weights: str | None = None)
     is for inference: the model then holds `Int8Linear` layers). On a CPU the model switches from sdpa to lmblocks'
     decoding attention (`decoding_attention`), which reads only the cache positions written so far. The first
     `generate` compiles (40–50 s on one CPU thread for SmolLM2-135M; a new process reuses inductor's on-disk cache,
-    15–18 s; bf16's packed weights keep it out of that cache); every later generation that fits the same cache bucket (`cache_bucket`: 256, 512, ... positions)
+    15–18 s; bf16 with oneDNN's packed weights, where lmblocks' bf16 kernel does not run, compiles anew); every later
+    generation that fits the same cache bucket (`cache_bucket`: 256, 512, ... positions)
     reuses it. Returns the model. Only for models that declare static-cache compilation support
     (`_can_compile_fullgraph`)."""
     if not getattr(model, "_can_compile_fullgraph", False):

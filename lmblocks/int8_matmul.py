@@ -248,7 +248,7 @@ def pack_weight(weight: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     block — the `block` values of block 0 of its rows, then block 1, ... — so that a tile is read as one sequential
     stream. Reading four rows side by side instead streamed cold weights at 9 GB/s, against 17 for one row at a
     time (one AMD EPYC thread, 2026-12-06): the hardware prefetcher follows one stream, not four interleaved.
-    `block`: the values of one 512-bit register (64 int8; 32 for `lmblocks.bf16_matmul`)."""
+    `block`: the values of one 512-bit register (64 int8; 16 float32 or 32 bfloat16 for `lmblocks.packed_matmul`)."""
     n, k = weight.shape
     full = n - n % ROWS
     head = weight[:full].reshape(full // ROWS, ROWS, k // block, block).transpose(1, 2).reshape(full, k)
