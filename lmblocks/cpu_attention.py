@@ -11,8 +11,8 @@ positions. Exact: a masked position adds exp(-inf) = 0 to the softmax either way
 
 `cpu_decoding_attention` is registered as transformers attention implementation `CPU_DECODING_ATTENTION` (with
 sdpa's boolean masks): float32 and bfloat16 queries of up to `SHORT_QUERY` positions on a CPU (decoding steps) use
-the kernel, and every other call — prompts, other dtypes and devices, training with dropout — transformers' sdpa. A row whose mask
-excludes every position gets zeros (sdpa's math gives NaN there).
+the kernel, and every other call — prompts, other dtypes and devices, training with dropout — transformers' sdpa. A
+row whose mask excludes every position gets zeros (sdpa's math gives NaN there).
 """
 
 from __future__ import annotations
@@ -190,7 +190,8 @@ def cpu_decoding_attention(module: torch.nn.Module, query: torch.Tensor, key: to
                            attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                            **kwargs) -> tuple[torch.Tensor, None]:
     """A transformers attention function (module, query (B, H, T, D), key and value (B, G, S, D), mask) -> output
-    (B, T, H, D), no weights: lmblocks' kernel for short float32 and bfloat16 queries on a CPU, sdpa for everything else."""
+    (B, T, H, D), no weights: lmblocks' kernel for short float32 and bfloat16 queries on a CPU, sdpa for everything
+    else."""
     short = query.shape[2] <= SHORT_QUERY and (attention_mask is not None or query.shape[2] == 1)
     # While torch.compile traces, only a kernel loaded before (building one there would be traced too).
     available = bool(_LOADED) if torch.compiler.is_compiling() else kernel_available()

@@ -41,11 +41,19 @@ def machine_kind() -> str:
 def load_operators(stem: str, source: str, march: str = "native", defines: dict[str, object] | None = None) -> str:
     """Builds (or loads, when built before) the operator library `source` for `-march=march` with the macros
     `defines`, and returns its namespace (`torch.ops.<namespace>`). The source declares its operators with
-    `TORCH_LIBRARY(LMBLOCKS_NAMESPACE, m)`. Callers keep the namespace: loading a library twice fails."""
+    `TORCH_LIBRARY(LMBLOCKS_NAMESPACE, m)`. Callers keep the namespace: loading a library twice fails.
+
+    Built with OpenMP when torch runs on several threads at the time (`torch.get_num_threads()`), without it on one:
+    ATen's `parallel_for` is inline OpenMP code and runs on one thread in a library built without `-fopenmp`, but
+    built with it the same kernels streamed 10–15 % slower on one thread (SmolLM2's bf16 products, 17.5 against
+    20.7 GB/s, interleaved, one AMD EPYC thread, 2026-12-07; why is not known). Two threads then stream SmolLM2's
+    int8 products at 18–20 GB/s against 15–17 on one (bench/results/llama-cpp-decode-2-threads.md: whole steps)."""
     from torch.utils.cpp_extension import load
 
     defines = dict(defines or {})
-    kind = f"{march}, {sorted(defines.items())}, {machine_kind() if march == 'native' else ''}, torch {torch.__version__}"
+    machine = machine_kind() if march == "native" else ""
+    parallel = torch.get_num_threads() > 1
+    kind = f"{march}, {sorted(defines.items())}, {machine}, torch {torch.__version__}, parallel {parallel}"
     name = f"lmblocks_{stem}_{hashlib.sha256(f'{source}{kind}'.encode()).hexdigest()[:12]}"
     folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions") / name
     library = folder / f"{name}.so"
@@ -59,9 +67,10 @@ def load_operators(stem: str, source: str, march: str = "native", defines: dict[
             staged = folder / f"{stem}.cpp.{os.getpid()}"
             staged.write_text(source)
             staged.replace(source_file)  # whole, whichever process writes it
-        flags = ["-O3", f"-march={march}", f"-DLMBLOCKS_NAMESPACE={name}"]
+        openmp = ["-fopenmp"] if parallel else []
+        flags = ["-O3", f"-march={march}", *openmp, f"-DLMBLOCKS_NAMESPACE={name}"]
         load(name, [str(source_file)], extra_cflags=flags + [f"-D{key}={value}" for key, value in defines.items()],
-             build_directory=str(folder), is_python_module=False, verbose=False)
+             extra_ldflags=openmp, build_directory=str(folder), is_python_module=False, verbose=False)
     return name
 
 

@@ -8,12 +8,13 @@ matrix-vector products too small to stream at full speed. transformers' generate
 settings that reach the bandwidth roofline on each device:
 
 - CUDA: transformers' default (`reduce-overhead`: the step replayed as one CUDA graph).
-- CPU: inductor with `freezing` (parameters become constants of the graph), `cpp.enable_concat_linear` (products of
-  one input — q/k/v, gate/up — become one larger product, read in one stream) and `cpp_wrapper` (the step runs from
-  C++, not from generated Python); and the LM head reads a contiguous transposed copy of its float32 weight
-  (`contiguous_wide_weights`: MKL's matrix-vector product reads the transposed view at half the speed; 13 % off a
-  SmolLM2-135M fp32 step); on AVX-512 CPUs, float32 products (and bf16 ones with AVX-512 BF16) run lmblocks' own
-  kernel on weights packed once per compilation (`packed_products`, `lmblocks.packed_matmul`). The checkpoint keeps its layout; only the
+- CPU: inductor with `freezing` (parameters become constants of the graph) and `cpp_wrapper` (the step runs from
+  C++, not from generated Python). On AVX-512 CPUs, float32 products (and bf16 ones with AVX-512 BF16) run lmblocks'
+  own kernel on weights packed once per compilation (`packed_products`, `lmblocks.packed_matmul`: about twice the
+  bandwidth of MKL's and oneDNN's batch-1 products). Where MKL's products stay, `cpp.enable_concat_linear` makes the
+  products of one input — q/k/v, gate/up — one larger product, read in one stream, and the LM head reads a
+  contiguous transposed copy of its float32 weight (`contiguous_wide_weights`: MKL's matrix-vector product reads the
+  transposed view at half the speed; 13 % off a SmolLM2-135M fp32 step). The checkpoint keeps its layout; only the
   compiled graph changes. `enable_compiled_decoding` also sets the attention to lmblocks' CPU kernel
   (`lmblocks.cpu_attention`), which reads only the cache positions written so far.
 
@@ -69,8 +70,6 @@ from collections.abc import Callable, Iterator
 import torch
 from transformers import CompileConfig, PreTrainedModel
 
-from .packed_matmul import BLOCK_BYTES, kernel_runs
-from .packed_matmul import operator as packed_operator
 from .compat import compile_on_every_device, size_static_caches, unmark_static_input
 from .cpu_attention import CPU_DECODING_ATTENTION
 from .cpu_attention import KERNEL_DTYPES as CPU_KERNEL_DTYPES
@@ -80,6 +79,8 @@ from .int8_matmul import BLOCK as INT8_BLOCK
 from .int8_matmul import int8_linear, pack_weight, unpack_weight
 from .int8_matmul import operator as int8_operator
 from .layers import preferred_attention
+from .packed_matmul import BLOCK_BYTES, kernel_runs
+from .packed_matmul import operator as packed_operator
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +135,9 @@ def frozen_weights(weight_prepack: bool = False) -> Iterator[None]:
     refuses a graph that holds them. Float32 products are as fast without (measured at batch 1); bfloat16 ones are
     1.4–1.9 times faster packed (oneDNN's packed bf16 product against ATen's bf16 `mm`, 30 distinct SmolLM2-sized
     matrices, one thread, AVX-512 BF16), and slower than float32 unpacked: where lmblocks' bf16 kernel does not run
-    (`packed_products`: CPUs without AVX-512 BF16), bf16 keeps oneDNN's packing and compiles in every process. The C++ wrapper calls the step's ~150 kernels and products from C++ instead of generated Python: a fifth of
-    a base-size LLaMA step on CPU was that Python. It is built apart from the kernels (`cpp_wrapper_build_separate`):
+    (`packed_products`: CPUs without AVX-512 BF16), bf16 keeps oneDNN's packing and compiles in every process. The
+    C++ wrapper calls the step's ~150 kernels and products from C++ instead of generated Python: a fifth of a
+    base-size LLaMA step on CPU was that Python. It is built apart from the kernels (`cpp_wrapper_build_separate`):
     a first compilation of SmolLM2-135M's step took 46 s instead of 65 (fp32) and 89 (int8), decoding as fast
     (45.0 against 45.3, 14.1 against 13.9 ms/token, interleaved in one process, one thread, 2026-12-07).
 
@@ -273,7 +275,7 @@ def packed_kernel_available(dtype: torch.dtype) -> bool:
 def weight_layouts_pass():
     """`packed_products` and `contiguous_wide_weights`, the weight layouts of a decoding step, as an inductor custom
     pass (made on first use: `torch._inductor` is not imported by `import torch`). Its `uuid` is this file's hash
-    and whether the bf16 kernel runs here, so inductor's on-disk cache keeps compiled steps across processes and
+    and which packed kernels run here, so inductor's on-disk cache keeps compiled steps across processes and
     drops them when this file changes."""
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
@@ -517,9 +519,8 @@ def enable_compiled_decoding(model: PreTrainedModel, weights: str | None = None)
     decoding attention (`decoding_attention`), which reads only the cache positions written so far. The first
     `generate` compiles (40–50 s on one CPU thread for SmolLM2-135M; a new process reuses inductor's on-disk cache,
     15–18 s; bf16 with oneDNN's packed weights, where lmblocks' bf16 kernel does not run, compiles anew); every later
-    generation that fits the same cache bucket (`cache_bucket`: 256, 512, ... positions)
-    reuses it. Returns the model. Only for models that declare static-cache compilation support
-    (`_can_compile_fullgraph`)."""
+    generation that fits the same cache bucket (`cache_bucket`: 256, 512, ... positions) reuses it. Returns the
+    model. Only for models that declare static-cache compilation support (`_can_compile_fullgraph`)."""
     if not getattr(model, "_can_compile_fullgraph", False):
         raise ValueError(f"{type(model).__name__} does not support a compiled static-cache decoding step.")
     if weights is not None:

@@ -14,10 +14,14 @@ from lmblocks.decoding import enable_compiled_decoding
 
 def reference(query, key, value, mask, scale):
     """PyTorch's math attention, grouped-query heads expanded, as (B, T, H, D)."""
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True).transpose(1, 2)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)
 
 
-@pytest.mark.parametrize("shape", [(1, 9, 3, 1, 256, 64), (2, 4, 2, 3, 17, 40), (2, 2, 2, 1, 5, 8), (1, 4, 1, 2, 9, 16)])
+SHAPES = [(1, 9, 3, 1, 256, 64), (2, 4, 2, 3, 17, 40), (2, 2, 2, 1, 5, 8), (1, 4, 1, 2, 9, 16)]  # B, H, G, T, S, D
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 def test_the_kernel_computes_attention_for_every_mask_form(shape):
     batch, heads, groups, length, positions, head_dim = shape
     torch.manual_seed(0)
@@ -95,8 +99,9 @@ def test_long_queries_other_dtypes_and_a_missing_kernel_use_sdpa(monkeypatch):
 
 @pytest.mark.parametrize("family", DECODERS, ids=lambda f: f.name)
 def test_a_model_with_this_attention_decodes_as_with_sdpa(family):
-    """Registered with transformers (attention and mask interfaces): a model set to it generates — batched, left-padded,
-    static and dynamic cache — the same tokens as with sdpa; `enable_compiled_decoding` picks it for float32 on a CPU."""
+    """Registered with transformers (attention and mask interfaces): a model set to it generates (batched,
+    left-padded, static and dynamic cache) the same tokens as with sdpa; `enable_compiled_decoding` picks it for
+    float32 on a CPU."""
     torch.manual_seed(0)
     model = family.causal_lm_class(family.tiny_config()).eval()
     prompts = torch.randint(3, 99, (2, 7))
