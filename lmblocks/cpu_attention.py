@@ -3,11 +3,11 @@
 A compiled decoding step keeps its KV cache in a static buffer (`lmblocks.decoding`: 256 positions, then 512, ...)
 and attends over all of it, the positions not written yet masked out: every token reads the whole buffer, whatever
 the length so far. And grouped-query attention, as transformers writes it, first copies each key-value head once per
-query head that shares it (`repeat_kv`). SmolLM2-135M's int8 step (3 query heads per key-value head, 256 positions,
-one CPU thread) spent about 3 of 11 ms a token on attention that way, for a few hundred kilobytes of keys and values
-per layer. This kernel, per query row, skips every position its mask excludes — keys and values of those positions
-are never read — and reads each key-value head in place for the query heads of its group, in one pass over
-positions. Exact: a masked position adds exp(-inf) = 0 to the softmax either way.
+query head that shares it (`repeat_kv`). This kernel, per query row, skips every position its mask excludes — keys
+and values of those positions are never read — and reads each key-value head in place for the query heads of its
+group. Exact: a masked position adds exp(-inf) = 0 to the softmax either way. SmolLM2-135M's compiled int8 step (3
+query heads per key-value head, a 256-position cache, a 39-token prompt and 64 new tokens, one CPU thread) took 9.9
+against 12.3 ms a token with transformers' sdpa (interleaved in one process, 2026-12-07), the same tokens.
 
 `cpu_decoding_attention` is registered as transformers attention implementation `CPU_DECODING_ATTENTION` (with
 sdpa's boolean masks): float32 and bfloat16 queries of up to `SHORT_QUERY` positions on a CPU (decoding steps) use
