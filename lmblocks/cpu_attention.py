@@ -17,16 +17,12 @@ row whose mask excludes every position gets zeros (sdpa's math gives NaN there).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .cpu_kernels import load_operators
-
-logger = logging.getLogger(__name__)
+from .cpu_kernels import builds, load_operators
 
 CPU_DECODING_ATTENTION = "lmblocks_cpu_decoding"  # the attention implementation's name in transformers' registries
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # bfloat16 summed in float32, as sdpa does
@@ -169,20 +165,16 @@ def operator() -> torch._ops.OpOverloadPacket:
     return getattr(torch.ops, _LOADED[0])
 
 
-_FAILED: list[str] = []  # why the kernel could not be built, once
+_FAILED: list[str] = []  # not empty once a build failed (and was reported): not tried again
 
 
 def kernel_available() -> bool:
     """Whether the kernel is built (or loaded) for this machine; it needs a C++ compiler. Without one, attention
     stays transformers' sdpa, and this says so once. `lmblocks.decoding` calls it before `torch.compile` traces a
     step, so that tracing finds the kernel loaded (a plain function, no cache wrapper: dynamo traces it)."""
-    if not _LOADED and not _FAILED:
-        try:
-            operator()
-        except Exception as error:  # noqa: BLE001 - a failed build must leave decoding working, with sdpa
-            _FAILED.append(f"{type(error).__name__}: {error}")
-            logger.warning(f"lmblocks' CPU attention kernel could not be built ({_FAILED[0]}); decoding attends "
-                           "with transformers' sdpa instead.")
+    if not _LOADED and not _FAILED and not builds(operator, "CPU attention kernel",
+                                                  "decoding attends with transformers' sdpa instead."):
+        _FAILED.append("built and failed")
     return bool(_LOADED)
 
 

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -74,4 +75,15 @@ def load_operators(stem: str, source: str, march: str = "native", defines: dict[
     return name
 
 
-__all__ = ["cpu_flags", "load_operators", "machine_kind"]
+def builds(load: Callable[[], object], what: str, instead: str) -> bool:
+    """Whether `load()` (an operator library's loader) succeeds; the build needs a C++ compiler. When it fails, a
+    warning names `what` could not be built, why, and what runs `instead`: decoding must go on, the slower way."""
+    try:
+        load()
+    except Exception as error:  # noqa: BLE001 - any build failure: the caller falls back
+        logger.warning(f"lmblocks' {what} could not be built ({type(error).__name__}: {error}); {instead}")
+        return False
+    return True
+
+
+__all__ = ["builds", "cpu_flags", "load_operators", "machine_kind"]

@@ -74,6 +74,7 @@ from .compat import compile_on_every_device, size_static_caches, unmark_static_i
 from .cpu_attention import CPU_DECODING_ATTENTION
 from .cpu_attention import KERNEL_DTYPES as CPU_KERNEL_DTYPES
 from .cpu_attention import kernel_available as cpu_attention_available
+from .cpu_kernels import builds
 from .huge_pages import in_one_block
 from .int8_matmul import BLOCK as INT8_BLOCK
 from .int8_matmul import int8_linear, pack_weight, unpack_weight
@@ -186,7 +187,6 @@ def contiguous_wide_weights(graph: torch.fx.Graph) -> None:
     feeds another product too (q/k/v, gate/up) are left to `cpp.enable_concat_linear`, which already makes their
     weight one contiguous transposed block; square and narrow ones (attention output, down projection) measured
     slower transposed (bf16 products too), and keep the view."""
-    params = graph_parameters(graph)
     aten = torch.ops.aten
     views = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
     products = (aten.mm.default, aten.addmm.default)
@@ -196,10 +196,8 @@ def contiguous_wide_weights(graph: torch.fx.Graph) -> None:
         direct = list(source.users)
         return direct + [user for view in direct if view.target in views for user in view.users]
 
-    for product in [node for target in products for node in graph.find_nodes(op="call_function", target=target)]:
-        x, weight_t = product.args[-2], product.args[-1]
-        weight = transposed_parameter(weight_t, params)
-        if weight is None or weight.dtype != torch.float32 or weight.shape[0] < WIDE_PRODUCT * weight.shape[1]:
+    for product, x, weight_t, weight in parameter_products(graph):
+        if weight.dtype != torch.float32 or weight.shape[0] < WIDE_PRODUCT * weight.shape[1]:
             continue
         if isinstance(x, torch.fx.Node) and any(r is not product and r.target in products for r in readers(x)):
             continue
@@ -209,21 +207,24 @@ def contiguous_wide_weights(graph: torch.fx.Graph) -> None:
         product.replace_input_with(weight_t, copy)
 
 
-def graph_parameters(graph: torch.fx.Graph) -> set[torch.fx.Node]:
-    """The placeholders of an inference graph that are the model's parameters and buffers (freezing makes them
-    constants): AOTAutograd puts them first."""
+def parameter_products(graph: torch.fx.Graph) -> list[tuple[torch.fx.Node, object, torch.fx.Node, torch.Tensor]]:
+    """The products `x @ W.T (+ b)` (`mm`, `addmm`) of an inference graph about to be frozen whose W is one of the
+    model's parameters or buffers (AOTAutograd puts them first among the placeholders; freezing makes them
+    constants), read as W.T (`permute(W, [1, 0])`, as a linear layer's product reads it): (the product, x, the W.T
+    node, W's fake value)."""
     context = torch._guards.TracingContext.try_get()
     n_params = len(context.params_flat or ()) if context is not None else 0
-    return set(graph.find_nodes(op="placeholder")[:n_params])
-
-
-def transposed_parameter(node: object, params: set[torch.fx.Node]) -> torch.Tensor | None:
-    """The (fake) parameter W when `node` is W.T (`permute(W, [1, 0])`, how a linear layer's product reads it) for one
-    of `params`, else None."""
-    if not (isinstance(node, torch.fx.Node) and node.target is torch.ops.aten.permute.default
-            and list(node.args[1]) == [1, 0] and node.args[0] in params):
-        return None
-    return node.args[0].meta.get("val")
+    params = set(graph.find_nodes(op="placeholder")[:n_params])
+    aten = torch.ops.aten
+    found = []
+    for target in (aten.mm.default, aten.addmm.default):
+        for product in graph.find_nodes(op="call_function", target=target):
+            x, weight_t = product.args[-2], product.args[-1]
+            if (isinstance(weight_t, torch.fx.Node) and weight_t.target is aten.permute.default
+                    and list(weight_t.args[1]) == [1, 0] and weight_t.args[0] in params
+                    and weight_t.args[0].meta.get("val") is not None):
+                found.append((product, x, weight_t, weight_t.args[0].meta["val"]))
+    return found
 
 
 def packed_products(graph: torch.fx.Graph) -> None:
@@ -232,15 +233,10 @@ def packed_products(graph: torch.fx.Graph) -> None:
     in its layout (`lmblocks.packed_matmul`); freezing folds the packing into a constant, made once per compilation
     from the live weights (the model keeps its own). SmolLM2-135M's products streamed 10.5–14 GB/s (MKL, float32)
     and 12.5 (oneDNN, bf16) against about 25 and 22 with the kernel (one AMD EPYC thread, 2026-12-07)."""
-    params = graph_parameters(graph)
-    aten = torch.ops.aten
-    for product in [n for t in (aten.mm.default, aten.addmm.default) for n in graph.find_nodes(op="call_function",
-                                                                                               target=t)]:
-        x, weight_t = product.args[-2], product.args[-1]
-        weight = transposed_parameter(weight_t, params)
-        bias = product.args[0] if product.target is aten.addmm.default else None
+    for product, x, weight_t, weight in parameter_products(graph):
+        bias = product.args[0] if product.target is torch.ops.aten.addmm.default else None
         x_value = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
-        if (weight is None or weight.device.type != "cpu" or x_value is None or x_value.dtype != weight.dtype
+        if (weight.device.type != "cpu" or x_value is None or x_value.dtype != weight.dtype
                 or not packed_kernel_available(weight.dtype) or weight.shape[1] * weight.element_size() % BLOCK_BYTES
                 or product.kwargs
                 or (bias is not None and not (isinstance(bias, torch.fx.Node) and bias.meta["val"].dim() == 1))):
@@ -260,15 +256,8 @@ def packed_kernel_available(dtype: torch.dtype) -> bool:
     """Whether `dtype` products use lmblocks' packed kernel (`packed_products`): where this CPU runs its fast path
     (`lmblocks.packed_matmul.kernel_runs`: float32 on AVX-512, bfloat16 on AVX-512 BF16), once it is built (or
     loaded). Without a C++ compiler, MKL's and oneDNN's products stay, and this says so once."""
-    if not kernel_runs(dtype):
-        return False
-    try:
-        packed_operator()
-    except Exception as error:  # noqa: BLE001 - a failed build must leave decoding working, with MKL and oneDNN
-        logger.warning(f"lmblocks' packed float kernels could not be built ({type(error).__name__}: {error}); "
-                       "products use MKL's and oneDNN's instead.")
-        return False
-    return True
+    return kernel_runs(dtype) and builds(packed_operator, "packed float kernels",
+                                         "products use MKL's and oneDNN's instead.")
 
 
 @functools.cache
@@ -469,13 +458,8 @@ def int8_kernel_available() -> bool:
     """Whether lmblocks' int8 kernel is built (or loaded) for this machine: built on first use, which needs a C++
     compiler. Without one, `Int8Linear` uses ATen's weight-only kernel, and this says so once. Loaded here, when a
     layer is made, not while `torch.compile` traces one."""
-    try:
-        int8_operator()
-    except Exception as error:  # noqa: BLE001 - a failed build must leave decoding working, the slower way
-        logger.warning(f"lmblocks' int8 kernel could not be built ({type(error).__name__}: {error}); int8 layers use "
-                       "ATen's weight-only int8 kernel instead (slower at batch 1).")
-        return False
-    return True
+    return builds(int8_operator, "int8 kernel",
+                  "int8 layers use ATen's weight-only int8 kernel instead (slower at batch 1).")
 
 
 WEIGHT_FORMATS = ("fp32", "bf16", "int8")

@@ -50,8 +50,6 @@ constexpr bool AVX512_BF16 = false;
 #endif
 constexpr int ROWS = 4;  // weight rows per pass (`ROWS` in Python): one load of the activations serves all four
 
-float to_float(float value) { return value; }
-float to_float(at::BFloat16 value) { return static_cast<float>(value); }
 
 // R packed weight rows (block b of row r at w + (b * R + r) * block) times one row of activations x: out[r].
 template <int R, typename T>
@@ -81,7 +79,8 @@ void dot_rows(const T* x, const T* w, int64_t K, float* out) {
   for (int r = 0; r < R; ++r) {
     float total = 0.f;
     for (int64_t b = 0; b < blocks; ++b)
-      for (int64_t i = 0; i < block; ++i) total += to_float(x[b * block + i]) * to_float(w[(b * R + r) * block + i]);
+      for (int64_t i = 0; i < block; ++i)
+        total += static_cast<float>(x[b * block + i]) * static_cast<float>(w[(b * R + r) * block + i]);
     out[r] = total;
   }
 }

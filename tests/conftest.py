@@ -20,6 +20,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture
+def without_packed_kernels(monkeypatch):
+    """A CPU where lmblocks' packed float kernels do not run (no AVX-512): MKL's and oneDNN's products stay."""
+    from lmblocks import decoding
+
+    monkeypatch.setattr(decoding, "kernel_runs", lambda dtype: False)
+    decoding.packed_kernel_available.cache_clear()
+    yield
+    monkeypatch.undo()
+    decoding.packed_kernel_available.cache_clear()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import torch

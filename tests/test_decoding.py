@@ -31,16 +31,6 @@ from lmblocks.decoding import (
 )
 
 
-@pytest.fixture
-def without_packed_kernels(monkeypatch):
-    """A CPU where lmblocks' packed float kernels do not run (no AVX-512): MKL's and oneDNN's products stay."""
-    monkeypatch.setattr(decoding, "kernel_runs", lambda dtype: False)
-    decoding.packed_kernel_available.cache_clear()
-    yield
-    monkeypatch.undo()
-    decoding.packed_kernel_available.cache_clear()
-
-
 def test_cpu_config_freezes_and_concatenates_projections(without_packed_kernels):
     """Under `frozen_weights()` three products of one input become one product on the concatenated frozen weights
     (not prepacked: MKL's packed weights would keep the graph out of the on-disk cache), called from the C++ wrapper

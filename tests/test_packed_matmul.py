@@ -63,13 +63,7 @@ def test_a_compiled_step_calls_the_kernel_on_weights_packed_once(dtype):
     assert model[0].weight.shape == (96, 64) and model[2].weight.is_contiguous()  # the model keeps its own weights
 
 
-def test_where_the_kernels_do_not_run_MKL_and_oneDNN_keep_the_products(monkeypatch):
-    monkeypatch.setattr(decoding, "kernel_runs", lambda dtype: False)
-    decoding.packed_kernel_available.cache_clear()
-    try:
-        assert compiled_decoding_config("cpu", torch.bfloat16).backend.weight_prepack
-        graph = torch.fx.symbolic_trace(torch.nn.Linear(64, 64)).graph
-        decoding.packed_products(graph)  # nothing to take
-    finally:
-        monkeypatch.undo()
-        decoding.packed_kernel_available.cache_clear()
+def test_where_the_kernels_do_not_run_MKL_and_oneDNN_keep_the_products(without_packed_kernels):
+    assert compiled_decoding_config("cpu", torch.bfloat16).backend.weight_prepack
+    graph = torch.fx.symbolic_trace(torch.nn.Linear(64, 64)).graph
+    decoding.packed_products(graph)  # nothing to take
