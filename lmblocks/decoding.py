@@ -82,6 +82,7 @@ from .int8_matmul import operator as int8_operator
 from .layers import preferred_attention
 from .packed_matmul import BLOCK_BYTES, kernel_runs
 from .packed_matmul import operator as packed_operator
+from .packaged_step import packaged_call, packaged_products
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +99,9 @@ class FrozenWeightsInductor(dict):
     freezes_weights = True  # read by duck typing: remote code has its own copy of this class
     __eq__, __ne__, __hash__ = object.__eq__, object.__ne__, object.__hash__
 
-    def __init__(self, weight_prepack: bool = False) -> None:
-        super().__init__(backend="lmblocks frozen-weights inductor", weight_prepack=weight_prepack)
+    def __init__(self, weight_prepack: bool = False, ahead_of_time: bool = False) -> None:
+        super().__init__(backend="lmblocks frozen-weights inductor", weight_prepack=weight_prepack,
+                         ahead_of_time=ahead_of_time)
         self.compilations = self.steps = 0
 
     @property
@@ -112,7 +114,7 @@ class FrozenWeightsInductor(dict):
         return self
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(weight_prepack={self.weight_prepack})"
+        return f"{type(self).__name__}(weight_prepack={self.weight_prepack}, ahead_of_time={self['ahead_of_time']})"
 
     def __call__(self, graph_module: torch.fx.GraphModule, example_inputs: list) -> Callable:
         from torch._inductor.compile_fx import compile_fx
@@ -329,7 +331,10 @@ def compiled_step(model: torch.nn.Module, compile_config: CompileConfig) -> Call
         compiled = torch.compile(step, **compile_config.to_dict())
         entry = (stamp, compile_config, frozen_call(compiled, compile_config.backend, type(model).__name__))
         model.__dict__["_frozen_step"] = entry
-    return reuse_guard_checks(entry[2], lambda: compile_config.backend.steps)
+    compiled = reuse_guard_checks(entry[2], lambda: compile_config.backend.steps)
+    if compile_config.backend.get("ahead_of_time") and packaged_products(model):
+        return packaged_call(model, compile_config.backend, stamp, compiled)
+    return compiled
 
 
 def reuse_guard_checks(step: Callable, compiled_runs: Callable[[], int]) -> Callable:
@@ -397,12 +402,15 @@ def weights_stamp(model: torch.nn.Module) -> tuple[int, ...]:
     return tuple(torch.stack([s.to(torch.int64) for s in sums]).tolist()) if sums else ()
 
 
-def compiled_decoding_config(device: torch.device | str, dtype: torch.dtype = torch.float32) -> CompileConfig:
+def compiled_decoding_config(device: torch.device | str, dtype: torch.dtype = torch.float32,
+                             ahead_of_time: bool = True) -> CompileConfig:
     """The `CompileConfig` for decoding on `device` with weights of `dtype` (see the module docstring), forced on for
-    every device."""
+    every device. `ahead_of_time`: on a CPU, a step whose products lmblocks' kernels do is compiled into a package
+    on disk (`lmblocks.packaged_step`) instead of by torch.compile."""
     if torch.device(device).type == "cpu":
         # bf16 products: lmblocks' kernel where it runs (`packed_products`), else oneDNN's, packed
-        backend = FrozenWeightsInductor(weight_prepack=dtype == torch.bfloat16 and not packed_kernel_available(dtype))
+        backend = FrozenWeightsInductor(weight_prepack=dtype == torch.bfloat16 and not packed_kernel_available(dtype),
+                                        ahead_of_time=ahead_of_time)
         config = CompileConfig(fullgraph=True, dynamic=False, mode=None, backend=backend)
     else:
         config = CompileConfig(fullgraph=True, dynamic=False)
@@ -495,7 +503,8 @@ def decoding_attention(device: torch.device | str, dtype: torch.dtype) -> str | 
     return preferred_attention(device, dtype)
 
 
-def enable_compiled_decoding(model: PreTrainedModel, weights: str | None = None) -> PreTrainedModel:
+def enable_compiled_decoding(model: PreTrainedModel, weights: str | None = None,
+                             ahead_of_time: bool = True) -> PreTrainedModel:
     """Makes `model.generate` decode with a static cache and a compiled step on the model's device.
 
     `weights`: None keeps the model's dtype; "fp32", "bf16" or "int8" convert it in place (`convert_weights`; int8
@@ -515,7 +524,7 @@ def enable_compiled_decoding(model: PreTrainedModel, weights: str | None = None)
     positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
     size_static_caches(model, lambda length: cache_bucket(length, positions))
     model.generation_config.cache_implementation = "static"
-    model.generation_config.compile_config = compiled_decoding_config(model.device, model.dtype)
+    model.generation_config.compile_config = compiled_decoding_config(model.device, model.dtype, ahead_of_time)
     return model
 
 

@@ -188,10 +188,26 @@ def operator(march: str = "native") -> torch._ops.OpOverloadPacket:
     return getattr(torch.ops, _LOADED[march])
 
 
+class PackedLinear(torch.nn.Module):
+    """A linear layer's product through the packed kernel, its weight packed once, when the layer is made (the
+    weight's size again): for a step compiled ahead of time, which takes the packed weight as one of its constants
+    (`lmblocks.packaged_step`). Shares the layer's bias."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", operator().pack(linear.weight.detach()), persistent=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = operator().linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
 def kernel_runs(dtype: torch.dtype) -> bool:
     """Whether this CPU runs the `dtype` kernel's fast path (float32: AVX-512; bfloat16: AVX-512 BF16): where it was
     measured faster than MKL's and oneDNN's products."""
     return KERNEL_FLAGS.get(dtype) in cpu_flags()
 
 
-__all__ = ["BLOCK_BYTES", "kernel_runs", "operator"]
+__all__ = ["BLOCK_BYTES", "PackedLinear", "kernel_runs", "operator"]

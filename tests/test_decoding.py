@@ -93,7 +93,7 @@ def test_compiled_decoding_matches_eager_compiles_once_and_follows_weight_update
         compiled = model.generate(prompt, **kwargs)
         return eager, compiled
 
-    enable_compiled_decoding(model)
+    enable_compiled_decoding(model, ahead_of_time=False)  # torch.compile's step (the packaged one: test_packaged_step)
     eager, compiled = both(prompts[0])
     assert model.generation_config.cache_implementation == "static"
     assert _compilations(model) == 1, "generate did not compile the decoding step"
@@ -124,7 +124,7 @@ def test_several_compiled_models_in_one_process_each_run_compiled(caplog):
     models = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        models.append(enable_compiled_decoding(family.causal_lm_class(family.tiny_config()).eval()))
+        models.append(enable_compiled_decoding(family.causal_lm_class(family.tiny_config()).eval(), ahead_of_time=False))
     with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level(logging.WARNING, "lmblocks.decoding"):
         for model in models * 2:
             backend = model.generation_config.compile_config.backend
@@ -183,7 +183,7 @@ def test_a_step_that_runs_uncompiled_is_logged(caplog):
     """No silent fallback: when dynamo runs the step eagerly (here: told to by `torch.compiler.set_stance`), a
     warning says so."""
     family = DECODERS[0]
-    model = enable_compiled_decoding(family.causal_lm_class(family.tiny_config()).eval())
+    model = enable_compiled_decoding(family.causal_lm_class(family.tiny_config()).eval(), ahead_of_time=False)
     prompt = torch.randint(3, 99, (1, 5))
     with torch.compiler.set_stance("force_eager"), caplog.at_level(logging.WARNING, "lmblocks.decoding"):
         model.generate(prompt, max_new_tokens=3, do_sample=False)
@@ -198,7 +198,8 @@ from families import DECODERS
 from lmblocks.decoding import enable_compiled_decoding
 family = [f for f in DECODERS if f.name == "llama"][0]
 torch.manual_seed(int(sys.argv[1]))  # other weights each time: the cache holds the code, the model its weights
-model = enable_compiled_decoding(family.causal_lm_class(family.tiny_config()).eval(), weights=sys.argv[2])
+model = enable_compiled_decoding(family.causal_lm_class(family.tiny_config()).eval(), weights=sys.argv[2],
+                                 ahead_of_time=False)
 prompt = torch.randint(3, 99, (1, 5))
 compiled = model.generate(prompt, max_new_tokens=5, do_sample=False)
 eager = model.generate(prompt, max_new_tokens=5, do_sample=False, disable_compile=True, cache_implementation="dynamic")

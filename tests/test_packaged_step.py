@@ -1,0 +1,156 @@
+"""The decoding step compiled ahead of time (lmblocks.packaged_step): the same tokens as eager decoding for every
+decoder family, one package for every prompt length and `max_new_tokens` of a cache bucket, weight updates followed
+without compiling again, a new process that loads the package instead of compiling, a package that holds no weights,
+staged writes, and calls a package cannot serve left to torch.compile's step.
+
+Where lmblocks' kernels do not take the products (a CPU without AVX-512), decoding uses torch.compile's step
+(tests/test_decoding.py) and these tests skip."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from families import DECODERS
+from lmblocks import packaged_step
+from lmblocks.decoding import enable_compiled_decoding
+from lmblocks.packaged_step import package_folder, packable_call, packaged_products
+
+LLAMA = [f for f in DECODERS if f.name == "llama"][0]
+
+
+def packaged(model):
+    if not packaged_products(model):
+        pytest.skip("lmblocks' kernels do not take this model's products here: torch.compile's step (test_decoding)")
+    return model
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def _both(model, prompt, new_tokens):
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    eager = model.generate(prompt, disable_compile=True, cache_implementation="dynamic", **kwargs)
+    return eager, model.generate(prompt, **kwargs)
+
+
+@pytest.mark.parametrize("family", DECODERS, ids=lambda f: f.name)
+def test_packaged_step_matches_eager_compiles_once_and_follows_weight_updates(family, cache_dir):
+    torch.manual_seed(0)
+    model = packaged(enable_compiled_decoding(family.causal_lm_class(family.tiny_config()).eval()))
+    backend = model.generation_config.compile_config.backend
+    prompts = [torch.randint(3, 99, (1, 5)), torch.randint(3, 99, (1, 11), generator=torch.Generator().manual_seed(1))]
+    eager, compiled = _both(model, prompts[0], 6)
+    assert torch.equal(compiled, eager)
+    assert backend.compilations == 1 and backend.steps == 5, "generate did not run the packaged step"
+    packages = list(package_folder().glob("*.pt2"))
+    assert len(packages) == 1 and packages[0].stat().st_size < 2**25, "one package, without the weights"
+    for prompt, new_tokens in ((prompts[1], 6), (prompts[0], 13), (prompts[1], 20)):
+        assert torch.equal(*_both(model, prompt, new_tokens))
+    assert backend.compilations == 1, "another prompt length or max_new_tokens compiled again"
+
+    # Weights changed in place (through `.data`: neither address nor version counter move): the step reads the new
+    # ones — packed again, not compiled again.
+    for parameter in model.parameters():
+        parameter.data.add_(0.05 * torch.randn_like(parameter))
+    eager_after, compiled_after = _both(model, prompts[0], 6)
+    assert not torch.equal(eager_after, eager)
+    assert torch.equal(compiled_after, eager_after)
+    assert backend.compilations == 1
+
+
+_SECOND_PROCESS = """
+import json, logging, sys, torch
+sys.path.insert(0, {tests!r})
+from families import DECODERS
+from lmblocks.decoding import enable_compiled_decoding
+logging.basicConfig(level=logging.WARNING)
+logging.getLogger("lmblocks.packaged_step").setLevel(logging.INFO)
+family = [f for f in DECODERS if f.name == "llama"][0]
+torch.manual_seed(int(sys.argv[1]))  # other weights each time: the package holds the code, the model its weights
+config = family.tiny_config(intermediate_size=192)  # int8: every product's inputs a multiple of 64 (the kernel's)
+model = enable_compiled_decoding(family.causal_lm_class(config).eval(), weights=sys.argv[2])
+prompt = torch.randint(3, 99, (1, 5))
+compiled = model.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+eager = model.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False, disable_compile=True,
+                       cache_implementation="dynamic")
+backend = model.generation_config.compile_config.backend
+print(json.dumps({{"same": torch.equal(compiled, eager), "compilations": backend.compilations, "steps": backend.steps}}))
+"""
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_a_new_process_loads_the_package_instead_of_compiling(tmp_path, weights):
+    """The second process (other weights) compiles nothing: it loads the first one's package, says so, and decodes
+    with its own weights."""
+    config = LLAMA.tiny_config(intermediate_size=192)
+    if not packaged_products(enable_compiled_decoding(LLAMA.causal_lm_class(config), weights=weights)):
+        pytest.skip("lmblocks' kernels do not take these products here")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    code = _SECOND_PROCESS.format(tests=os.path.dirname(__file__))
+    runs, logs = [], []
+    for seed in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", code, seed, weights], env=env, capture_output=True, text=True,
+                             check=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        logs.append(out.stderr)
+    assert runs[0] == {"same": True, "compilations": 1, "steps": 4}, runs[0]
+    assert runs[1] == {"same": True, "compilations": 0, "steps": 4}, runs[1]
+    assert "Compiling LmbLlamaForCausalLM's decoding step ahead of time" in logs[0]
+    assert "Loading LmbLlamaForCausalLM's decoding step from" in logs[1] and "Compiling" not in logs[1]
+    assert not list((tmp_path / "lmblocks_packaged_steps").glob("*partial*"))
+
+
+def test_a_package_that_fails_falls_back_to_torch_compile_and_leaves_no_file(cache_dir, monkeypatch, caplog):
+    """An export or AOTInductor failure: no package (nor half of one) on disk, a warning that names the error, and
+    decoding goes on with torch.compile's step, the same tokens."""
+    torch.manual_seed(0)
+    model = packaged(enable_compiled_decoding(LLAMA.causal_lm_class(LLAMA.tiny_config()).eval()))
+
+    def fails(program, package_path):
+        with open(package_path, "wb") as half:
+            half.write(b"PK half a package")
+        raise RuntimeError("the C++ compiler ran out of memory")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fails)
+    prompt = torch.randint(3, 99, (1, 5))
+    with caplog.at_level(logging.WARNING, "lmblocks.packaged_step"):
+        eager, compiled = _both(model, prompt, 4)
+    assert torch.equal(compiled, eager)
+    assert "could not be compiled ahead of time (RuntimeError: the C++ compiler ran out of memory)" in caplog.text
+    assert not list(package_folder().glob("*")), "a failed build left a file"
+    assert model.generation_config.compile_config.backend.compilations == 1  # torch.compile's
+
+
+def test_what_a_package_serves():
+    """Keyword calls with a static cache and the inputs generate passes; anything else (positional arguments, a
+    dynamic cache, outputs a package does not return, inputs it does not take) is left to torch.compile's step."""
+    model = LLAMA.causal_lm_class(LLAMA.tiny_config()).eval()
+    prompt = torch.randint(3, 99, (1, 5))
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    step = dict(input_ids=prompt[:, :1], position_ids=torch.tensor([[5]]), attention_mask=torch.ones(1, 1, 1, 16,
+                dtype=torch.bool), past_key_values=cache, use_cache=True, return_dict=True, logits_to_keep=1)
+    assert packable_call((), step) == ((("input_ids", None), ("position_ids", None), ("attention_mask", None)),
+                                       {"logits_to_keep": 1})
+    by_layer_type = {"full_attention": step["attention_mask"], "sliding_attention": step["attention_mask"]}
+    assert packable_call((), {**step, "attention_mask": by_layer_type})[0][2:] == (
+        ("attention_mask", "full_attention"), ("attention_mask", "sliding_attention"))
+    assert packable_call((prompt,), {k: v for k, v in step.items() if k != "input_ids"}) is None
+    assert packable_call((), {**step, "past_key_values": DynamicCache()}) is None
+    assert packable_call((), {**step, "output_attentions": True}) is None
+    assert packable_call((), {**step, "inputs_embeds": torch.zeros(1, 1, 8)}) is None
+    assert packable_call((), {**step, "use_cache": False}) is None
+    fresh = StaticCache(config=model.config, max_cache_len=16)  # not initialized (no prefill yet)
+    assert packable_call((), {**step, "past_key_values": fresh}) is None
+    assert packaged_step.static_cache_tensors(cache)[0] is cache.layers[0].keys
