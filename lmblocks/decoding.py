@@ -25,13 +25,22 @@ to 256 tokens of prompt + output, the next up to 512, and so on. Measured on Smo
 2026-12-06: a dynamic cache length (`dynamic=True`: one graph for every length) decodes as fast (53 against 53
 ms/token of CPU time, interleaved) but compiles 2.3 times longer (101 s against 43 s of CPU time), in every new
 process too.
-A new process reuses the compiled step from inductor's on-disk FX graph cache (`TORCHINDUCTOR_CACHE_DIR`, by default
-a folder in the temporary directory): frozen weights are keyed by their shape only and read from the model at load,
-so the cache holds the compiled C++ while the weights stay the model's. MKL's prepacked weights
+On a CPU where lmblocks' kernels take every product (float32 on AVX-512, bf16 on AVX-512 BF16, int8), the step
+is compiled ahead of time instead (`lmblocks.packaged_step`): exported and built by AOTInductor into a package on
+disk that holds the code, not the weights, which every later process loads in about a second and hands the
+model's own tensors (SmolLM2-135M, `scripts/generate.py --compile`, 200 tokens, a new process, one thread,
+2026-12-07: int8 12.6 s end to end, bf16 12.2, fp32 15.6, against 19.4–20.7 eager; the first process compiles for
+50–70 s). Where a package cannot serve (another CPU, another device, a call with other arguments), torch.compile's
+step runs, as follows.
+
+A new process reuses torch.compile's step from inductor's on-disk FX graph cache (`TORCHINDUCTOR_CACHE_DIR`, by
+default a folder in the temporary directory): frozen weights are keyed by their shape only and read from the model
+at load, so the cache holds the compiled C++ while the weights stay the model's. MKL's prepacked weights
 (`cpp.weight_prepack`) cannot be pickled and turned the cache off ("mkldnn tensors unpickleable"); at batch 1 a plain
 product is as fast (49–53 against 49–53 ms/token, measured), so prepacking is off. What a new process still pays is
 tracing (dynamo, then AOTAutograd, whose own cache refuses frozen graphs) and freezing: 15–18 s for SmolLM2-135M on
-one thread (int8, 2026-12-07: dynamo 4.8 s, AOTAutograd and freezing 8.8 s, loading the compiled step 1.4 s).
+one thread (int8, 2026-12-07: dynamo 4.8 s, AOTAutograd and freezing 8.8 s, loading the compiled step 1.4 s) — what
+the package avoids.
 Freezing off (weights as graph inputs) lets both caches hold everything, but decodes 1.35 times slower in float32
 (66–69 against 49–53 ms/token); for int8 (whose products are lmblocks' operator either way) it decodes as fast and a
 new process starts in 10 s, but its first compilation took 212 s instead of 93 (both measured before the C++ wrapper
@@ -46,7 +55,8 @@ the step still run uncompiled, a warning says so.
 Freezing must be on while dynamo traces, so lmblocks models run their compiled step through `frozen_call`
 (`LmbPreTrainedModel.get_compiled_call`). Frozen graphs hold the weights as constants: lmblocks models notice
 when a weight changed since the compilation (`weights_stamp`: an optimizer step, `load_state_dict`, `.to()`, a write
-through `.data`) and compile again (from the on-disk cache: only tracing is paid again).
+through `.data`) and compile again (from the on-disk cache: only tracing is paid again); a packaged step packs the
+new weights and hands them to the same package (no compilation).
 Another transformers model given this config compiles without freezing, unless its compiled call is wrapped in
 `frozen_call` too (bench/harness.py does so for the built-ins) — then only for inference on fixed weights.
 
@@ -510,10 +520,13 @@ def enable_compiled_decoding(model: PreTrainedModel, weights: str | None = None,
     `weights`: None keeps the model's dtype; "fp32", "bf16" or "int8" convert it in place (`convert_weights`; int8
     is for inference: the model then holds `Int8Linear` layers). On a CPU the model switches from sdpa to lmblocks'
     decoding attention (`decoding_attention`), which reads only the cache positions written so far. The first
-    `generate` compiles (40–50 s on one CPU thread for SmolLM2-135M; a new process reuses inductor's on-disk cache,
-    15–18 s; bf16 with oneDNN's packed weights, where lmblocks' bf16 kernel does not run, compiles anew); every later
-    generation that fits the same cache bucket (`cache_bucket`: 256, 512, ... positions) reuses it. Returns the
-    model. Only for models that declare static-cache compilation support (`_can_compile_fullgraph`)."""
+    `generate` compiles (50–70 s on one CPU thread for SmolLM2-135M); every later generation that fits the same
+    cache bucket (`cache_bucket`: 256, 512, ... positions) reuses it. `ahead_of_time` (on a CPU whose products
+    lmblocks' kernels take): the step is compiled into a package on disk (`lmblocks.packaged_step`), which a new
+    process loads in about a second; False, or elsewhere: torch.compile's step, which a new process takes from
+    inductor's cache in 15–18 s (bf16 with oneDNN's packed weights, where lmblocks' bf16 kernel does not run,
+    compiles anew). Returns the model. Only for models that declare static-cache compilation support
+    (`_can_compile_fullgraph`)."""
     if not getattr(model, "_can_compile_fullgraph", False):
         raise ValueError(f"{type(model).__name__} does not support a compiled static-cache decoding step.")
     if weights is not None:

@@ -30,11 +30,12 @@ torch.compile step (fp32 25.7 against 24.3 ms, int8 6.0 ms, bf16 13.0 ms, alone 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -130,16 +131,23 @@ def packaged_products(model: torch.nn.Module) -> bool:
 
 
 class PackedLinears:
-    """`model`'s linear layers packed for lmblocks' kernel (`PackedLinear`), made once; `swapped()` puts them in the
-    model's place while a step is exported, and puts the model's own layers back after."""
+    """`model`'s linear layers packed for lmblocks' kernel (`PackedLinear`), made once for the model's weights of the
+    moment; `swapped()` puts them in the model's place (while a step is exported and its constants are gathered)
+    and the model's own layers back after."""
 
     def __init__(self, model: torch.nn.Module):
         self.places = [(parent, name, child, PackedLinear(child)) for parent in model.modules()
                        for name, child in parent.named_children() if packable_linear(child)]
 
-    def swap(self, packed: bool) -> None:
-        for parent, name, linear, packed_linear in self.places:
-            setattr(parent, name, packed_linear if packed else linear)
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[None]:
+        for parent, name, _, packed in self.places:
+            setattr(parent, name, packed)
+        try:
+            yield
+        finally:
+            for parent, name, linear, _ in self.places:
+                setattr(parent, name, linear)
 
 
 class ExportedStep(torch.nn.Module):
@@ -198,63 +206,33 @@ def export_and_package(step: ExportedStep, example: tuple, path: Path) -> None:
 
 
 class PackagedStep:
-    """One model's decoding step for one call signature, loaded from its package, the model's tensors as its
-    constants (packed layers packed again when the weights changed: `refresh`)."""
+    """One model's decoding step for one call signature, loaded from its package (compiled first if there is none),
+    given the model's tensors and packed weights (`steps`: shared by the model's steps) as its constants."""
 
-    def __init__(self, model: torch.nn.Module, places: tuple, fixed: dict, kwargs: dict, stamp: object,
+    def __init__(self, model: torch.nn.Module, places: tuple, fixed: dict, kwargs: dict, steps: PackagedSteps,
                  on_compile: Callable[[], None]):
-        self.model, self.places, self.stamp = model, places, stamp
-        self.packed = PackedLinears(model)
+        self.places, self.stamp = places, None
         step = ExportedStep(model, kwargs["past_key_values"], places, fixed)
         example = (tuple(gathered(places, kwargs)), tuple(static_cache_tensors(kwargs["past_key_values"])))
-        self.packed.swap(True)
-        try:
-            constants = self.constants(step)
-            namespaces = self.namespaces()
-            key = package_key(model, places, fixed, [*example[0], *example[1]], constants, namespaces)
-            self.path = package_folder() / f"{key}.pt2"
-            if not self.path.is_file():
-                logger.info(f"Compiling {type(model).__name__}'s decoding step ahead of time into {self.path}.")
+        key = package_key(model, places, fixed, [*example[0], *example[1]], steps.constants, steps.namespaces())
+        self.path = package_folder() / f"{key}.pt2"
+        if not self.path.is_file():
+            logger.info(f"Compiling {type(model).__name__}'s decoding step ahead of time into {self.path}.")
+            with steps.packed.swapped():
                 export_and_package(step, example, self.path)
-                on_compile()
-            else:
-                logger.info(f"Loading {type(model).__name__}'s decoding step from {self.path} (compiled before).")
-        finally:
-            self.packed.swap(False)
+            on_compile()
+        else:
+            logger.info(f"Loading {type(model).__name__}'s decoding step from {self.path} (compiled before).")
         self.runner = torch._inductor.aoti_load_package(str(self.path))
-        self.load(constants)
+        self.refresh(steps)
 
-    def namespaces(self) -> list[str]:
-        """The lmblocks operator libraries the step may call (their names change with their source and build)."""
-        from . import cpu_attention, int8_matmul, packed_matmul
-
-        loaded = [packed_matmul._LOADED.get("native") if self.packed.places else None,
-                  int8_matmul._LOADED.get("native"), cpu_attention._LOADED[0] if cpu_attention._LOADED else None]
-        return [name for name in loaded if name]
-
-    @staticmethod
-    def constants(step: torch.nn.Module) -> dict[str, torch.Tensor]:
-        tensors = dict(step.named_parameters(remove_duplicate=False))
-        tensors.update(step.named_buffers(remove_duplicate=False))
-        return {name: tensor.detach() for name, tensor in tensors.items()}
-
-    def load(self, constants: dict[str, torch.Tensor]) -> None:
-        needed = self.runner.get_constant_fqns()
-        self.held = {name: constants[name] for name in needed}  # the runner reads them in place: kept alive here
-        self.runner.load_constants(self.held, check_full_update=True, user_managed=True)
-
-    def refresh(self, stamp: object) -> None:
-        """The weights changed since the step was loaded (`stamp`): pack them again and hand them to the step."""
-        if stamp == self.stamp:
-            return
-        self.packed = PackedLinears(self.model)
-        self.packed.swap(True)
-        try:
-            constants = self.constants(ExportedStep(self.model, None, (), {}))
-        finally:
-            self.packed.swap(False)
-        self.load(constants)
-        self.stamp = stamp
+    def refresh(self, steps: PackagedSteps) -> None:
+        """Hands the step the model's tensors of `steps.stamp` (the weights changed since it was loaded: packed
+        again there), read in place."""
+        if self.stamp != steps.stamp:
+            self.held = {name: steps.constants[name] for name in self.runner.get_constant_fqns()}  # kept alive here
+            self.runner.load_constants(self.held, check_full_update=True, user_managed=True)
+            self.stamp = steps.stamp
 
     def __call__(self, kwargs: dict) -> torch.Tensor:
         return self.runner.loader.boxed_run([*gathered(self.places, kwargs),
@@ -269,11 +247,34 @@ def call_key(places: tuple, fixed: dict, kwargs: dict) -> tuple:
 
 
 class PackagedSteps(dict):
-    """A model's packaged steps by call signature (`call_key`). Its own type, not a dict: `torch.export` puts back
-    copies of a module's plain containers after tracing (undoing assignments made while tracing), and a step made
-    while the first one was exported would be lost."""
+    """A model's packaged steps by call signature (`call_key`), and what they share: the model's linear layers packed
+    (`PackedLinears`) and the tensors the steps take as constants, for the weights of `stamp` (`weights_stamp`).
+
+    Its own type, not a dict: `torch.export` puts back copies of a module's plain containers after tracing (undoing
+    assignments made while tracing), and a step made while the first one was exported would be lost."""
 
     told = False  # whether a call that no package serves was reported (once per model)
+    stamp = packed = constants = None
+
+    def follow(self, model: torch.nn.Module, stamp: object) -> None:
+        """Packs `model`'s weights again and gathers its tensors when they changed since the last `stamp`."""
+        if stamp != self.stamp:
+            self.packed = None  # the old packed weights freed before the new ones are made
+            self.packed = PackedLinears(model)
+            with self.packed.swapped():
+                step = ExportedStep(model, None, (), {})  # the names the exported step gives the model's tensors
+                tensors = {**dict(step.named_parameters(remove_duplicate=False)),
+                           **dict(step.named_buffers(remove_duplicate=False))}
+            self.constants = {name: tensor.detach() for name, tensor in tensors.items()}
+            self.stamp = stamp
+
+    def namespaces(self) -> list[str]:
+        """The lmblocks operator libraries a step may call (their names change with their source and build)."""
+        from . import cpu_attention, int8_matmul, packed_matmul
+
+        loaded = [packed_matmul._LOADED.get("native") if self.packed.places else None,
+                  int8_matmul._LOADED.get("native"), cpu_attention._LOADED[0] if cpu_attention._LOADED else None]
+        return [name for name in loaded if name]
 
 
 def packaged_call(model: torch.nn.Module, backend: dict, stamp: object, fallback: Callable) -> Callable:
@@ -299,9 +300,10 @@ def packaged_call(model: torch.nn.Module, backend: dict, stamp: object, fallback
                                f"{len(args)} positional, {arguments}) runs torch.compile's step.")
             return fallback(*args, **kwargs)
         key = call_key(*fits, kwargs)
+        steps.follow(model, stamp)
         if key not in steps:
             try:
-                steps[key] = PackagedStep(model, *fits, kwargs, stamp, compiling)
+                steps[key] = PackagedStep(model, *fits, kwargs, steps, compiling)
             except Exception as error:  # noqa: BLE001 - any export or build failure: torch.compile's step instead
                 logger.warning(f"{type(model).__name__}'s decoding step could not be compiled ahead of time "
                                f"({type(error).__name__}: {error}); torch.compile's step runs instead.")
@@ -309,7 +311,7 @@ def packaged_call(model: torch.nn.Module, backend: dict, stamp: object, fallback
         step = steps[key]
         if step is None:
             return fallback(*args, **kwargs)
-        step.refresh(stamp)
+        step.refresh(steps)
         backend.steps += 1
         return CausalLMOutputWithPast(logits=step(kwargs), past_key_values=kwargs["past_key_values"])
 

@@ -262,7 +262,8 @@ def generate(args: GenerateArguments) -> list[str]:
                 print(text, flush=True)
         print("-" * 40, flush=True)
     print(f"[generate] {new_tokens} new tokens in {seconds:.2f} s: {new_tokens / max(seconds, 1e-9):.1f} tokens/s"
-          + (" (the first call compiles)" if args.compile else ""), file=sys.stderr, flush=True)
+          + (" (the first call compiles the decoding step, or loads it compiled before)" if args.compile else ""),
+          file=sys.stderr, flush=True)
     return outputs
 
 
