@@ -42,7 +42,6 @@ import torch
 
 from .cpu_kernels import machine_kind
 from .packed_matmul import BLOCK_BYTES, PackedLinear
-from .packed_matmul import operator as packed_operator
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +213,8 @@ class PackagedStep:
         self.places, self.stamp = places, None
         step = ExportedStep(model, kwargs["past_key_values"], places, fixed)
         example = (tuple(gathered(places, kwargs)), tuple(static_cache_tensors(kwargs["past_key_values"])))
-        key = package_key(model, places, fixed, [*example[0], *example[1]], steps.constants, steps.namespaces())
+        tensors = [*example[0], *example[1]]
+        key = package_key(model, places, fixed, tensors, steps.constants, steps.namespaces(model))
         self.path = package_folder() / f"{key}.pt2"
         if not self.path.is_file():
             logger.info(f"Compiling {type(model).__name__}'s decoding step ahead of time into {self.path}.")
@@ -268,13 +268,17 @@ class PackagedSteps(dict):
             self.constants = {name: tensor.detach() for name, tensor in tensors.items()}
             self.stamp = stamp
 
-    def namespaces(self) -> list[str]:
-        """The lmblocks operator libraries a step may call (their names change with their source and build)."""
+    def namespaces(self, model: torch.nn.Module) -> list[str]:
+        """The lmblocks operator libraries `model`'s step calls (their names change with their source and build):
+        only those, not every one loaded in the process, which another process may not have loaded."""
         from . import cpu_attention, int8_matmul, packed_matmul
+        from .decoding import Int8Linear
 
-        loaded = [packed_matmul._LOADED.get("native") if self.packed.places else None,
-                  int8_matmul._LOADED.get("native"), cpu_attention._LOADED[0] if cpu_attention._LOADED else None]
-        return [name for name in loaded if name]
+        used = [packed_matmul._LOADED.get("native") if self.packed.places else None,
+                int8_matmul._LOADED.get("native") if any(isinstance(m, Int8Linear) for m in model.modules()) else None,
+                cpu_attention._LOADED[0] if model.config._attn_implementation == cpu_attention.CPU_DECODING_ATTENTION
+                and cpu_attention._LOADED else None]
+        return [name for name in used if name]
 
 
 def packaged_call(model: torch.nn.Module, backend: dict, stamp: object, fallback: Callable) -> Callable:

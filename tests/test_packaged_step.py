@@ -77,6 +77,8 @@ logging.getLogger("lmblocks.packaged_step").setLevel(logging.INFO)
 family = [f for f in DECODERS if f.name == "llama"][0]
 torch.manual_seed(int(sys.argv[1]))  # other weights each time: the package holds the code, the model its weights
 config = family.tiny_config(intermediate_size=192)  # int8: every product's inputs a multiple of 64 (the kernel's)
+if sys.argv[1] == "0":  # the first process also has the other format's kernels loaded (a notebook comparing both)
+    enable_compiled_decoding(family.causal_lm_class(config).eval(), weights="fp32" if sys.argv[2] == "int8" else "int8")
 model = enable_compiled_decoding(family.causal_lm_class(config).eval(), weights=sys.argv[2])
 prompt = torch.randint(3, 99, (1, 5))
 compiled = model.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
@@ -90,7 +92,7 @@ print(json.dumps({{"same": torch.equal(compiled, eager), "compilations": backend
 @pytest.mark.parametrize("weights", ["fp32", "int8"])
 def test_a_new_process_loads_the_package_instead_of_compiling(tmp_path, weights):
     """The second process (other weights) compiles nothing: it loads the first one's package, says so, and decodes
-    with its own weights."""
+    with its own weights — although the first one had loaded kernels the second one never loads."""
     config = LLAMA.tiny_config(intermediate_size=192)
     if not packaged_products(enable_compiled_decoding(LLAMA.causal_lm_class(config), weights=weights)):
         pytest.skip("lmblocks' kernels do not take these products here")
