@@ -10,10 +10,13 @@ The package holds code, not weights (`package_constants_in_so` off: a few MB, no
 step's constants — the model's parameters and buffers — are handed to it when it is loaded, the model's own tensors
 (`load_constants(user_managed=True)`: no copy). One package serves every model of the same architecture, weight
 format and shapes, whatever its weights. Freezing cannot be used (it renames the weights and folds them into new
-constants the package would have to hold), so what freezing did at compile time is done before the export, on the
-model's modules: every linear layer whose product lmblocks' packed kernel takes (`lmblocks.packed_matmul`) is
-replaced, while the step is exported and while it runs, by a `PackedLinear` holding its weight packed once. int8
-layers (`Int8Linear`) already hold theirs packed. So a package is made only where lmblocks' kernels do the
+constants the package would have to hold), nor AOTInductor's runtime constant folding, which would pack the weights
+at load (torch 2.13: its proxy executor fails on a custom operator in the folded graph, "Mismatch between tensors
+consumed and num of input tensor"). So what freezing did at compile time is done on the model's modules instead:
+every linear layer whose product lmblocks' packed kernel takes (`lmblocks.packed_matmul`) is replaced, while the
+step is exported, by a `PackedLinear` holding its weight packed once, and those packed weights are the step's
+constants when it runs (`PackagedSteps`: once per model and weights). int8 layers (`Int8Linear`) hold theirs packed
+already. So a package is made only where lmblocks' kernels do the
 products (`packaged_products`): float32 on AVX-512, bf16 on AVX-512 BF16, int8 everywhere the int8 kernel builds;
 elsewhere the step stays torch.compile's, which folds MKL's and oneDNN's weight layouts.
 
@@ -23,9 +26,11 @@ step's inputs, cache and constants, and the call's settings. It is written under
 complete (another process never loads half a package), in `<inductor cache dir>/lmblocks_packaged_steps`
 (`TORCHINDUCTOR_CACHE_DIR`, as torch.compile's caches).
 
-SmolLM2-135M-Instruct, one thread, AMD EPYC (AVX-512 BF16), 2026-12-07: export 3 s and AOTInductor 35 s the first
-time, 1 s to load in a new process (fp32: 0.3 s of it packing the weights); a step as fast as the frozen
-torch.compile step (fp32 25.7 against 24.3 ms, int8 6.0 ms, bf16 13.0 ms, alone in a loop).
+SmolLM2-135M-Instruct, one thread, AMD EPYC (AVX-512 BF16), 2026-12-07 (bench/llama_cpp_decode.py): compiled in
+44–51 s the first time (export 3–5 s; AOTInductor's lowering and code generation about 30 s, the C++ compiler 23 s
+on the wrapper), then a new process's first `generate` in 1.9 s (int8), 2.8 (bf16), 4.2 (fp32: 0.3 s of it
+packing the weights); decoding at 8.1, 14.9 and 26.3 ms/token (torch.compile's frozen step, the run before this
+one: 9.8, 16.7, 27.9).
 """
 
 from __future__ import annotations
