@@ -202,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         f" llama-cpp-python {llama_cpp.__version__}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}",
         "",
-        "| engine | ms/token | min–max | CPU ms/token (thread) | 64 greedy tokens = lmblocks fp32 eager's | warm-up (s) "
-        "| new process, first generate (s) |",
+        "| engine | ms/token | min–max | CPU ms/token (thread) | 64 greedy tokens = lmblocks fp32 eager's "
+        "| warm-up (s) | new process, first generate (s) |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, values in times.items():

@@ -221,14 +221,20 @@ class PackagedStep:
         tensors = [*example[0], *example[1]]
         key = package_key(model, places, fixed, tensors, steps.constants, steps.namespaces(model))
         self.path = package_folder() / f"{key}.pt2"
-        if not self.path.is_file():
+        self.runner = None
+        if self.path.is_file():
+            logger.info(f"Loading {type(model).__name__}'s decoding step from {self.path} (compiled before).")
+            try:
+                self.runner = torch._inductor.aoti_load_package(str(self.path))
+            except Exception as error:  # noqa: BLE001 - a damaged package (its writes are staged: not by lmblocks)
+                logger.warning(f"The package {self.path} could not be loaded ({type(error).__name__}: {error}); "
+                               "compiling the step again in its place.")
+        if self.runner is None:
             logger.info(f"Compiling {type(model).__name__}'s decoding step ahead of time into {self.path}.")
             with steps.packed.swapped():
                 export_and_package(step, example, self.path)
             on_compile()
-        else:
-            logger.info(f"Loading {type(model).__name__}'s decoding step from {self.path} (compiled before).")
-        self.runner = torch._inductor.aoti_load_package(str(self.path))
+            self.runner = torch._inductor.aoti_load_package(str(self.path))
         self.refresh(steps)
 
     def refresh(self, steps: PackagedSteps) -> None:
@@ -327,5 +333,5 @@ def packaged_call(model: torch.nn.Module, backend: dict, stamp: object, fallback
     return call
 
 
-__all__ = ["PackagedStep", "packaged_call", "call_key", "package_folder", "package_key", "packable_call", "packaged_products",
-           "static_cache_tensors"]
+__all__ = ["PackagedStep", "PackagedSteps", "call_key", "package_folder", "package_key", "packable_call",
+           "packaged_call", "packaged_products", "static_cache_tensors"]

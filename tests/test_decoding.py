@@ -124,7 +124,8 @@ def test_several_compiled_models_in_one_process_each_run_compiled(caplog):
     models = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        models.append(enable_compiled_decoding(family.causal_lm_class(family.tiny_config()).eval(), ahead_of_time=False))
+        model = family.causal_lm_class(family.tiny_config()).eval()
+        models.append(enable_compiled_decoding(model, ahead_of_time=False))  # torch.compile's recompile limit
     with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level(logging.WARNING, "lmblocks.decoding"):
         for model in models * 2:
             backend = model.generation_config.compile_config.backend

@@ -85,7 +85,8 @@ compiled = model.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=
 eager = model.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False, disable_compile=True,
                        cache_implementation="dynamic")
 backend = model.generation_config.compile_config.backend
-print(json.dumps({{"same": torch.equal(compiled, eager), "compilations": backend.compilations, "steps": backend.steps}}))
+print(json.dumps({{"same": torch.equal(compiled, eager), "compilations": backend.compilations,
+                  "steps": backend.steps}}))
 """
 
 
@@ -156,3 +157,21 @@ def test_what_a_package_serves():
     fresh = StaticCache(config=model.config, max_cache_len=16)  # not initialized (no prefill yet)
     assert packable_call((), {**step, "past_key_values": fresh}) is None
     assert packaged_step.static_cache_tensors(cache)[0] is cache.layers[0].keys
+
+
+def test_a_damaged_package_is_compiled_again_in_its_place(cache_dir, caplog):
+    """A package file that does not load (damaged on disk; lmblocks' own writes are staged) is named in a warning and
+    replaced by a new compilation; decoding gives eager's tokens."""
+    torch.manual_seed(0)
+    model = packaged(enable_compiled_decoding(LLAMA.causal_lm_class(LLAMA.tiny_config()).eval()))
+    prompt = torch.randint(3, 99, (1, 5))
+    _both(model, prompt, 3)
+    (package,) = package_folder().glob("*.pt2")
+    package.write_bytes(b"PK not a package")
+    model = enable_compiled_decoding(LLAMA.causal_lm_class(LLAMA.tiny_config()).eval())  # the same key
+    with caplog.at_level(logging.WARNING, "lmblocks.packaged_step"):
+        eager, compiled = _both(model, prompt, 3)
+    assert torch.equal(compiled, eager)
+    assert f"The package {package} could not be loaded" in caplog.text
+    assert model.generation_config.compile_config.backend.compilations == 1
+    assert package.stat().st_size > 1000
