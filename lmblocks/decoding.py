@@ -248,9 +248,7 @@ def packed_products(graph: torch.fx.Graph) -> None:
     for product, x, weight_t, weight in parameter_products(graph):
         bias = product.args[0] if product.target is torch.ops.aten.addmm.default else None
         x_value = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
-        if (weight.device.type != "cpu" or x_value is None or x_value.dtype != weight.dtype
-                or not packed_kernel_available(weight.dtype) or weight.shape[1] * weight.element_size() % BLOCK_BYTES
-                or product.kwargs
+        if (not packed_kernel_takes(weight) or x_value is None or x_value.dtype != weight.dtype or product.kwargs
                 or (bias is not None and not (isinstance(bias, torch.fx.Node) and bias.meta["val"].dim() == 1))):
             continue
         operator = packed_operator()
@@ -261,6 +259,14 @@ def packed_products(graph: torch.fx.Graph) -> None:
             linear.meta["val"] = product.meta["val"]
         product.replace_all_uses_with(linear)
         graph.erase_node(product)
+
+
+def packed_kernel_takes(weight: torch.Tensor) -> bool:
+    """Whether lmblocks' packed kernel multiplies by `weight` here: on a CPU, in a dtype whose kernel runs
+    (`packed_kernel_available`), rows a whole number of the layout's blocks. Read by both compiled steps: the graph
+    pass of torch.compile's (`packed_products`) and the packaged step's linear layers (`lmblocks.packaged_step`)."""
+    return (weight.device.type == "cpu" and packed_kernel_available(weight.dtype)
+            and weight.shape[1] * weight.element_size() % BLOCK_BYTES == 0)
 
 
 @functools.cache

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from .cpu_kernels import machine_kind
-from .packed_matmul import BLOCK_BYTES, PackedLinear
+from .packed_matmul import PackedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -115,13 +115,9 @@ def scattered(places: tuple, tensors: tuple) -> dict:
 
 def packable_linear(module: torch.nn.Module) -> bool:
     """Whether `module` is a linear layer whose product lmblocks' packed kernel takes on this machine."""
-    from .decoding import packed_kernel_available  # decoding imports this module
+    from .decoding import packed_kernel_takes  # decoding imports this module
 
-    if type(module) is not torch.nn.Linear:
-        return False
-    weight = module.weight
-    return (weight.device.type == "cpu" and packed_kernel_available(weight.dtype)
-            and weight.shape[1] * weight.element_size() % BLOCK_BYTES == 0)
+    return type(module) is torch.nn.Linear and packed_kernel_takes(module.weight)
 
 
 def packaged_products(model: torch.nn.Module) -> bool:
@@ -215,10 +211,10 @@ class PackagedStep:
 
     def __init__(self, model: torch.nn.Module, places: tuple, fixed: dict, kwargs: dict, steps: PackagedSteps,
                  on_compile: Callable[[], None]):
-        self.places, self.stamp = places, None
+        self.stamp = None
         step = ExportedStep(model, kwargs["past_key_values"], places, fixed)
-        example = (tuple(gathered(places, kwargs)), tuple(static_cache_tensors(kwargs["past_key_values"])))
-        tensors = [*example[0], *example[1]]
+        tensors = step_tensors(places, kwargs)
+        example = (tuple(tensors[:len(places)]), tuple(tensors[len(places):]))
         key = package_key(model, places, fixed, tensors, steps.constants, steps.namespaces(model))
         self.path = package_folder() / f"{key}.pt2"
         self.runner = None
@@ -245,15 +241,19 @@ class PackagedStep:
             self.runner.load_constants(self.held, check_full_update=True, user_managed=True)
             self.stamp = steps.stamp
 
-    def __call__(self, kwargs: dict) -> torch.Tensor:
-        return self.runner.loader.boxed_run([*gathered(self.places, kwargs),
-                                             *static_cache_tensors(kwargs["past_key_values"])])[0]
+    def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The logits, for the call's tensors (`step_tensors`)."""
+        return self.runner.loader.boxed_run(tensors)[0]
 
 
-def call_key(places: tuple, fixed: dict, kwargs: dict) -> tuple:
-    """What tells apart the packages a model needs: its call's inputs' shapes, strides and dtypes, its cache's, its
-    settings."""
-    tensors = gathered(places, kwargs) + static_cache_tensors(kwargs["past_key_values"])
+def step_tensors(places: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """What a packaged step takes, in its order: the call's tensor inputs, then its cache's tensors."""
+    return gathered(places, kwargs) + static_cache_tensors(kwargs["past_key_values"])
+
+
+def call_key(places: tuple, fixed: dict, tensors: list[torch.Tensor]) -> tuple:
+    """What tells apart the packages a model needs: its call's inputs' and cache's shapes, strides and dtypes
+    (`tensors`: `step_tensors`), its settings."""
     return places, tuple(sorted(fixed.items())), tuple((t.shape, t.stride(), t.dtype) for t in tensors)
 
 
@@ -314,7 +314,8 @@ def packaged_call(model: torch.nn.Module, backend: dict, stamp: object, fallback
                 logger.warning(f"A decoding step of {type(model).__name__} that a package cannot serve (arguments: "
                                f"{len(args)} positional, {arguments}) runs torch.compile's step.")
             return fallback(*args, **kwargs)
-        key = call_key(*fits, kwargs)
+        tensors = step_tensors(fits[0], kwargs)  # read once per token: the key, then the step
+        key = call_key(*fits, tensors)
         steps.follow(model, stamp)
         if key not in steps:
             try:
@@ -328,10 +329,10 @@ def packaged_call(model: torch.nn.Module, backend: dict, stamp: object, fallback
             return fallback(*args, **kwargs)
         step.refresh(steps)
         backend.steps += 1
-        return CausalLMOutputWithPast(logits=step(kwargs), past_key_values=kwargs["past_key_values"])
+        return CausalLMOutputWithPast(logits=step(tensors), past_key_values=kwargs["past_key_values"])
 
     return call
 
 
 __all__ = ["PackagedStep", "PackagedSteps", "call_key", "package_folder", "package_key", "packable_call",
-           "packaged_call", "packaged_products", "static_cache_tensors"]
+           "packaged_call", "packaged_products", "static_cache_tensors", "step_tensors"]
