@@ -218,7 +218,7 @@ class Runner:
             self.batch.pop("labels")
             self.tokens = work["fwd_batch"] * work["fwd_seq"]
         else:
-            from lmblocks.decoding import compiled_decoding_config, frozen_call
+            from lmblocks.decoding import compiled_decoding_config, decoding_attention, frozen_call
             from lmblocks.modeling_common import LmbPreTrainedModel
 
             model.eval()
@@ -230,9 +230,14 @@ class Runner:
                 pad_token_id=0, eos_token_id=None,
             )
             if "_static_" in phase:
-                # lmblocks' decoding settings, given to both implementations alike (lmblocks/decoding.py): on CPU
-                # inductor with frozen weights and q/k/v, gate/up concatenated into one product each.
+                # lmblocks' decoding settings, given to both implementations alike (lmblocks/decoding.py): the
+                # compiled step, and on a CPU lmblocks' decoding attention (it reads only the cache positions
+                # written so far; transformers' sdpa reads the whole static cache and copies each key-value head
+                # for every query head of its group).
                 self.kwargs.update(cache_implementation="static", compile_config=compiled_decoding_config(device))
+                attention = decoding_attention(device, next(model.parameters()).dtype)
+                if device == "cpu" and attention and model.config._attn_implementation == "sdpa":
+                    model.set_attn_implementation(attention)
                 if device == "cpu" and not isinstance(model, LmbPreTrainedModel):
                     # lmblocks models run their frozen compiled step through `frozen_call` themselves
                     # (modeling_common.py); transformers' get the same wrapper here.

@@ -14,8 +14,9 @@ constants the package would have to hold), nor AOTInductor's runtime constant fo
 at load (torch 2.13: its proxy executor fails on a custom operator in the folded graph, "Mismatch between tensors
 consumed and num of input tensor"). So what freezing did at compile time is done on the model's modules instead:
 every linear layer whose product lmblocks' packed kernel takes (`lmblocks.packed_matmul`) is replaced, while the
-step is exported, by a `PackedLinear` holding its weight packed once, and those packed weights are the step's
-constants when it runs (`PackagedSteps`: once per model and weights). int8 layers (`Int8Linear`) hold theirs packed
+step is exported, by a `PackedLinear` holding its weight packed once — all of them back to back in one block of huge
+pages, in the order the step reads them (`lmblocks.huge_pages`) — and those packed weights are the step's constants
+when it runs (`PackagedSteps`: once per model and weights). int8 layers (`Int8Linear`) hold theirs packed
 already. So a package is made only where lmblocks' kernels do the
 products (`packaged_products`): float32 on AVX-512, bf16 on AVX-512 BF16, int8 everywhere the int8 kernel builds;
 elsewhere the step stays torch.compile's, which folds MKL's and oneDNN's weight layouts.
@@ -46,6 +47,7 @@ from pathlib import Path
 import torch
 
 from .cpu_kernels import machine_kind
+from .huge_pages import block_of
 from .packed_matmul import PackedLinear
 
 logger = logging.getLogger(__name__)
@@ -136,8 +138,13 @@ class PackedLinears:
     and the model's own layers back after."""
 
     def __init__(self, model: torch.nn.Module):
-        self.places = [(parent, name, child, PackedLinear(child)) for parent in model.modules()
-                       for name, child in parent.named_children() if packable_linear(child)]
+        linears = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+                   if packable_linear(child)]
+        # In one block of huge pages, in the order a step reads them (`lmblocks.huge_pages`): base LLaMA's fp32
+        # step, one thread, 20.3 ms/token with each packed weight allocated on its own.
+        places = block_of([(linear.weight.shape, linear.weight.dtype) for _, _, linear in linears])
+        self.places = [(parent, name, linear, PackedLinear(linear, place))
+                       for (parent, name, linear), place in zip(linears, places)]
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:

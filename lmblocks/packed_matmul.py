@@ -7,7 +7,9 @@ layer reads, 14 on a contiguous copy; oneDNN's packed bf16 product (inductor's, 
 a compiled step. These kernels read the weight the way lmblocks' int8 kernel does — tiles of `ROWS` rows stored block
 by block, 64 bytes a block (`pack`, `lmblocks.int8_matmul.pack_weight`'s layout), each tile one sequential stream:
 22–25 GB/s in float32 (FMA), 19–22 in bfloat16 (`vdpbf16ps`: pairs of bf16 products summed into float32 lanes; the
-activations are the model's bf16). (Two accumulators per row, tried, measured no faster.)
+activations are the model's bf16); 31 GB/s in float32 with the weights in one block of huge pages (`lmblocks.huge_pages`,
+as a packaged step holds them), the rate of a plain read loop on that memory. (Two accumulators per row, software
+prefetches 256 B–4 KiB ahead, 8 rows a tile, two tiles from far apart at once: tried, measured no faster.)
 
 They run where they were measured faster (`kernel_runs`): float32 on AVX-512 CPUs, bfloat16 on CPUs with AVX-512
 BF16; elsewhere inductor keeps MKL's and oneDNN's products. Plain C++ loops stand in on other builds
@@ -190,13 +192,15 @@ def operator(march: str = "native") -> torch._ops.OpOverloadPacket:
 
 class PackedLinear(torch.nn.Module):
     """A linear layer's product through the packed kernel, its weight packed once, when the layer is made (the
-    weight's size again): for a step compiled ahead of time, which takes the packed weight as one of its constants
-    (`lmblocks.packaged_step`). Shares the layer's bias."""
+    weight's size again; into `place` when given, e.g. a slice of one block of huge pages): for a step compiled ahead
+    of time, which takes the packed weight as one of its constants (`lmblocks.packaged_step`). Shares the layer's
+    bias."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, place: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", operator().pack(linear.weight.detach()), persistent=False)
+        packed = operator().pack(linear.weight.detach())
+        self.register_buffer("weight", packed if place is None else place.copy_(packed), persistent=False)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,27 @@ def test_int8_weights_of_a_converted_model_share_one_block():
         assert torch.equal(model(prompt).logits, logits)
 
 
+def test_packed_float_weights_of_a_packaged_step_share_one_block():
+    """The packaged step's linear layers (`PackedLinears`: float32 where lmblocks' packed kernel takes them) hold
+    their packed weights back to back in one block, in the order of the modules, the products unchanged."""
+    from lmblocks.packaged_step import PackedLinears
+
+    family = [f for f in DECODERS if f.name == "llama"][0]
+    torch.manual_seed(0)
+    model = family.causal_lm_class(family.tiny_config()).eval()
+    packed = PackedLinears(model)
+    if not packed.places:
+        pytest.skip("lmblocks' packed kernel does not take float32 products on this CPU")
+    weights = [layer.weight for _, _, _, layer in packed.places]
+    assert len(weights) > 2 and len({w.untyped_storage().data_ptr() for w in weights}) == 1
+    starts = [w.data_ptr() for w in weights]
+    assert starts == sorted(starts) and all(start % ALIGNMENT == 0 for start in starts)
+    x = torch.randn(2, model.config.hidden_size)
+    _, _, linear, layer = packed.places[0]
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
 def test_a_kernel_without_huge_pages_gets_ordinary_memory(monkeypatch):
     """A kernel built without transparent huge pages refuses MADV_HUGEPAGE (EINVAL): the block is ordinary memory."""
 
