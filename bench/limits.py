@@ -254,7 +254,8 @@ def table(records: list[dict[str, Any]]) -> list[str]:
                   "with those of one input concatenated / lmblocks' packed kernel, as the packaged step makes them "
                   "— the ceiling for removing per-step overhead.",
                   "",
-                  "| family | size | phase | MB per token | roofline GB/s | ms/step lmb / tf | GB/s lmb / tf | roofline lmb / tf | "
+                  "| family | size | phase | MB per token | roofline GB/s | ms/step lmb / tf | GB/s lmb / tf | "
+                  "roofline lmb / tf | "
                   "matvecs alone: MKL separate / MKL grouped / packed |",
                   "|---|---|---|---|---|---|---|---|---|", *roof_rows, ""]
     bf16_rows = []

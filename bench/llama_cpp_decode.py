@@ -1,6 +1,7 @@
 """Batch-1 CPU decoding, llama.cpp against lmblocks, on SmolLM2-135M-Instruct (`make bench-llama-cpp`).
 
     .venv-llamacpp/bin/python bench/llama_cpp_decode.py [--threads 2] [--reps 5] [--skip-compiled]
+        [--cpu-march haswell]
 
 Runs in `.venv-llamacpp` (`make llama-cpp-env`: llama-cpp-python built from source, with torch and lmblocks). The
 fetched checkpoint (`.cache/models/smollm2-135m-instruct`, `make env`) is loaded into lmblocks' LLaMA and exported
@@ -24,7 +25,9 @@ whether each engine's 64 greedy tokens equal lmblocks fp32 eager's. After the ti
 quality of lmblocks' weight formats: bits per byte of the main job's held-out text (12,000 characters of the
 Canterbury books, scripts/main.py's `held_out_text`; `--skip-quality` leaves it out). The tables go to stdout and to
 `bench/results/llama-cpp-decode.md`. Measure on an idle machine: on a shared one the numbers say more about the
-neighbours.
+neighbours. `--cpu-march haswell` measures an AVX2 machine's code paths on this one (lmblocks' kernels built for
+that CPU, `LMBLOCKS_CPU_MARCH`; torch's at AVX2 width; the memory system and llama.cpp's build stay this machine's):
+there lmblocks' float kernels do not run, and the float steps are torch.compile's.
 """
 
 from __future__ import annotations
@@ -128,7 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-compiled", action="store_true", help="leave out the compiled lmblocks rows")
     parser.add_argument("--skip-quality", action="store_true",
                         help="leave out the bits-per-byte table of lmblocks' weight formats")
+    parser.add_argument("--cpu-march", metavar="MARCH",
+                        help="take the code paths of an older CPU, a gcc -march name (e.g. haswell: AVX2 without "
+                             "AVX-512): lmblocks' kernels built for it (LMBLOCKS_CPU_MARCH), torch's at AVX2 width "
+                             "(ATEN_CPU_CAPABILITY=avx2, unless set); llama.cpp keeps its own build. The table goes to "
+                             "bench/results/llama-cpp-decode-<MARCH>.md")
     args = parser.parse_args(argv)
+    result = RESULT
+    if args.cpu_march:
+        # Before torch is imported (it reads ATEN_CPU_CAPABILITY once); the new processes inherit both.
+        os.environ["LMBLOCKS_CPU_MARCH"] = args.cpu_march  # lmblocks.cpu_kernels.TARGET_MARCH_VARIABLE
+        os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+        result = RESULT.with_name(f"{RESULT.stem}-{args.cpu_march}.md")
     if not (SMOLLM2 / "config.json").is_file():
         print(f"error: {SMOLLM2} is missing: `make env` fetches it.", file=sys.stderr)
         return 2
@@ -198,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         f"SmolLM2-135M-Instruct, batch 1, greedy, prompt of {len(input_ids)} tokens, {args.threads} threads, "
         f"ms/token = (generate {LONG} − generate {SHORT}) / {LONG - SHORT}, {args.reps} interleaved repetitions "
         "(median, min–max).",
-        f"{datetime.date.today().isoformat()}, {machine()}{' (AMX: extra buffer types off)' if cpu_has_amx() else ''};"
+        f"{datetime.date.today().isoformat()}, {machine()}{' (AMX: extra buffer types off)' if cpu_has_amx() else ''}"
+        + (f", lmblocks' kernels built for -march={args.cpu_march} and torch's ATEN_CPU_CAPABILITY="
+           f"{os.environ['ATEN_CPU_CAPABILITY']} (this CPU taking an older one's code paths; llama.cpp: its own build)"
+           if args.cpu_march else "") + ";"
         f" llama-cpp-python {llama_cpp.__version__}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}",
         "",
@@ -217,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", *quality_table(tokenizer)]
     text = "\n".join(lines)
     print(text)
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(text + "\n")
+    result.parent.mkdir(parents=True, exist_ok=True)
+    result.write_text(text + "\n")
     compile_cache.cleanup()
     return 0
 

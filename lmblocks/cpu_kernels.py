@@ -23,14 +23,47 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+# Builds lmblocks' kernels for another, older CPU than this one (a gcc `-march=` name, e.g. "haswell": AVX2 without
+# AVX-512) and takes only that CPU's vector features from this one's: to measure, on one machine, the code paths
+# another kind of machine takes (with ATEN_CPU_CAPABILITY=avx2 for torch's own kernels and inductor's; the memory
+# system stays this machine's). Unset: "native".
+TARGET_MARCH_VARIABLE = "LMBLOCKS_CPU_MARCH"
+
+
+def target_march() -> str:
+    """The `-march=` lmblocks' kernels are built for: "native", or `LMBLOCKS_CPU_MARCH`'s CPU."""
+    return os.environ.get(TARGET_MARCH_VARIABLE, "").strip() or "native"
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as /proc/cpuinfo lists them (Linux; empty elsewhere)."""
+    """The CPU's feature flags as /proc/cpuinfo lists them (Linux; empty elsewhere); with `LMBLOCKS_CPU_MARCH` set,
+    without the vector extensions (AVX, AMX) that CPU lacks."""
     try:
         line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         return frozenset()
-    return frozenset(line.split(":", 1)[1].split())
+    flags = frozenset(line.split(":", 1)[1].split())
+    march = target_march()
+    if march == "native":
+        return flags
+    enabled = compiler_features(march)
+    return frozenset(flag for flag in flags
+                     if not flag.startswith(("avx", "amx")) or flag.replace("_", "") in enabled)
+
+
+def compiler_features(march: str) -> frozenset[str]:
+    """The instruction-set macros gcc defines for `-march=march`, as /proc/cpuinfo spells flags without their
+    underscores: `__AVX512BF16__` → "avx512bf16"."""
+    import subprocess
+
+    try:
+        macros = subprocess.run(["c++", f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull], check=True,
+                                capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        raise ValueError(f"{TARGET_MARCH_VARIABLE}={march!r}: the C++ compiler does not know this -march ({error})")
+    return frozenset(name.strip("_").lower().replace("_", "") for line in macros.splitlines()
+                     if line.startswith("#define __") and (name := line.split()[1]).endswith("__"))
 
 
 def machine_kind() -> str:
@@ -52,6 +85,8 @@ def load_operators(stem: str, source: str, march: str = "native", defines: dict[
     from torch.utils.cpp_extension import load
 
     defines = dict(defines or {})
+    if march == "native":
+        march = target_march()
     machine = machine_kind() if march == "native" else ""
     parallel = torch.get_num_threads() > 1
     kind = f"{march}, {sorted(defines.items())}, {machine}, torch {torch.__version__}, parallel {parallel}"
@@ -86,4 +121,5 @@ def builds(load: Callable[[], object], what: str, instead: str) -> bool:
     return True
 
 
-__all__ = ["builds", "cpu_flags", "load_operators", "machine_kind"]
+__all__ = ["TARGET_MARCH_VARIABLE", "builds", "compiler_features", "cpu_flags", "load_operators", "machine_kind",
+           "target_march"]

@@ -526,7 +526,7 @@ def enable_compiled_decoding(model: PreTrainedModel, weights: str | None = None,
     `weights`: None keeps the model's dtype; "fp32", "bf16" or "int8" convert it in place (`convert_weights`; int8
     is for inference: the model then holds `Int8Linear` layers). On a CPU the model switches from sdpa to lmblocks'
     decoding attention (`decoding_attention`), which reads only the cache positions written so far. The first
-    `generate` compiles (50–70 s on one CPU thread for SmolLM2-135M); every later generation that fits the same
+    `generate` compiles (30–35 s on one CPU thread for SmolLM2-135M); every later generation that fits the same
     cache bucket (`cache_bucket`: 256, 512, ... positions) reuses it. `ahead_of_time` (on a CPU whose products
     lmblocks' kernels take): the step is compiled into a package on disk (`lmblocks.packaged_step`), which a new
     process loads in about a second; False, or elsewhere: torch.compile's step, which a new process takes from

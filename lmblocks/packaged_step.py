@@ -28,10 +28,10 @@ complete (another process never loads half a package), in `<inductor cache dir>/
 (`TORCHINDUCTOR_CACHE_DIR`, as torch.compile's caches).
 
 SmolLM2-135M-Instruct, one thread, AMD EPYC (AVX-512 BF16), 2026-12-07 (bench/llama_cpp_decode.py): compiled in
-44–51 s the first time (export 3–5 s; AOTInductor's lowering and code generation about 30 s, the C++ compiler 23 s
-on the wrapper), then a new process's first `generate` in 1.9 s (int8), 2.8 (bf16), 4.2 (fp32: 0.3 s of it
-packing the weights); decoding at 8.1, 14.9 and 26.3 ms/token (torch.compile's frozen step, the run before this
-one: 9.8, 16.7, 27.9).
+30–35 s the first time into an empty cache (export 5–7 s; AOTInductor's lowering and code generation about 15 s,
+the C++ compiler about 15 s on the wrapper), then a new process's first `generate` in 1.4 s (int8), 2.0 (bf16),
+2.8–7.3 (fp32, which packs its weights first); decoding at 7.3, 11.5 and 20.4 ms/token (the same day, before the
+packed float weights lay in huge pages: 8.1, 14.9 and 26.3; torch.compile's frozen step: 9.8, 16.7, 27.9).
 """
 
 from __future__ import annotations
@@ -200,7 +200,10 @@ def export_and_package(step: ExportedStep, example: tuple, path: Path) -> None:
     written under a temporary name and renamed when complete."""
     import torch._inductor.config as config
 
-    settings = {"freezing": False, "aot_inductor.package_constants_in_so": False}
+    # cpp.vec_isa_ok: inductor otherwise builds and loads a test library per vector instruction set before its first
+    # compilation in a cache folder (about 6 s); lmblocks' kernels, built for this CPU by the same compiler and
+    # loaded (a package is made only where they take every product), proved that already.
+    settings = {"freezing": False, "aot_inductor.package_constants_in_so": False, "cpp.vec_isa_ok": True}
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
     try:

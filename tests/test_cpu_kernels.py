@@ -1,0 +1,36 @@
+"""lmblocks.cpu_kernels: LMBLOCKS_CPU_MARCH takes an older CPU's code paths on this one (for measuring them)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lmblocks.cpu_kernels import compiler_features, cpu_flags
+
+_OLDER_CPU = """
+import torch
+from lmblocks import cpu_kernels, decoding, int8_matmul, packed_matmul
+flags = cpu_kernels.cpu_flags()
+assert "avx2" in flags and not any(f.startswith(("avx512", "amx")) for f in flags), sorted(flags)
+assert not packed_matmul.kernel_runs(torch.float32) and not packed_matmul.kernel_runs(torch.bfloat16)
+assert not decoding.packed_kernel_available(torch.float32)
+int8_matmul.operator()  # built for haswell: the namespace of a -march=haswell build
+assert int8_matmul._LOADED["native"] == cpu_kernels.load_operators("int8", int8_matmul.SOURCE, "haswell",
+                                                                   {"SCALE_BLOCK_SIZE": int8_matmul.SCALE_BLOCK})
+"""
+
+
+def test_features_a_march_enables():
+    assert {"avx2", "fma"} <= compiler_features("haswell") and "avx512f" not in compiler_features("haswell")
+    with pytest.raises(ValueError, match="LMBLOCKS_CPU_MARCH='no-such-cpu'"):
+        compiler_features("no-such-cpu")
+
+
+@pytest.mark.skipif(not {"avx2", "fma"} <= cpu_flags(), reason="this CPU cannot run AVX2 code")
+def test_an_older_cpu_s_code_paths():
+    """With LMBLOCKS_CPU_MARCH=haswell (AVX2, no AVX-512) the kernels are built for it and the AVX-512 features are
+    not seen: the float products stay MKL's and oneDNN's, the int8 kernel takes its AVX2 path."""
+    env = {**os.environ, "LMBLOCKS_CPU_MARCH": "haswell"}
+    result = subprocess.run([sys.executable, "-c", _OLDER_CPU], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
