@@ -26,8 +26,8 @@ quality of lmblocks' weight formats: bits per byte of the main job's held-out te
 Canterbury books, scripts/main.py's `held_out_text`; `--skip-quality` leaves it out). The tables go to stdout and to
 `bench/results/llama-cpp-decode.md`. Measure on an idle machine: on a shared one the numbers say more about the
 neighbours. `--cpu-march haswell` measures an AVX2 machine's code paths on this one (lmblocks' kernels built for
-that CPU, `LMBLOCKS_CPU_MARCH`; torch's at AVX2 width; the memory system and llama.cpp's build stay this machine's):
-there lmblocks' float kernels do not run, and the float steps are torch.compile's.
+that CPU, `LMBLOCKS_CPU_MARCH`; torch's, MKL's and oneDNN's at AVX2; the memory system and llama.cpp's build stay
+this machine's): there lmblocks' float kernels do not run, and the float steps are torch.compile's.
 """
 
 from __future__ import annotations
@@ -133,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave out the bits-per-byte table of lmblocks' weight formats")
     parser.add_argument("--cpu-march", metavar="MARCH",
                         help="take the code paths of an older CPU, a gcc -march name (e.g. haswell: AVX2 without "
-                             "AVX-512): lmblocks' kernels built for it (LMBLOCKS_CPU_MARCH), torch's at AVX2 width "
-                             "(ATEN_CPU_CAPABILITY=avx2, unless set); llama.cpp keeps its own build. The table goes to "
+                             "AVX-512): lmblocks' kernels built for it (LMBLOCKS_CPU_MARCH), torch's, MKL's and oneDNN's at AVX2 "
+                             "(ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA, unless set); "
+                             "llama.cpp keeps its own build. The table goes to "
                              "bench/results/llama-cpp-decode-<MARCH>.md")
     args = parser.parse_args(argv)
     result = RESULT
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         # Before torch is imported (it reads ATEN_CPU_CAPABILITY once); the new processes inherit both.
         os.environ["LMBLOCKS_CPU_MARCH"] = args.cpu_march  # lmblocks.cpu_kernels.TARGET_MARCH_VARIABLE
         os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+        os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", "AVX2")  # MKL and oneDNN pick their own: at most AVX2 too
+        os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
         result = RESULT.with_name(f"{RESULT.stem}-{args.cpu_march}.md")
     if not (SMOLLM2 / "config.json").is_file():
         print(f"error: {SMOLLM2} is missing: `make env` fetches it.", file=sys.stderr)
@@ -214,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         "(median, min–max).",
         f"{datetime.date.today().isoformat()}, {machine()}{' (AMX: extra buffer types off)' if cpu_has_amx() else ''}"
         + (f", lmblocks' kernels built for -march={args.cpu_march} and torch's ATEN_CPU_CAPABILITY="
-           f"{os.environ['ATEN_CPU_CAPABILITY']} (this CPU taking an older one's code paths; llama.cpp: its own build)"
+           f"{os.environ['ATEN_CPU_CAPABILITY']}, MKL_ENABLE_INSTRUCTIONS={os.environ['MKL_ENABLE_INSTRUCTIONS']}, "
+           f"ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']} (this CPU taking an older one's code paths; "
+           "llama.cpp: its own build)"
            if args.cpu_march else "") + ";"
         f" llama-cpp-python {llama_cpp.__version__}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}",
