@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave out the bits-per-byte table of lmblocks' weight formats")
     parser.add_argument("--cpu-march", metavar="MARCH",
                         help="take the code paths of an older CPU, a gcc -march name (e.g. haswell: AVX2 without "
-                             "AVX-512): lmblocks' kernels built for it (LMBLOCKS_CPU_MARCH), torch's, MKL's and oneDNN's at AVX2 "
-                             "(ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA, unless set); "
+                             "AVX-512): lmblocks' kernels built for it (LMBLOCKS_CPU_MARCH), torch's, MKL's and oneDNN's "
+                             "at AVX2 (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA, unless set); "
                              "llama.cpp keeps its own build. The table goes to "
                              "bench/results/llama-cpp-decode-<MARCH>.md")
     args = parser.parse_args(argv)

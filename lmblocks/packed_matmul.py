@@ -7,8 +7,8 @@ layer reads, 14 on a contiguous copy; oneDNN's packed bf16 product (inductor's, 
 a compiled step. These kernels read the weight the way lmblocks' int8 kernel does — tiles of `ROWS` rows stored block
 by block, 64 bytes a block (`pack`, `lmblocks.int8_matmul.pack_weight`'s layout), each tile one sequential stream:
 22–25 GB/s in float32 (FMA), 19–22 in bfloat16 (`vdpbf16ps`: pairs of bf16 products summed into float32 lanes; the
-activations are the model's bf16); 31 GB/s in float32 with the weights in one block of huge pages (`lmblocks.huge_pages`,
-as a packaged step holds them), the rate of a plain read loop on that memory. (Two accumulators per row, software
+activations are the model's bf16); 31 GB/s in float32 with the weights in one block of huge pages
+(`lmblocks.huge_pages`, as a packaged step holds them), the rate of a plain read loop on that memory. (Two accumulators per row, software
 prefetches 256 B–4 KiB ahead, 8 rows a tile, two tiles from far apart at once: tried, measured no faster.)
 
 They run where they were measured faster (`kernel_runs`): float32 on AVX-512 CPUs, bfloat16 on CPUs with AVX-512
