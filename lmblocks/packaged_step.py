@@ -195,19 +195,33 @@ def package_folder() -> Path:
     return Path(cache_dir()) / "lmblocks_packaged_steps"
 
 
+def vector_isa_trusted() -> contextlib.AbstractContextManager:
+    """Inductor's settings that skip its probe of the CPU's vector instruction sets: before its first compilation in
+    a cache folder, and before loading a package in every process, inductor builds and loads a test library per
+    instruction set (5.5 s the first time, then 0.9 s of subprocesses each time: most of a new process's first
+    `generate`, measured). lmblocks' kernels, built for this CPU by the same compiler and loaded — a package is made
+    only where they take every product — proved that already."""
+    import torch._inductor.config as config
+
+    return config.patch({"cpp.vec_isa_ok": True})
+
+
+def load_package(path: Path):
+    """The package at `path`, loaded (`aoti_load_package`)."""
+    with vector_isa_trusted():
+        return torch._inductor.aoti_load_package(str(path))
+
+
 def export_and_package(step: ExportedStep, example: tuple, path: Path) -> None:
     """Exports `step` on `example` and compiles it with AOTInductor into a package at `path`, without the weights,
     written under a temporary name and renamed when complete."""
     import torch._inductor.config as config
 
-    # cpp.vec_isa_ok: inductor otherwise builds and loads a test library per vector instruction set before its first
-    # compilation in a cache folder (about 6 s); lmblocks' kernels, built for this CPU by the same compiler and
-    # loaded (a package is made only where they take every product), proved that already.
-    settings = {"freezing": False, "aot_inductor.package_constants_in_so": False, "cpp.vec_isa_ok": True}
+    settings = {"freezing": False, "aot_inductor.package_constants_in_so": False}
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
     try:
-        with torch.no_grad(), config.patch(settings):
+        with torch.no_grad(), config.patch(settings), vector_isa_trusted():
             program = torch.export.export(step, example, strict=False)
             torch._inductor.aoti_compile_and_package(program, package_path=str(staged))
         staged.replace(path)
@@ -231,7 +245,7 @@ class PackagedStep:
         if self.path.is_file():
             logger.info(f"Loading {type(model).__name__}'s decoding step from {self.path} (compiled before).")
             try:
-                self.runner = torch._inductor.aoti_load_package(str(self.path))
+                self.runner = load_package(self.path)
             except Exception as error:  # noqa: BLE001 - a damaged package (its writes are staged: not by lmblocks)
                 logger.warning(f"The package {self.path} could not be loaded ({type(error).__name__}: {error}); "
                                "compiling the step again in its place.")
@@ -240,7 +254,7 @@ class PackagedStep:
             with steps.packed.swapped():
                 export_and_package(step, example, self.path)
             on_compile()
-            self.runner = torch._inductor.aoti_load_package(str(self.path))
+            self.runner = load_package(self.path)
         self.refresh(steps)
 
     def refresh(self, steps: PackagedSteps) -> None:
