@@ -74,6 +74,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import platform
 import types
 from collections.abc import Callable, Iterator
 
@@ -84,7 +85,7 @@ from .compat import compile_on_every_device, size_static_caches, unmark_static_i
 from .cpu_attention import CPU_DECODING_ATTENTION
 from .cpu_attention import KERNEL_DTYPES as CPU_KERNEL_DTYPES
 from .cpu_attention import kernel_available as cpu_attention_available
-from .cpu_kernels import builds
+from .cpu_kernels import builds, cpu_flags
 from .huge_pages import in_one_block
 from .int8_matmul import BLOCK as INT8_BLOCK
 from .int8_matmul import int8_linear, pack_weight, unpack_weight
@@ -489,6 +490,14 @@ def int8_kernel_available() -> bool:
 WEIGHT_FORMATS = ("fp32", "bf16", "int8")
 
 
+def native_bf16_products() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX-512 BF16 or AMX), without which bf16 weights decode
+    slower than fp32 (x86; True elsewhere: not measured there)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
 def convert_weights(model: PreTrainedModel, weights: str) -> PreTrainedModel:
     """`model` (in place) with its weights in `weights` format: "fp32" or "bf16" (the whole model in that dtype), or
     "int8" (every `nn.Linear`, the output head included, replaced by an `Int8Linear`, their weights in one block
@@ -537,6 +546,11 @@ def enable_compiled_decoding(model: PreTrainedModel, weights: str | None = None,
         raise ValueError(f"{type(model).__name__} does not support a compiled static-cache decoding step.")
     if weights is not None:
         convert_weights(model, weights)
+    if model.device.type == "cpu" and model.dtype == torch.bfloat16 and not native_bf16_products():
+        logger.warning("bf16 weights on this CPU decode slower than fp32: it has no bf16 dot-product instructions "
+                       "(AVX-512 BF16 or AMX), and oneDNN's bf16 products without them took 156.6 ms a token for "
+                       "SmolLM2-135M against fp32's 33.3 compiled and 55.4 eager (AVX2 code paths, one thread, "
+                       "bench/results/llama-cpp-decode-haswell.md). weights='fp32' or 'int8' decode faster here.")
     faster = decoding_attention(model.device, model.dtype)
     if faster and model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(faster)
@@ -552,6 +566,7 @@ __all__ = [
     "CACHE_BUCKETS",
     "Int8Linear",
     "WEIGHT_FORMATS",
+    "native_bf16_products",
     "cache_bucket",
     "compiled_step",
     "reuse_guard_checks",
