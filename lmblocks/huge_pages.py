@@ -42,6 +42,8 @@ def huge_page_block(nbytes: int) -> torch.Tensor:
 def block_of(layout: list[tuple[torch.Size, torch.dtype]]) -> list[torch.Tensor]:
     """Zeroed CPU tensors of these (shape, dtype)s, back to back in that order in one `huge_page_block` (each at a
     multiple of `ALIGNMENT` bytes): give them in the order decoding reads them."""
+    if not layout:
+        return []
     offsets, end = [], 0
     for shape, dtype in layout:
         offsets.append(end)

@@ -9,7 +9,7 @@ import torch
 
 from families import DECODERS
 from lmblocks.decoding import Int8Linear, convert_weights
-from lmblocks.huge_pages import ALIGNMENT, HUGE_PAGE, huge_page_block, in_one_block
+from lmblocks.huge_pages import ALIGNMENT, HUGE_PAGE, block_of, huge_page_block, in_one_block
 
 
 def _mapping_of(address: int) -> dict[str, str]:
@@ -52,6 +52,10 @@ def test_the_block_is_advised_as_huge_pages():
     block = huge_page_block(3 * HUGE_PAGE)
     block.fill_(1)
     assert "hg" in _mapping_of(block.data_ptr())["VmFlags"].split()
+
+
+def test_an_empty_layout_maps_nothing():
+    assert block_of([]) == [] and in_one_block([]) == []
 
 
 def test_in_one_block_refuses_tensors_off_the_cpu():
