@@ -95,7 +95,9 @@ def matvec_ceiling(model: torch.nn.Module, prompt: torch.Tensor, reps: int = 8) 
     per-step overhead can beat. Captured from a real step (forward hooks on every nn.Linear, in call order), then
     timed two ways: each product as the model makes it (`matvec_separate_gbs`), and the products that share an input
     concatenated into one (`matvec_grouped_gbs`: q/k/v and gate/up, what compiled decoding's concat-linear pass
-    does). GB/s of weight bytes, best of `reps`; the weights exceed the caches, so every rep streams them again."""
+    does); and where lmblocks' packed kernel takes every product, through it, as the packaged step makes them
+    (`matvec_packed_gbs`). GB/s of weight bytes, best of `reps`; the weights exceed the caches, so every rep streams
+    them again."""
     calls: list[tuple[torch.nn.Linear, torch.Tensor]] = []
     hooks = [m.register_forward_hook(lambda module, args, _: calls.append((module, args[0])))
              for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -126,27 +128,17 @@ def matvec_ceiling(model: torch.nn.Module, prompt: torch.Tensor, reps: int = 8) 
         result = dict(matvec_separate_gbs=nbytes / _best_seconds(lambda: run(separate), reps, "cpu") / 1e9,
                       matvec_grouped_gbs=nbytes / _best_seconds(lambda: run(grouped), reps, "cpu") / 1e9,
                       matvec_products=len(separate), matvec_grouped_products=len(grouped))
-        packed = packed_products(separate)
-        if packed:
-            from lmblocks.packed_matmul import operator
+        # As the packaged decoding step makes them, where lmblocks' packed kernel takes every product: its own
+        # packed weights (one block of huge pages, in module order).
+        from lmblocks.packaged_step import PackedLinears
+        from lmblocks.packed_matmul import operator
 
+        packed_weights = {id(linear): layer.weight for _, _, linear, layer in PackedLinears(model).places}
+        if all(id(m) in packed_weights for _, ms in groups for m in ms):
+            packed = [(x, packed_weights[id(m)], m.bias) for x, ms in groups for m in ms]
             seconds = _best_seconds(lambda: run(packed, operator().linear), reps, "cpu")
             result.update(matvec_packed_gbs=nbytes / seconds / 1e9)
     return result
-
-
-def packed_products(products: list[tuple]) -> list[tuple] | None:
-    """`products` as the packaged decoding step makes them, where lmblocks' packed kernel takes every one: each
-    weight packed, all of them back to back in one block of huge pages (`lmblocks.packaged_step.PackedLinears`);
-    None where it does not."""
-    from lmblocks.decoding import packed_kernel_takes
-    from lmblocks.huge_pages import block_of
-    from lmblocks.packed_matmul import operator
-
-    if not all(packed_kernel_takes(weight) for _, weight, _ in products):
-        return None
-    places = block_of([(weight.shape, weight.dtype) for _, weight, _ in products])
-    return [(x, place.copy_(operator().pack(weight)), bias) for (x, weight, bias), place in zip(products, places)]
 
 
 def bytes_per_token(model: torch.nn.Module, context: float) -> tuple[float, float]:

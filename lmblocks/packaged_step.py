@@ -79,7 +79,14 @@ def packable_call(args: tuple, kwargs: dict) -> tuple[tuple[tuple[str, str | Non
     the attention masks by layer type of models with sliding layers; its fixed settings) when a package can serve
     the call: keyword arguments only, tensors among `TENSOR_INPUTS` on a CPU, a static cache, settings a package
     serves; else None."""
-    if args or static_cache_tensors(kwargs.get("past_key_values")) is None:
+    served = served_call(args, kwargs)
+    return None if served is None else served[:2]
+
+
+def served_call(args: tuple, kwargs: dict) -> tuple[tuple, dict, list[torch.Tensor]] | None:
+    """`packable_call`'s answer and the call's cache tensors (`static_cache_tensors`), read once for the token."""
+    cache_tensors = None if args else static_cache_tensors(kwargs.get("past_key_values"))
+    if cache_tensors is None:
         return None
     places, fixed = [], {}
     for name, value in kwargs.items():
@@ -96,7 +103,7 @@ def packable_call(args: tuple, kwargs: dict) -> tuple[tuple[tuple[str, str | Non
             fixed[name] = value
         else:
             return None
-    return tuple(places), fixed
+    return tuple(places), fixed, cache_tensors
 
 
 def gathered(places: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -330,20 +337,21 @@ def packaged_call(model: torch.nn.Module, backend: dict, stamp: object, fallback
         backend.compilations += 1
 
     def call(*args, **kwargs):
-        fits = packable_call(args, kwargs)
-        if fits is None:
+        served = served_call(args, kwargs)
+        if served is None:
             if not steps.told:
                 steps.told = True
                 arguments = ", ".join(f"{name}={type(value).__name__}" for name, value in kwargs.items())
                 logger.warning(f"A decoding step of {type(model).__name__} that a package cannot serve (arguments: "
                                f"{len(args)} positional, {arguments}) runs torch.compile's step.")
             return fallback(*args, **kwargs)
-        tensors = step_tensors(fits[0], kwargs)  # read once per token: the key, then the step
-        key = call_key(*fits, tensors)
+        places, fixed, cache_tensors = served
+        tensors = gathered(places, kwargs) + cache_tensors  # read once per token: the key, then the step
+        key = call_key(places, fixed, tensors)
         steps.follow(model, stamp)
         if key not in steps:
             try:
-                steps[key] = PackagedStep(model, *fits, kwargs, steps, compiling)
+                steps[key] = PackagedStep(model, places, fixed, kwargs, steps, compiling)
             except Exception as error:  # noqa: BLE001 - any export or build failure: torch.compile's step instead
                 logger.warning(f"{type(model).__name__}'s decoding step could not be compiled ahead of time "
                                f"({type(error).__name__}: {error}); torch.compile's step runs instead.")
