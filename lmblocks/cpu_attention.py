@@ -149,13 +149,18 @@ TORCH_LIBRARY_IMPL(LMBLOCKS_NAMESPACE, CPU, m) {
 }
 """
 
+def library() -> tuple[str, str, str, dict[str, object]]:
+    """The attention operator library for this machine, as `lmblocks.cpu_kernels.load_operators` builds it."""
+    return "attention", SOURCE, "native", {}
+
+
 _LOADED: list[str] = []  # the loaded library's operator namespace (a name: module globals must pickle)
 
 
 def operator() -> torch._ops.OpOverloadPacket:
     """The attention operator for this machine, built on first use or loaded (`lmblocks.cpu_kernels`)."""
     if not _LOADED:
-        name = load_operators("attention", SOURCE)
+        name = load_operators(*library())
 
         @torch.library.register_fake(f"{name}::attention")
         def _(query, key, value, mask, scale):

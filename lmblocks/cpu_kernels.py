@@ -1,9 +1,9 @@
 """lmblocks' C++ operators for CPU decoding, built for the machine they run on.
 
-Each operator library is one C++ source (`lmblocks.int8_matmul`, `lmblocks.cpu_attention`), compiled on first use
-(about 10 s) with torch's C++ extension builder and `-march=native`, once per source, machine kind and torch version,
-in torch's extension folder (`TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions); a new process loads the
-built library in 0.1 s. Its operators live in a namespace named after that build (`torch.ops.<namespace>`): a build
+Each operator library is one C++ source (`lmblocks.int8_matmul`, `lmblocks.packed_matmul`, `lmblocks.cpu_attention`),
+compiled on first use (about 6 s of one core each, most of it torch's headers; `build_libraries` builds several at
+once) with `-march=native`, once per source, machine kind and torch version, in torch's extension folder
+(`TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions); a new process loads the built library in 0.1 s. Its operators live in a namespace named after that build (`torch.ops.<namespace>`): a build
 for another source or machine never shadows this one. `torch.compile` keeps such an operator as one node, and the
 compiled step's C++ wrapper calls it through the dispatcher, without Python.
 """
@@ -72,17 +72,17 @@ def machine_kind() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:10]
 
 
-def load_operators(stem: str, source: str, march: str = "native", defines: dict[str, object] | None = None) -> str:
-    """Builds (or loads, when built before) the operator library `source` for `-march=march` with the macros
-    `defines`, and returns its namespace (`torch.ops.<namespace>`). The source declares its operators with
-    `TORCH_LIBRARY(LMBLOCKS_NAMESPACE, m)`. Callers keep the namespace: loading a library twice fails.
+def library_build(stem: str, source: str, march: str = "native",
+                  defines: dict[str, object] | None = None) -> tuple[str, Path, list[str]]:
+    """Where the operator library `source` for `-march=march` with the macros `defines` lives, and how it is built:
+    (its namespace, its file, the compiler's command without the output file).
 
     Built with OpenMP when torch runs on several threads at the time (`torch.get_num_threads()`), without it on one:
     ATen's `parallel_for` is inline OpenMP code and runs on one thread in a library built without `-fopenmp`, but
     built with it the same kernels streamed 10–15 % slower on one thread (SmolLM2's bf16 products, 17.5 against
     20.7 GB/s, interleaved, one AMD EPYC thread, 2026-12-07; why is not known). Two threads then stream SmolLM2's
     int8 products at 18–20 GB/s against 15–17 on one (bench/results/llama-cpp-decode-2-threads.md: whole steps)."""
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import include_paths, library_paths
 
     defines = dict(defines or {})
     if march == "native":
@@ -92,21 +92,72 @@ def load_operators(stem: str, source: str, march: str = "native", defines: dict[
     kind = f"{march}, {sorted(defines.items())}, {machine}, torch {torch.__version__}, parallel {parallel}"
     name = f"lmblocks_{stem}_{hashlib.sha256(f'{source}{kind}'.encode()).hexdigest()[:12]}"
     folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions") / name
-    library = folder / f"{name}.so"
-    try:  # built before, for this source, machine kind and torch: no compiler, no ninja
+    openmp = ["-fopenmp"] if parallel else []
+    command = [os.environ.get("CXX", "c++"), "-x", "c++", str(folder / f"{stem}.cpp"), "-shared", "-fPIC",
+               "-std=c++20", "-O3", f"-march={march}", *openmp,
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-DLMBLOCKS_NAMESPACE={name}",
+               *(f"-D{key}={value}" for key, value in defines.items()),
+               *(f"-isystem{path}" for path in include_paths()), *(f"-L{path}" for path in library_paths()),
+               "-lc10", "-ltorch_cpu"]
+    return name, folder / f"{name}.so", command
+
+
+def start_build(stem: str, source: str, command: list[str], library: Path) -> Callable[[], None]:
+    """Starts the compiler on `source` (written beside `library` first) into a staged file; the returned function
+    waits for it and moves the library into place, whole (two processes building one library both succeed), or
+    raises with the compiler's messages."""
+    import subprocess
+
+    library.parent.mkdir(parents=True, exist_ok=True)
+    source_file = library.parent / f"{stem}.cpp"
+    if not source_file.is_file() or source_file.read_text() != source:
+        staged_source = source_file.with_name(f"{source_file.name}.{os.getpid()}")
+        staged_source.write_text(source)
+        staged_source.replace(source_file)
+    staged = library.with_name(f"{library.name}.{os.getpid()}.partial")
+    compiler = subprocess.Popen([*command, "-o", str(staged)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+    def finish() -> None:
+        messages = compiler.communicate()[0]
+        if compiler.returncode != 0:
+            staged.unlink(missing_ok=True)
+            raise RuntimeError(f"building {library.name} failed ({' '.join(command)}):\n{messages[-4000:]}")
+        staged.replace(library)
+
+    return finish
+
+
+def build_libraries(libraries: list[tuple[str, str, str, dict[str, object]]]) -> None:
+    """Builds those of `libraries` ((stem, source, march, defines), as `load_operators` takes them) not built yet,
+    all at once: one compiler process each (about 6 s of one core apiece, most of it torch's headers), so a first
+    use on two cores waits for the slowest, not for their sum. A build that fails is left for `load_operators` to
+    report."""
+    waiting = []
+    for stem, source, march, defines in libraries:
+        _, library, command = library_build(stem, source, march, defines)
+        if not library.is_file():
+            logger.info(f"Building lmblocks' {stem} kernels ({library.stem}, -march={march}).")
+            waiting.append(start_build(stem, source, command, library))
+    for finish in waiting:
+        try:
+            finish()
+        except RuntimeError:
+            pass
+
+
+def load_operators(stem: str, source: str, march: str = "native", defines: dict[str, object] | None = None) -> str:
+    """Builds (or loads, when built before) the operator library `source` for `-march=march` with the macros
+    `defines` (`library_build`), and returns its namespace (`torch.ops.<namespace>`). The source declares its
+    operators with `TORCH_LIBRARY(LMBLOCKS_NAMESPACE, m)`. Callers keep the namespace: loading a library twice
+    fails."""
+    name, library, command = library_build(stem, source, march, defines)
+    try:  # built before, for this source, machine kind and torch: no compiler
         torch.ops.load_library(str(library))
-    except OSError:  # not built yet (or another process is writing it: `load` waits for its lock)
-        logger.info(f"Building lmblocks' {stem} kernels ({name}, -march={march}) in {folder}.")
-        folder.mkdir(parents=True, exist_ok=True)
-        source_file = folder / f"{stem}.cpp"
-        if not source_file.is_file() or source_file.read_text() != source:  # a rewrite would make ninja build again
-            staged = folder / f"{stem}.cpp.{os.getpid()}"
-            staged.write_text(source)
-            staged.replace(source_file)  # whole, whichever process writes it
-        openmp = ["-fopenmp"] if parallel else []
-        flags = ["-O3", f"-march={march}", *openmp, f"-DLMBLOCKS_NAMESPACE={name}"]
-        load(name, [str(source_file)], extra_cflags=flags + [f"-D{key}={value}" for key, value in defines.items()],
-             extra_ldflags=openmp, build_directory=str(folder), is_python_module=False, verbose=False)
+    except OSError:  # not built yet
+        logger.info(f"Building lmblocks' {stem} kernels ({name}, -march={march}) in {library.parent}.")
+        start_build(stem, source, command, library)()
+        torch.ops.load_library(str(library))
     return name
 
 
@@ -121,5 +172,5 @@ def builds(load: Callable[[], object], what: str, instead: str) -> bool:
     return True
 
 
-__all__ = ["TARGET_MARCH_VARIABLE", "builds", "compiler_features", "cpu_flags", "load_operators", "machine_kind",
-           "target_march"]
+__all__ = ["TARGET_MARCH_VARIABLE", "build_libraries", "builds", "compiler_features", "cpu_flags", "library_build",
+           "load_operators", "machine_kind", "target_march"]

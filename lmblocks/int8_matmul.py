@@ -225,15 +225,20 @@ TORCH_LIBRARY_IMPL(LMBLOCKS_NAMESPACE, CPU, m) {
 """
 
 
+def library(march: str = "native") -> tuple[str, str, str, dict[str, object]]:
+    """The int8 operator library for `march`, as `lmblocks.cpu_kernels.load_operators` builds it."""
+    return "int8", SOURCE, march, {"SCALE_BLOCK_SIZE": SCALE_BLOCK}
+
+
 _LOADED: dict[str, str] = {}  # -march → the loaded library's operator namespace (names: module globals must pickle)
 
 
 def operator(march: str = "native") -> torch._ops.OpOverloadPacket:
     """The int8 linear operator compiled for `march` (`-march=`; "native": this machine), built on first use (about
-    10 s on one core) or loaded from torch's extension folder (`lmblocks.cpu_kernels`). `Int8Linear` loads it when
+    6 s of one core) or loaded from torch's extension folder (`lmblocks.cpu_kernels`). `Int8Linear` loads it when
     it is made, so that `torch.compile` finds it loaded."""
     if march not in _LOADED:
-        name = load_operators("int8", SOURCE, march, {"SCALE_BLOCK_SIZE": SCALE_BLOCK})
+        name = load_operators(*library(march))
 
         @torch.library.register_fake(f"{name}::linear")
         def _(input, weight, scales, bias):

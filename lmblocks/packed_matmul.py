@@ -169,6 +169,11 @@ TORCH_LIBRARY_IMPL(LMBLOCKS_NAMESPACE, CPU, m) {
 }
 """
 
+def library(march: str = "native") -> tuple[str, str, str, dict[str, object]]:
+    """The packed float operator library for `march`, as `lmblocks.cpu_kernels.load_operators` builds it."""
+    return "packed", SOURCE, march, {}
+
+
 _LOADED: dict[str, str] = {}  # -march → the loaded library's operator namespace (names: module globals must pickle)
 
 
@@ -176,7 +181,7 @@ def operator(march: str = "native") -> torch._ops.OpOverloadPacket:
     """The packed float32 / bf16 linear operators compiled for `march` (`-march=`; "native": this machine), built on
     first use or loaded from torch's extension folder (`lmblocks.cpu_kernels`)."""
     if march not in _LOADED:
-        name = load_operators("packed", SOURCE, march)
+        name = load_operators(*library(march))
 
         @torch.library.register_fake(f"{name}::linear")
         def _(input, weight, bias):

@@ -1,4 +1,5 @@
-"""lmblocks.cpu_kernels: LMBLOCKS_CPU_MARCH takes an older CPU's code paths on this one (for measuring them)."""
+"""lmblocks.cpu_kernels: the kernels' builds; LMBLOCKS_CPU_MARCH takes an older CPU's code paths on this one (for
+measuring them)."""
 
 import os
 import subprocess
@@ -46,3 +47,33 @@ def test_an_older_cpu_s_code_paths():
            "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", _OLDER_CPU], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+_TWICE = """
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+at::Tensor twice(const at::Tensor& x) { return x.mul(2); }
+
+TORCH_LIBRARY(LMBLOCKS_NAMESPACE, m) { m.def("twice(Tensor x) -> Tensor"); }
+TORCH_LIBRARY_IMPL(LMBLOCKS_NAMESPACE, CPU, m) { m.impl("twice", twice); }
+"""
+
+
+def test_libraries_built_at_once_and_a_failed_build_named(tmp_path, monkeypatch):
+    """`build_libraries` builds several libraries side by side, each staged and moved into place whole; one that
+    does not compile leaves nothing behind, and loading it raises with the compiler's message."""
+    import torch
+
+    from lmblocks.cpu_kernels import build_libraries, library_build, load_operators
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    good, bad = ("twice", _TWICE, "native", {}), ("broken", "this is not C++;", "native", {})
+    build_libraries([good, bad])
+    name, library, _ = library_build(*good)
+    assert library.is_file() and not library_build(*bad)[1].exists()
+    assert not [path for path in tmp_path.rglob("*") if "partial" in path.name]
+    assert load_operators(*good) == name
+    assert torch.equal(getattr(torch.ops, name).twice(torch.ones(3)), torch.full((3,), 2.0))
+    with pytest.raises(RuntimeError, match=r"building lmblocks_broken_\w+\.so failed .*\n.*error"):
+        load_operators(*bad)
