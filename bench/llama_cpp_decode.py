@@ -13,7 +13,9 @@ template around one question), greedy, with the same number of threads:
 - lmblocks fp32 eager, and `lmblocks.decoding.enable_compiled_decoding` with fp32, bf16 and int8 weights (each
   compiled once, before timing, into an empty compile cache of its own (a temporary `TORCHINDUCTOR_CACHE_DIR`), so
   that the warm-up column shows a first compilation; the next column, a new process's first `generate` of 2 tokens
-  (the model loaded and converted before the clock starts), reusing what the first one compiled).
+  (the model loaded and converted before the clock starts), reusing what the first one compiled; the last, a new
+  process's `enable_compiled_decoding` and first `generate` with every cache empty (inductor's, its precompiled
+  headers, lmblocks' kernels): a machine's first compilation).
 
 ms/token = (time of generate 65 tokens − time of generate 1 token) / 64, so the prompt's prefill cancels out; every
 generation runs its full length (no stop at end of sequence: `eos_token_id=None`). The engines take turns within
@@ -196,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     reference = same["lmblocks fp32 eager"]
     new_process = {name: new_process_first_generate(name.split()[1], args.threads, input_ids)
                    for name in engines if "enable_compiled_decoding" in name}
+    fresh_machine = {name: fresh_machine_first_compile(name.split()[1], args.threads, input_ids)
+                     for name in new_process}
     times: dict[str, list[float]] = {name: [] for name in engines}
     cpu_times: dict[str, list[float]] = {name: [] for name in engines}
     names = list(engines)
@@ -225,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         f"transformers {transformers.__version__}",
         "",
         "| engine | ms/token | min–max | CPU ms/token (thread) | 64 greedy tokens = lmblocks fp32 eager's "
-        "| warm-up (s) | new process, first generate (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| warm-up (s) | new process, first generate (s) | first compilation, fresh machine (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, values in times.items():
         agree = sum(a == b for a, b in zip(same[name], reference))
@@ -234,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "yes" if first_diff is None else f"no (first {first_diff} equal, {agree}/64 positions)"
         lines.append(f"| {name} | {statistics.median(values):.1f} | {min(values):.1f}–{max(values):.1f} "
                      f"| {statistics.median(cpu_times[name]):.1f} | {verdict} | {setup[name]:.1f} "
-                     f"| {f'{new_process[name]:.1f}' if name in new_process else ''} |")
+                     f"| {f'{new_process[name]:.1f}' if name in new_process else ''} "
+                     f"| {f'{fresh_machine[name]:.1f}' if name in fresh_machine else ''} |")
     if not args.skip_quality:
         lines += ["", *quality_table(tokenizer)]
     text = "\n".join(lines)
@@ -250,23 +255,39 @@ import sys, time, torch, lmblocks
 from lmblocks.decoding import enable_compiled_decoding
 torch.set_num_threads(int(sys.argv[2]))
 model = lmblocks.LmbLlamaForCausalLM.from_pretrained(sys.argv[3], dtype=torch.float32).eval()
+enabled = time.perf_counter()
 enable_compiled_decoding(model, weights=sys.argv[1])
 ids = torch.tensor([[int(i) for i in sys.argv[4].split(",")]])
 start = time.perf_counter()
 model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
-print(time.perf_counter() - start)
+print(time.perf_counter() - enabled, time.perf_counter() - start)
 """
 
 
 def new_process_first_generate(weights: str, threads: int, input_ids: list[int]) -> float:
     """Seconds of a new process's first `generate` (2 tokens) with compiled decoding in `weights` format, after
     this process compiled it: what a second run of a script pays before decoding at full speed."""
+    return float(run_new_process(weights, threads, input_ids, {}).split()[1])
+
+
+def fresh_machine_first_compile(weights: str, threads: int, input_ids: list[int]) -> float:
+    """Seconds from `enable_compiled_decoding` to the end of the first `generate` (2 tokens) in a new process whose
+    every cache is empty (inductor's, its precompiled headers under TMPDIR, lmblocks' kernels under
+    TORCH_EXTENSIONS_DIR): a first compilation on a machine that never compiled before."""
+    with tempfile.TemporaryDirectory(prefix="lmblocks-bench-fresh-") as folder:
+        env = {"TMPDIR": folder, "TORCHINDUCTOR_CACHE_DIR": f"{folder}/inductor",
+               "TORCH_EXTENSIONS_DIR": f"{folder}/extensions"}
+        return float(run_new_process(weights, threads, input_ids, env).split()[0])
+
+
+def run_new_process(weights: str, threads: int, input_ids: list[int], env: dict[str, str]) -> str:
+    """What `_NEW_PROCESS` prints for `weights`, run with `threads` and the environment changed by `env`."""
     import subprocess
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **env}
     out = subprocess.run([sys.executable, "-c", _NEW_PROCESS, weights, str(threads), str(SMOLLM2),
                           ",".join(map(str, input_ids))], env=env, capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    return out.stdout.strip().splitlines()[-1]
 
 
 if __name__ == "__main__":

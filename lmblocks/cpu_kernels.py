@@ -3,9 +3,10 @@
 Each operator library is one C++ source (`lmblocks.int8_matmul`, `lmblocks.packed_matmul`, `lmblocks.cpu_attention`),
 compiled on first use (about 6 s of one core each, most of it torch's headers; `build_libraries` builds several at
 once) with `-march=native`, once per source, machine kind and torch version, in torch's extension folder
-(`TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions); a new process loads the built library in 0.1 s. Its operators live in a namespace named after that build (`torch.ops.<namespace>`): a build
-for another source or machine never shadows this one. `torch.compile` keeps such an operator as one node, and the
-compiled step's C++ wrapper calls it through the dispatcher, without Python.
+(`TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions); a new process loads the built library in 0.1 s.
+Its operators live in a namespace named after that build (`torch.ops.<namespace>`): a build for another source or
+machine never shadows this one. `torch.compile` keeps such an operator as one node, and the compiled step's C++
+wrapper calls it through the dispatcher, without Python.
 """
 
 from __future__ import annotations
@@ -138,7 +139,10 @@ def build_libraries(libraries: list[tuple[str, str, str, dict[str, object]]]) ->
         _, library, command = library_build(stem, source, march, defines)
         if not library.is_file():
             logger.info(f"Building lmblocks' {stem} kernels ({library.stem}, -march={march}).")
-            waiting.append(start_build(stem, source, command, library))
+            try:
+                waiting.append(start_build(stem, source, command, library))
+            except OSError:  # no compiler: `load_operators` reports it
+                break
     for finish in waiting:
         try:
             finish()

@@ -77,3 +77,15 @@ def test_libraries_built_at_once_and_a_failed_build_named(tmp_path, monkeypatch)
     assert torch.equal(getattr(torch.ops, name).twice(torch.ones(3)), torch.full((3,), 2.0))
     with pytest.raises(RuntimeError, match=r"building lmblocks_broken_\w+\.so failed .*\n.*error"):
         load_operators(*bad)
+
+
+def test_without_a_compiler_the_load_names_it(tmp_path, monkeypatch):
+    from lmblocks.cpu_kernels import build_libraries, library_build, load_operators
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    library = ("twice", _TWICE + "// without a compiler\n", "native", {})
+    build_libraries([library])  # leaves the error to the load
+    assert not library_build(*library)[1].exists()
+    with pytest.raises(FileNotFoundError, match="no-such-compiler"):
+        load_operators(*library)
