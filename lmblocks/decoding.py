@@ -113,14 +113,18 @@ class FrozenWeightsInductor(dict):
     freezes_weights = True  # read by duck typing: remote code has its own copy of this class
     __eq__, __ne__, __hash__ = object.__eq__, object.__ne__, object.__hash__
 
-    def __init__(self, weight_prepack: bool = False, ahead_of_time: bool = False) -> None:
+    def __init__(self, weight_prepack: bool = False, ahead_of_time: bool = False, concat_linear: bool = True) -> None:
         super().__init__(backend="lmblocks frozen-weights inductor", weight_prepack=weight_prepack,
-                         ahead_of_time=ahead_of_time)
+                         ahead_of_time=ahead_of_time, concat_linear=concat_linear)
         self.compilations = self.steps = 0
 
     @property
     def weight_prepack(self) -> bool:  # see `frozen_weights`
         return self["weight_prepack"]
+
+    @property
+    def concat_linear(self) -> bool:  # see `frozen_weights`
+        return self.get("concat_linear", True)
 
     def __deepcopy__(self, memo: dict) -> FrozenWeightsInductor:
         # generate() deep-copies its generation config; a copied backend would be a new backend to dynamo and to
@@ -128,7 +132,8 @@ class FrozenWeightsInductor(dict):
         return self
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(weight_prepack={self.weight_prepack}, ahead_of_time={self['ahead_of_time']})"
+        return (f"{type(self).__name__}(weight_prepack={self.weight_prepack}, ahead_of_time={self['ahead_of_time']}, "
+                f"concat_linear={self.concat_linear})")
 
     def __call__(self, graph_module: torch.fx.GraphModule, example_inputs: list) -> Callable:
         from torch._inductor.compile_fx import compile_fx
@@ -146,8 +151,9 @@ class FrozenWeightsInductor(dict):
 
 
 @contextlib.contextmanager
-def frozen_weights(weight_prepack: bool = False) -> Iterator[None]:
-    """Inductor's `freezing`, `cpp.enable_concat_linear` and `cpp_wrapper` for what compiles inside, and
+def frozen_weights(weight_prepack: bool = False, concat_linear: bool = True) -> Iterator[None]:
+    """Inductor's `freezing`, `cpp.enable_concat_linear` (unless `concat_linear` is False) and `cpp_wrapper` for what
+    compiles inside, and
     `cpp.weight_prepack` off unless asked for: oneDNN's packed weights cannot be pickled, so the FX graph cache
     refuses a graph that holds them. Float32 products are as fast without (measured at batch 1); bfloat16 ones are
     1.4–1.9 times faster packed (oneDNN's packed bf16 product against ATen's bf16 `mm`, 30 distinct SmolLM2-sized
@@ -165,7 +171,7 @@ def frozen_weights(weight_prepack: bool = False) -> Iterator[None]:
 
     names = ("freezing", "cpp.enable_concat_linear", "cpp_wrapper", "cpp_wrapper_build_separate", "cpp.weight_prepack",
              "joint_custom_post_pass")
-    values = (True, True, True, True, weight_prepack, weight_layouts_pass())
+    values = (True, concat_linear, True, True, weight_prepack, weight_layouts_pass())
     with config.patch(dict(zip(names, values))):
         yield
 
@@ -320,7 +326,7 @@ def frozen_call(compiled: Callable, backend: FrozenWeightsInductor | None = None
                         unmark_static_input(tensor)
             cache._inputs_unmarked = True
         steps = backend.steps if backend is not None else None
-        with frozen_weights(getattr(backend, "weight_prepack", False)):
+        with frozen_weights(getattr(backend, "weight_prepack", False), getattr(backend, "concat_linear", True)):
             out = compiled(*args, **kwargs)
         if backend is not None and backend.steps == steps and not warned:
             warned.append(True)
@@ -428,9 +434,14 @@ def compiled_decoding_config(device: torch.device | str, dtype: torch.dtype = to
     every device. `ahead_of_time`: on a CPU, a step whose products lmblocks' kernels do is compiled into a package
     on disk (`lmblocks.packaged_step`) instead of by torch.compile."""
     if torch.device(device).type == "cpu":
-        # bf16 products: lmblocks' kernel where it runs (`packed_products`), else oneDNN's, packed
-        backend = FrozenWeightsInductor(weight_prepack=dtype == torch.bfloat16 and not packed_kernel_available(dtype),
-                                        ahead_of_time=ahead_of_time)
+        # bf16 products: lmblocks' kernel where it runs (`packed_products`), else oneDNN's, packed. Without bf16 dot
+        # products the weights keep eager's layout: inductor's concatenated q/k/v and gate/up weights, one contiguous
+        # transposed block, took ATen's bf16 product 8 times as long as the transposed view eager reads (AVX2 code
+        # paths on an AVX-512 machine, `LMBLOCKS_CPU_MARCH=haswell`, one thread: SmolLM2-135M's step 156.6 ms/token
+        # against 18.5 unconcatenated and eager's 29.1)
+        bf16 = dtype == torch.bfloat16
+        backend = FrozenWeightsInductor(weight_prepack=bf16 and not packed_kernel_available(dtype),
+                                        ahead_of_time=ahead_of_time, concat_linear=not bf16 or native_bf16_products())
         config = CompileConfig(fullgraph=True, dynamic=False, mode=None, backend=backend)
     else:
         config = CompileConfig(fullgraph=True, dynamic=False)
@@ -563,11 +574,6 @@ def enable_compiled_decoding(model: PreTrainedModel, weights: str | None = None,
     build_kernels(model.device, model.dtype, weights)
     if weights is not None:
         convert_weights(model, weights)
-    if model.device.type == "cpu" and model.dtype == torch.bfloat16 and not native_bf16_products():
-        logger.warning("bf16 weights on this CPU decode slower than fp32: it has no bf16 dot-product instructions "
-                       "(AVX-512 BF16 or AMX), and oneDNN's bf16 products without them took 156.6 ms a token for "
-                       "SmolLM2-135M against fp32's 33.3 compiled and 55.4 eager (AVX2 code paths, one thread, "
-                       "bench/results/llama-cpp-decode-haswell.md). weights='fp32' or 'int8' decode faster here.")
     faster = decoding_attention(model.device, model.dtype)
     if faster and model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(faster)

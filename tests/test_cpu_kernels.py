@@ -17,15 +17,19 @@ assert "avx2" in flags and not any(f.startswith(("avx512", "amx")) for f in flag
 assert not packed_matmul.kernel_runs(torch.float32) and not packed_matmul.kernel_runs(torch.bfloat16)
 assert not decoding.packed_kernel_available(torch.float32)
 assert not decoding.native_bf16_products()
-import logging
 from families import DECODERS
 llama = [f for f in DECODERS if f.name == "llama"][0]
-warnings = []
-handler = logging.Handler()
-handler.emit = lambda record: warnings.append(record.getMessage())
-logging.getLogger("lmblocks.decoding").addHandler(handler)
-decoding.enable_compiled_decoding(llama.causal_lm_class(llama.tiny_config()).eval(), weights="bf16")
-assert any("bf16 weights on this CPU decode slower than fp32" in w for w in warnings), warnings
+torch.manual_seed(0)
+eager = llama.causal_lm_class(llama.tiny_config()).eval().to(torch.bfloat16)
+compiled = llama.causal_lm_class(llama.tiny_config()).eval()
+compiled.load_state_dict(eager.state_dict())
+decoding.enable_compiled_decoding(compiled, weights="bf16")
+# bf16 without bf16 dot products: the weights keep eager's layout (no concatenated products), fp32 concatenates
+assert not compiled.generation_config.compile_config.backend.concat_linear
+assert decoding.compiled_decoding_config("cpu", torch.float32).backend.concat_linear
+ids = torch.tensor([[3, 1, 4, 1, 5]])
+expected = eager.generate(ids, max_new_tokens=4, do_sample=False)
+assert torch.equal(compiled.generate(ids, max_new_tokens=4, do_sample=False), expected)
 int8_matmul.operator()  # built for haswell: the namespace of a -march=haswell build
 assert int8_matmul._LOADED["native"] == cpu_kernels.load_operators("int8", int8_matmul.SOURCE, "haswell",
                                                                    {"SCALE_BLOCK_SIZE": int8_matmul.SCALE_BLOCK})
@@ -41,8 +45,8 @@ def test_features_a_march_enables():
 @pytest.mark.skipif(not {"avx2", "fma"} <= cpu_flags(), reason="this CPU cannot run AVX2 code")
 def test_an_older_cpu_s_code_paths():
     """With LMBLOCKS_CPU_MARCH=haswell (AVX2, no AVX-512) the kernels are built for it and the AVX-512 features are
-    not seen: the float products stay MKL's and oneDNN's, the int8 kernel takes its AVX2 path, and bf16 weights for
-    compiled decoding get a warning (no bf16 dot products there: slower than fp32)."""
+    not seen: the float products stay MKL's and oneDNN's, the int8 kernel takes its AVX2 path, and compiled bf16
+    decoding (no bf16 dot products there) keeps eager's weight layout and eager's tokens."""
     env = {**os.environ, "LMBLOCKS_CPU_MARCH": "haswell",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", _OLDER_CPU], env=env, capture_output=True, text=True)
