@@ -505,8 +505,8 @@ WEIGHT_FORMATS = ("fp32", "bf16", "int8")
 
 
 def native_bf16_products() -> bool:
-    """Whether this CPU has bf16 dot-product instructions (AVX-512 BF16 or AMX), without which bf16 weights decode
-    slower than fp32 (x86; True elsewhere: not measured there)."""
+    """Whether this CPU has bf16 dot-product instructions (AVX-512 BF16 or AMX); without them a compiled bf16 step
+    keeps eager's weight layout (`compiled_decoding_config`). x86; True elsewhere: not measured there."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return True
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
