@@ -53,13 +53,18 @@ def cpu_flags() -> frozenset[str]:
                      if not flag.startswith(("avx", "amx")) or flag.replace("_", "") in enabled)
 
 
+def compiler() -> str:
+    """The C++ compiler that builds lmblocks' kernels: `CXX`, else c++."""
+    return os.environ.get("CXX", "c++")
+
+
 def compiler_features(march: str) -> frozenset[str]:
     """The instruction-set macros gcc defines for `-march=march`, as /proc/cpuinfo spells flags without their
     underscores: `__AVX512BF16__` → "avx512bf16"."""
     import subprocess
 
     try:
-        macros = subprocess.run(["c++", f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull], check=True,
+        macros = subprocess.run([compiler(), f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull], check=True,
                                 capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError) as error:
         raise ValueError(f"{TARGET_MARCH_VARIABLE}={march!r}: the C++ compiler does not know this -march ({error})")
@@ -94,7 +99,7 @@ def library_build(stem: str, source: str, march: str = "native",
     name = f"lmblocks_{stem}_{hashlib.sha256(f'{source}{kind}'.encode()).hexdigest()[:12]}"
     folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions") / name
     openmp = ["-fopenmp"] if parallel else []
-    command = [os.environ.get("CXX", "c++"), "-x", "c++", str(folder / f"{stem}.cpp"), "-shared", "-fPIC",
+    command = [compiler(), "-x", "c++", str(folder / f"{stem}.cpp"), "-shared", "-fPIC",
                "-std=c++20", "-O3", f"-march={march}", *openmp,
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-DLMBLOCKS_NAMESPACE={name}",
                *(f"-D{key}={value}" for key, value in defines.items()),
@@ -109,6 +114,7 @@ def start_build(stem: str, source: str, command: list[str], library: Path) -> Ca
     raises with the compiler's messages."""
     import subprocess
 
+    logger.info(f"Building lmblocks' {stem} kernels ({library.stem}) in {library.parent}.")
     library.parent.mkdir(parents=True, exist_ok=True)
     source_file = library.parent / f"{stem}.cpp"
     if not source_file.is_file() or source_file.read_text() != source:
@@ -138,7 +144,6 @@ def build_libraries(libraries: list[tuple[str, str, str, dict[str, object]]]) ->
     for stem, source, march, defines in libraries:
         _, library, command = library_build(stem, source, march, defines)
         if not library.is_file():
-            logger.info(f"Building lmblocks' {stem} kernels ({library.stem}, -march={march}).")
             try:
                 waiting.append(start_build(stem, source, command, library))
             except OSError:  # no compiler: `load_operators` reports it
@@ -159,7 +164,6 @@ def load_operators(stem: str, source: str, march: str = "native", defines: dict[
     try:  # built before, for this source, machine kind and torch: no compiler
         torch.ops.load_library(str(library))
     except OSError:  # not built yet
-        logger.info(f"Building lmblocks' {stem} kernels ({name}, -march={march}) in {library.parent}.")
         start_build(stem, source, command, library)()
         torch.ops.load_library(str(library))
     return name
@@ -176,5 +180,5 @@ def builds(load: Callable[[], object], what: str, instead: str) -> bool:
     return True
 
 
-__all__ = ["TARGET_MARCH_VARIABLE", "build_libraries", "builds", "compiler_features", "cpu_flags", "library_build",
-           "load_operators", "machine_kind", "target_march"]
+__all__ = ["TARGET_MARCH_VARIABLE", "build_libraries", "builds", "compiler", "compiler_features", "cpu_flags",
+           "library_build", "load_operators", "machine_kind", "target_march"]

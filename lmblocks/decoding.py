@@ -501,7 +501,8 @@ def int8_kernel_available() -> bool:
                   "int8 layers use ATen's weight-only int8 kernel instead (slower at batch 1).")
 
 
-WEIGHT_FORMATS = ("fp32", "bf16", "int8")
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}  # by format: what is not int8
+WEIGHT_FORMATS = tuple(WEIGHT_DTYPES)
 
 
 def native_bf16_products() -> bool:
@@ -518,7 +519,7 @@ def convert_weights(model: PreTrainedModel, weights: str) -> PreTrainedModel:
     of huge pages; the rest in float32)."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights={weights!r} is not one of {', '.join(WEIGHT_FORMATS)}.")
-    model.to({"bf16": torch.bfloat16}.get(weights, torch.float32))
+    model.to(WEIGHT_DTYPES[weights])
     if weights == "int8":
         for parent in list(model.modules()):
             for child_name, child in list(parent.named_children()):
@@ -536,11 +537,11 @@ def convert_weights(model: PreTrainedModel, weights: str) -> PreTrainedModel:
 def build_kernels(device: torch.device, dtype: torch.dtype, weights: str | None) -> None:
     """Builds, all at once, lmblocks' CPU kernels that compiled decoding of weights in `weights` format (None: as
     they are, in `dtype`) on `device` will load, side by side: on a machine's first use, the attention library and
-    the int8 or packed one in 6.3–6.7 s on two cores instead of 13–14 (`lmblocks.cpu_kernels.build_libraries`). Unknown `weights`: nothing (the caller refuses
-    them)."""
+    the int8 or packed one in 6.3–6.7 s on two cores instead of 13–14 (`lmblocks.cpu_kernels.build_libraries`).
+    Unknown `weights`: nothing (the caller refuses them)."""
     if device.type != "cpu" or weights not in (None, *WEIGHT_FORMATS):
         return
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}.get(weights, dtype)
+    dtype = WEIGHT_DTYPES.get(weights, dtype)
     needed = [cpu_attention_library()] if dtype in CPU_KERNEL_DTYPES else []
     needed += [int8_library()] if weights == "int8" else [packed_library()] if kernel_runs(dtype) else []
     build_libraries(needed)

@@ -28,10 +28,12 @@ complete (another process never loads half a package), in `<inductor cache dir>/
 (`TORCHINDUCTOR_CACHE_DIR`, as torch.compile's caches).
 
 SmolLM2-135M-Instruct, one thread, AMD EPYC (AVX-512 BF16), 2026-12-07 (bench/llama_cpp_decode.py): compiled in
-30–34 s the first time into an empty cache (int8: export 3 s, inductor's tracing, lowering and code generation about
-15 s, the C++ compiler 13 s on the wrapper), then a new process's first `generate` in 0.6 s (int8), 1.4 (bf16), 2.0
-(fp32, which packs its weights first); decoding at 6.8, 10.9 and 19.7 ms/token (the same day, before the packed float
-weights lay in huge pages: 8.1, 14.9 and 26.3; torch.compile's frozen step: 9.8, 16.7, 27.9).
+31–35 s the first time into an empty cache (int8: export 3 s, inductor's tracing, lowering and code generation about
+14 s, the C++ compiler about 11 s, the wrapper built as `FAST_BUILD` says), 39 s on a machine that never compiled
+(lmblocks' kernels built too), then a new process's first `generate` in 0.6 s (int8), 1.3 (bf16), 2.1 (fp32, which
+packs its weights first); decoding at 7.3, 11.8 and 21.2 ms/token against llama.cpp's 9.2 (q8_0) and 23.3 (f32) in
+the same run (earlier that day, before the packed float weights lay in huge pages: 8.1, 14.9 and 26.3; torch.compile's
+frozen step: 9.8, 16.7, 27.9).
 """
 
 from __future__ import annotations
