@@ -265,6 +265,9 @@ class Stages:
             shutil.rmtree(self.out / folder, ignore_errors=True)
         start = time.time()
         result = work()
+        from lmblocks.cli import CtrlC
+
+        CtrlC.check()  # an interrupted stage is not recorded as finished, even if its KeyboardInterrupt was lost
         result["wall_seconds"] = time.time() - start
         self.seconds_run[stage.kind] = self.seconds_run.get(stage.kind, 0.0) + result["wall_seconds"]
         text = json.dumps(result, indent=1, default=str)
