@@ -240,8 +240,8 @@ def table(records: list[dict[str, Any]]) -> list[str]:
                   "included, + KV cache at the mean context; GB/s = bytes ÷ median ms per step). *static* phases "
                   "decode with `lmblocks.decoding.compiled_decoding_config` and, on a CPU, lmblocks' decoding "
                   "attention (`decoding_attention`), given to both implementations: a static cache and a compiled "
-                  "step (on a CPU where lmblocks' kernels take every product, the step compiled ahead of time, "
-                  "`lmblocks.packaged_step`: packed weights in one block of huge pages). *matvecs alone*: the step's "
+                  "step (on a CPU, the step compiled ahead of time, `lmblocks.packaged_step`: where lmblocks' "
+                  "kernel runs, packed weights in one block of huge pages). *matvecs alone*: the step's "
                   "matrix-vector products timed back to back with nothing else — MKL's, as the model makes them / "
                   "with those of one input concatenated / lmblocks' packed kernel, as the packaged step makes them "
                   "— the ceiling for removing per-step overhead.",

@@ -25,13 +25,13 @@ to 256 tokens of prompt + output, the next up to 512, and so on. Measured on Smo
 2026-12-06: a dynamic cache length (`dynamic=True`: one graph for every length) decodes as fast (53 against 53
 ms/token of CPU time, interleaved) but compiles 2.3 times longer (101 s against 43 s of CPU time), in every new
 process too.
-On a CPU where lmblocks' kernels take every product (float32 on AVX-512, bf16 on AVX-512 BF16, int8), the step
-is compiled ahead of time instead (`lmblocks.packaged_step`): exported and built by AOTInductor into a package on
+On a CPU (float32 and bf16 products lmblocks' kernel's where it runs, ATen's elsewhere; int8 in lmblocks' int8
+kernel's layout), the step is compiled ahead of time instead (`lmblocks.packaged_step`): exported and built by AOTInductor into a package on
 disk that holds the code, not the weights, which every later process loads in about a second and hands the
 model's own tensors (SmolLM2-135M, `scripts/generate.py --compile`, 200 tokens, a new process, one thread,
 2026-12-07: int8 12.6 s end to end, bf16 12.2, fp32 15.6, against 19.4–20.7 eager; the first process compiles for
-50–70 s). Where a package cannot serve (another CPU, another device, a call with other arguments), torch.compile's
-step runs, as follows.
+50–70 s). Where a package cannot serve (another device, a call with other arguments, `ahead_of_time=False`),
+torch.compile's step runs, as follows.
 
 A new process reuses torch.compile's step from inductor's on-disk FX graph cache (`TORCHINDUCTOR_CACHE_DIR`, by
 default a folder in the temporary directory): frozen weights are keyed by their shape only and read from the model
@@ -431,8 +431,8 @@ def weights_stamp(model: torch.nn.Module) -> tuple[int, ...]:
 def compiled_decoding_config(device: torch.device | str, dtype: torch.dtype = torch.float32,
                              ahead_of_time: bool = True) -> CompileConfig:
     """The `CompileConfig` for decoding on `device` with weights of `dtype` (see the module docstring), forced on for
-    every device. `ahead_of_time`: on a CPU, a step whose products lmblocks' kernels do is compiled into a package
-    on disk (`lmblocks.packaged_step`) instead of by torch.compile."""
+    every device. `ahead_of_time`: on a CPU, a step a package can serve (`lmblocks.packaged_step.packaged_products`)
+    is compiled into a package on disk instead of by torch.compile."""
     if torch.device(device).type == "cpu":
         # bf16 products: lmblocks' kernel where it runs (`packed_products`), else oneDNN's, packed. Without bf16 dot
         # products the weights keep eager's layout: inductor's concatenated q/k/v and gate/up weights, one contiguous
@@ -564,11 +564,11 @@ def enable_compiled_decoding(model: PreTrainedModel, weights: str | None = None,
     is for inference: the model then holds `Int8Linear` layers). On a CPU the model switches from sdpa to lmblocks'
     decoding attention (`decoding_attention`), which reads only the cache positions written so far. The first
     `generate` compiles (30–35 s on one CPU thread for SmolLM2-135M); every later generation that fits the same
-    cache bucket (`cache_bucket`: 256, 512, ... positions) reuses it. `ahead_of_time` (on a CPU whose products
-    lmblocks' kernels take): the step is compiled into a package on disk (`lmblocks.packaged_step`), which a new
-    process loads in about a second; False, or elsewhere: torch.compile's step, which a new process takes from
-    inductor's cache in 15–18 s (bf16 with oneDNN's packed weights, where lmblocks' bf16 kernel does not run,
-    compiles anew). Returns the model. Only for models that declare static-cache compilation support
+    cache bucket (`cache_bucket`: 256, 512, ... positions) reuses it. `ahead_of_time` (on a CPU): the step is compiled into
+    a package on disk (`lmblocks.packaged_step`), which a new process loads in about a second; False, or elsewhere:
+    torch.compile's step, which a new process takes from inductor's cache in 15–18 s (bf16 with oneDNN's packed
+    weights, where lmblocks' bf16 kernel does not run, compiles anew) — on CPUs without lmblocks' float kernels
+    (AVX2) it decodes 3–4 % faster than the package. Returns the model. Only for models that declare static-cache compilation support
     (`_can_compile_fullgraph`)."""
     if not getattr(model, "_can_compile_fullgraph", False):
         raise ValueError(f"{type(model).__name__} does not support a compiled static-cache decoding step.")

@@ -17,9 +17,12 @@ every linear layer whose product lmblocks' packed kernel takes (`lmblocks.packed
 step is exported, by a `PackedLinear` holding its weight packed once — all of them back to back in one block of huge
 pages, in the order the step reads them (`lmblocks.huge_pages`) — and those packed weights are the step's constants
 when it runs (`PackagedSteps`: once per model and weights). int8 layers (`Int8Linear`) hold theirs packed
-already. So a package is made only where lmblocks' kernels do the
-products (`packaged_products`): float32 on AVX-512, bf16 on AVX-512 BF16, int8 everywhere the int8 kernel builds;
-elsewhere the step stays torch.compile's, which folds MKL's and oneDNN's weight layouts.
+already. Where lmblocks' float kernel does not run (float32 without AVX-512, bf16 without AVX-512 BF16), the
+package does ATen's products on the model's own weights, the wide ones (LM head, gate and up projections) on a
+contiguous transposed copy (`TransposedLinear`): on AVX2 code paths 3–4 % slower a token than torch.compile's frozen
+step (which also concatenates q/k/v and gate/up, and prepacks bf16 weights for oneDNN) but loaded by a new process
+in under a second instead of traced again in 14–16 s. So every step on a CPU is packaged (`packaged_products`) but
+that of int8 layers outside lmblocks' int8 kernel's layout, which stays torch.compile's.
 
 A package is keyed by everything its code depends on (`package_key`): torch's version, lmblocks' source files, the
 CPU kind, the kernels' operator libraries, the model's class, config and attention, the shapes and dtypes of the
@@ -131,14 +134,51 @@ def packable_linear(module: torch.nn.Module) -> bool:
     return type(module) is torch.nn.Linear and packed_kernel_takes(module.weight)
 
 
+PACKAGED_DTYPES = (torch.float32, torch.bfloat16)  # float products a package serves: lmblocks' kernel, or ATen's
+
+
 def packaged_products(model: torch.nn.Module) -> bool:
-    """Whether lmblocks' kernels do `model`'s products on this CPU (every linear layer packable, or int8), the
-    condition for a packaged step."""
+    """Whether a packaged step can do `model`'s products on this CPU, the condition for one: every linear layer in
+    float32 or bfloat16 (lmblocks' packed kernel where it runs, `packable_linear`, ATen's product elsewhere) or int8
+    in lmblocks' kernel's layout."""
     from .decoding import Int8Linear
 
     products = [m for m in model.modules() if type(m) is torch.nn.Linear or isinstance(m, Int8Linear)]
     return bool(products) and all(
-        packable_linear(m) or (isinstance(m, Int8Linear) and m.packed) for m in products)
+        (type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype in PACKAGED_DTYPES)
+        or (isinstance(m, Int8Linear) and m.packed) for m in products)
+
+
+class TransposedLinear(torch.nn.Module):
+    """A wide float32 linear layer (`wide_linear`: the LM head, an MLP's gate and up projections) whose product ATen
+    does, reading a contiguous copy of its weight transposed (the weight's size again), made once: MKL's
+    matrix-vector product reads the transposed view a linear layer hands it at about half the speed
+    (`lmblocks.decoding.contiguous_wide_weights`, which does the same in torch.compile's step, where q/k/v and
+    gate/up are concatenated besides). Shares the layer's bias.
+
+    SmolLM2-135M's fp32 packaged step on AVX2 code paths (`LMBLOCKS_CPU_MARCH=haswell`, one thread, interleaved
+    with torch.compile's frozen step in one process, 2026-12-07): 35.5 ms/token with the head, gate and up
+    transposed, 44.9 with the head alone, 40.1 with every product; torch.compile's step 34.6."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight_t", linear.weight.detach().t().contiguous(), persistent=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        out = torch.mm(flat, self.weight_t) if self.bias is None else torch.addmm(self.bias, flat, self.weight_t)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def wide_linear(module: torch.nn.Module) -> bool:
+    """Whether `module` is a float32 linear layer that ATen multiplies by (not `packable_linear`) and that reads a
+    contiguous transposed weight faster (`TransposedLinear`): `WIDE_PRODUCT` times as many outputs as inputs."""
+    from .decoding import WIDE_PRODUCT
+
+    return (type(module) is torch.nn.Linear and not packable_linear(module) and module.weight.dtype == torch.float32
+            and module.out_features >= WIDE_PRODUCT * module.in_features)
 
 
 class PackedLinears:
@@ -154,6 +194,8 @@ class PackedLinears:
         places = block_of([(linear.weight.shape, linear.weight.dtype) for _, _, linear in linears])
         self.places = [(parent, name, linear, PackedLinear(linear, place))
                        for (parent, name, linear), place in zip(linears, places)]
+        self.places += [(parent, name, child, TransposedLinear(child)) for parent in model.modules()
+                        for name, child in parent.named_children() if wide_linear(child)]
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
@@ -209,7 +251,7 @@ def vector_isa_trusted() -> contextlib.AbstractContextManager:
     a cache folder, and before loading a package in every process, inductor builds and loads a test library per
     instruction set (5.5 s the first time, then 0.9 s of subprocesses each time: most of a new process's first
     `generate`, measured). lmblocks' kernels, built for this CPU by the same compiler and loaded — a package is made
-    only where they take every product — proved that already."""
+    beside every package — proved that already."""
     import torch._inductor.config as config
 
     return config.patch({"cpp.vec_isa_ok": True})
@@ -230,6 +272,87 @@ FAST_BUILD = {"aot_inductor.compile_wrapper_opt_level": "Og", "aot_inductor.enab
               "aot_inductor.precompile_headers": False}
 
 
+@contextlib.contextmanager
+def without_input_checks() -> Iterator[None]:
+    """AOTInductor's C++ wrapper without its checks of the inputs' shapes, strides and dtypes: one function per input
+    (6,800 of the 16,600 lines of SmolLM2-135M's wrapper, 94 inputs) and an assert after each extern call, all run only
+    when `AOTI_RUNTIME_CHECK_INPUTS` is set. Dead code at every call lmblocks makes (a package is keyed by its
+    inputs' shapes, strides and dtypes, `call_key`), which took the compiler 2.6 s of 9.7 (measured, -Og). Where torch
+    names these pieces otherwise, nothing changes."""
+    import torch._inductor.config as config
+    from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+
+    def no_checks(self) -> None:  # the two functions the wrapper's run_impl calls, empty
+        self.prefix.splice_aot("""
+            static bool _check_aoti_runtime_check_inputs_env() { return false; }
+            AOTI_NOINLINE static void __check_inputs_outputs(AtenTensorHandle*, AtenTensorHandle*) {}
+        """)
+
+    name = "generate_input_output_runtime_checks"
+    original = CppWrapperCpu.__dict__.get(name)
+    if original is None:
+        yield
+        return
+    setattr(CppWrapperCpu, name, no_checks)
+    try:
+        with config.patch({"size_asserts": False}):
+            yield
+    finally:
+        setattr(CppWrapperCpu, name, original)
+
+
+@contextlib.contextmanager
+def wrapper_and_kernels_compiled_together() -> Iterator[None]:
+    """AOTInductor compiles a package's C++ wrapper, then its kernels, one after the other (SmolLM2-135M: 7.1 s, then
+    2.0); here the wrapper's compiler runs in a thread (its subprocess releases the GIL) while the kernels' runs, on
+    another core. Errors are raised where they were. Where torch names its builder otherwise, nothing changes."""
+    import threading
+
+    from torch._inductor import cpp_builder
+
+    builder = getattr(cpp_builder, "CppBuilder", None)
+    original = getattr(builder, "build", None)
+    if original is None:
+        yield
+        return
+    pending: list[tuple[threading.Thread, list[BaseException]]] = []
+
+    def finish() -> None:
+        while pending:
+            thread, errors = pending.pop()
+            thread.join()
+            if errors:
+                raise errors[0]
+
+    def build(self) -> None:
+        if self.get_target_file_path().endswith(".wrapper.o"):
+            errors: list[BaseException] = []
+
+            def run() -> None:
+                try:
+                    original(self)
+                except BaseException as error:  # noqa: BLE001 - raised again by `finish`, in the caller's thread
+                    errors.append(error)
+
+            thread = threading.Thread(target=run, name="lmblocks-wrapper-build", daemon=True)
+            thread.start()
+            pending.append((thread, errors))
+            return
+        try:
+            original(self)
+        finally:
+            finish()
+
+    builder.build = build
+    try:
+        yield
+        finish()
+    finally:
+        builder.build = original
+        for thread, _ in pending:
+            thread.join()
+
+
 def export_and_package(step: ExportedStep, example: tuple, path: Path) -> None:
     """Exports `step` on `example` and compiles it with AOTInductor into a package at `path`, without the weights,
     written under a temporary name and renamed when complete."""
@@ -239,7 +362,8 @@ def export_and_package(step: ExportedStep, example: tuple, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
     try:
-        with torch.no_grad(), config.patch(settings), vector_isa_trusted():
+        with (torch.no_grad(), config.patch(settings), vector_isa_trusted(), without_input_checks(),
+              wrapper_and_kernels_compiled_together()):
             program = torch.export.export(step, example, strict=False)
             torch._inductor.aoti_compile_and_package(program, package_path=str(staged))
         staged.replace(path)
@@ -327,7 +451,8 @@ class PackagedSteps(dict):
         from . import cpu_attention, int8_matmul, packed_matmul
         from .decoding import Int8Linear
 
-        used = [packed_matmul._LOADED.get("native") if self.packed.places else None,
+        packed = any(isinstance(layer, PackedLinear) for *_, layer in self.packed.places)
+        used = [packed_matmul._LOADED.get("native") if packed else None,
                 int8_matmul._LOADED.get("native") if any(isinstance(m, Int8Linear) for m in model.modules()) else None,
                 cpu_attention._LOADED[0] if model.config._attn_implementation == cpu_attention.CPU_DECODING_ATTENTION
                 and cpu_attention._LOADED else None]

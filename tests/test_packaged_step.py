@@ -3,14 +3,16 @@ decoder family, one package for every prompt length and `max_new_tokens` of a ca
 without compiling again, a new process that loads the package instead of compiling, a package that holds no weights,
 staged writes, and calls a package cannot serve left to torch.compile's step.
 
-Where lmblocks' kernels do not take the products (a CPU without AVX-512), decoding uses torch.compile's step
-(tests/test_decoding.py) and these tests skip."""
+Float products that lmblocks' kernel does not take (a CPU without AVX-512) are ATen's inside the package
+(`test_aten_products_are_packaged_too`); only int8 layers outside the kernel's layout leave a model to
+torch.compile's step (tests/test_decoding.py), and these tests skip."""
 
 import json
 import logging
 import os
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -53,6 +55,10 @@ def test_packaged_step_matches_eager_compiles_once_and_follows_weight_updates(fa
     assert backend.compilations == 1 and backend.steps == 5, "generate did not run the packaged step"
     packages = list(package_folder().glob("*.pt2"))
     assert len(packages) == 1 and packages[0].stat().st_size < 2**25, "one package, without the weights"
+    with zipfile.ZipFile(packages[0]) as package:  # built without the input checks (`without_input_checks`)
+        wrapper = next(package.read(name).decode() for name in package.namelist() if name.endswith("wrapper.cpp"))
+    assert "__check_inputs_outputs" in wrapper and "check_input_0" not in wrapper
+    assert "assert_size_stride(" not in wrapper
     for prompt, new_tokens in ((prompts[1], 6), (prompts[0], 13), (prompts[1], 20)):
         assert torch.equal(*_both(model, prompt, new_tokens))
     assert backend.compilations == 1, "another prompt length or max_new_tokens compiled again"
@@ -110,6 +116,43 @@ def test_a_new_process_loads_the_package_instead_of_compiling(tmp_path, weights)
     assert "Compiling LmbLlamaForCausalLM's decoding step ahead of time" in logs[0]
     assert "Loading LmbLlamaForCausalLM's decoding step from" in logs[1] and "Compiling" not in logs[1]
     assert not list((tmp_path / "lmblocks_packaged_steps").glob("*partial*"))
+
+
+_WITHOUT_FLOAT_KERNELS = """
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+from families import DECODERS
+from lmblocks import decoding
+from lmblocks.packaged_step import PackedLinear, TransposedLinear
+decoding.kernel_runs = lambda dtype: False  # a CPU without AVX-512: ATen's float products
+family = [f for f in DECODERS if f.name == "llama"][0]
+result = {{}}
+for weights in ("fp32", "bf16"):
+    torch.manual_seed(0)
+    model = decoding.enable_compiled_decoding(family.causal_lm_class(family.tiny_config()).eval(), weights=weights)
+    prompt = torch.randint(3, 99, (1, 5))
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    eager = model.generate(prompt, disable_compile=True, cache_implementation="dynamic", **kwargs)
+    compiled = model.generate(prompt, **kwargs)
+    backend = model.generation_config.compile_config.backend
+    layers = [type(layer).__name__ for *_, layer in model._packaged_steps.packed.places]
+    result[weights] = [torch.equal(compiled, eager), backend.compilations, backend.steps, layers]
+print(json.dumps(result))
+"""
+
+
+def test_aten_products_are_packaged_too(tmp_path):
+    """Where lmblocks' float kernels do not run, the packaged step does ATen's products on the model's own weights
+    (a new process loads it in about a second, not torch.compile's 14-16 s of tracing), float32 products on a
+    contiguous transposed copy of its wide weights (`TransposedLinear`); the same tokens as eager, in float32 and bf16."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    code = _WITHOUT_FLOAT_KERNELS.format(tests=os.path.dirname(__file__))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["fp32"][:3] == [True, 1, 5], result
+    assert result["fp32"][3] and set(result["fp32"][3]) == {"TransposedLinear"}, result  # gate and up: 176 > 2 x 64
+    assert result["bf16"] == [True, 1, 5, []], result
+    assert len(list((tmp_path / "lmblocks_packaged_steps").glob("*.pt2"))) == 2
 
 
 def test_a_package_that_fails_falls_back_to_torch_compile_and_leaves_no_file(cache_dir, monkeypatch, caplog):
