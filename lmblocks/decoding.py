@@ -113,9 +113,10 @@ class FrozenWeightsInductor(dict):
     freezes_weights = True  # read by duck typing: remote code has its own copy of this class
     __eq__, __ne__, __hash__ = object.__eq__, object.__ne__, object.__hash__
 
-    def __init__(self, weight_prepack: bool = False, ahead_of_time: bool = False, concat_linear: bool = True) -> None:
+    def __init__(self, weight_prepack: bool = False, ahead_of_time: bool = False, concat_linear: bool = True,
+                 background: bool = False) -> None:
         super().__init__(backend="lmblocks frozen-weights inductor", weight_prepack=weight_prepack,
-                         ahead_of_time=ahead_of_time, concat_linear=concat_linear)
+                         ahead_of_time=ahead_of_time, concat_linear=concat_linear, background=background)
         self.compilations = self.steps = 0
 
     @property
@@ -133,7 +134,7 @@ class FrozenWeightsInductor(dict):
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(weight_prepack={self.weight_prepack}, ahead_of_time={self['ahead_of_time']}, "
-                f"concat_linear={self.concat_linear})")
+                f"concat_linear={self.concat_linear}, background={self.get('background', False)})")
 
     def __call__(self, graph_module: torch.fx.GraphModule, example_inputs: list) -> Callable:
         from torch._inductor.compile_fx import compile_fx
@@ -429,10 +430,11 @@ def weights_stamp(model: torch.nn.Module) -> tuple[int, ...]:
 
 
 def compiled_decoding_config(device: torch.device | str, dtype: torch.dtype = torch.float32,
-                             ahead_of_time: bool = True) -> CompileConfig:
+                             ahead_of_time: bool = True, background: bool = False) -> CompileConfig:
     """The `CompileConfig` for decoding on `device` with weights of `dtype` (see the module docstring), forced on for
     every device. `ahead_of_time`: on a CPU, a step a package can serve (`lmblocks.packaged_step.packaged_products`)
-    is compiled into a package on disk instead of by torch.compile."""
+    is compiled into a package on disk instead of by torch.compile; `background`: by another process, while this
+    one decodes eagerly (`lmblocks.background_build`)."""
     if torch.device(device).type == "cpu":
         # bf16 products: lmblocks' kernel where it runs (`packed_products`), else oneDNN's, packed. Without bf16 dot
         # products the weights keep eager's layout: inductor's concatenated q/k/v and gate/up weights, one contiguous
@@ -441,7 +443,8 @@ def compiled_decoding_config(device: torch.device | str, dtype: torch.dtype = to
         # against 18.5 unconcatenated and eager's 29.1)
         bf16 = dtype == torch.bfloat16
         backend = FrozenWeightsInductor(weight_prepack=bf16 and not packed_kernel_available(dtype),
-                                        ahead_of_time=ahead_of_time, concat_linear=not bf16 or native_bf16_products())
+                                        ahead_of_time=ahead_of_time, concat_linear=not bf16 or native_bf16_products(),
+                                        background=background)
         config = CompileConfig(fullgraph=True, dynamic=False, mode=None, backend=backend)
     else:
         config = CompileConfig(fullgraph=True, dynamic=False)
@@ -557,19 +560,21 @@ def decoding_attention(device: torch.device | str, dtype: torch.dtype) -> str | 
 
 
 def enable_compiled_decoding(model: PreTrainedModel, weights: str | None = None,
-                             ahead_of_time: bool = True) -> PreTrainedModel:
+                             ahead_of_time: bool = True, background: bool = False) -> PreTrainedModel:
     """Makes `model.generate` decode with a static cache and a compiled step on the model's device.
 
     `weights`: None keeps the model's dtype; "fp32", "bf16" or "int8" convert it in place (`convert_weights`; int8
     is for inference: the model then holds `Int8Linear` layers). On a CPU the model switches from sdpa to lmblocks'
     decoding attention (`decoding_attention`), which reads only the cache positions written so far. The first
-    `generate` compiles (30–35 s on one CPU thread for SmolLM2-135M); every later generation that fits the same
-    cache bucket (`cache_bucket`: 256, 512, ... positions) reuses it. `ahead_of_time` (on a CPU): the step is compiled into
-    a package on disk (`lmblocks.packaged_step`), which a new process loads in about a second; False, or elsewhere:
-    torch.compile's step, which a new process takes from inductor's cache in 15–18 s (bf16 with oneDNN's packed
-    weights, where lmblocks' bf16 kernel does not run, compiles anew) — on CPUs without lmblocks' float kernels
-    (AVX2) it decodes 3–4 % faster than the package. Returns the model. Only for models that declare static-cache compilation support
-    (`_can_compile_fullgraph`)."""
+    `generate` compiles (25–30 s on one CPU thread for SmolLM2-135M); every later generation that fits the same
+    cache bucket (`cache_bucket`: 256, 512, ... positions) reuses it. `ahead_of_time` (on a CPU): the step is
+    compiled into a package on disk (`lmblocks.packaged_step`), which a new process loads in about a second; False,
+    or elsewhere: torch.compile's step, which a new process takes from inductor's cache in 15–18 s (bf16 with
+    oneDNN's packed weights, where lmblocks' bf16 kernel does not run, compiles anew) — on CPUs without lmblocks'
+    float kernels (AVX2) it decodes 3–4 % faster than the package. `background` (with `ahead_of_time`): a package
+    not compiled before is compiled by a new process while `generate` decodes eagerly, and used from the first call
+    after it is written (`lmblocks.background_build`): no wait, and the next process finds it. Returns the model.
+    Only for models that declare static-cache compilation support (`_can_compile_fullgraph`)."""
     if not getattr(model, "_can_compile_fullgraph", False):
         raise ValueError(f"{type(model).__name__} does not support a compiled static-cache decoding step.")
     build_kernels(model.device, model.dtype, weights)
@@ -581,7 +586,8 @@ def enable_compiled_decoding(model: PreTrainedModel, weights: str | None = None,
     positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
     size_static_caches(model, lambda length: cache_bucket(length, positions))
     model.generation_config.cache_implementation = "static"
-    model.generation_config.compile_config = compiled_decoding_config(model.device, model.dtype, ahead_of_time)
+    model.generation_config.compile_config = compiled_decoding_config(model.device, model.dtype, ahead_of_time,
+                                                                      background)
     return model
 
 

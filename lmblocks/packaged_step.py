@@ -25,7 +25,7 @@ in under a second instead of traced again in 14–16 s. So every step on a CPU i
 that of int8 layers outside lmblocks' int8 kernel's layout, which stays torch.compile's.
 
 A package is keyed by everything its code depends on (`package_key`): torch's version, lmblocks' source files, the
-CPU kind, the kernels' operator libraries, the model's class, config and attention, the shapes and dtypes of the
+CPU kind, the kernels' operator libraries, the model's module tree, config and attention, the shapes and dtypes of the
 step's inputs, cache and constants, and the call's settings. It is written under a temporary name and renamed when
 complete (another process never loads half a package), in `<inductor cache dir>/lmblocks_packaged_steps`
 (`TORCHINDUCTOR_CACHE_DIR`, as torch.compile's caches).
@@ -51,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from .background_build import BackgroundBuild
 from .cpu_kernels import machine_kind
 from .huge_pages import block_of
 from .packed_matmul import PackedLinear
@@ -227,10 +228,12 @@ class ExportedStep(torch.nn.Module):
 
 def package_key(model: torch.nn.Module, places: tuple, fixed: dict, tensors: list[torch.Tensor],
                 constants: dict[str, torch.Tensor], namespaces: list[str]) -> str:
-    """The name of the package for this step: a hash of everything its compiled code depends on."""
+    """The name of the package for this step: a hash of everything its compiled code depends on, the model's module
+    tree among them (`repr(model)`: a layer swapped for another without weights, an activation say, is another
+    step)."""
     digest = hashlib.sha256()
     sources = sorted(Path(__file__).parent.glob("*.py"))  # lmblocks' sources (or a checkpoint's remote code)
-    parts = [torch.__version__, machine_kind(), namespaces, type(model).__qualname__, model.config.to_json_string(),
+    parts = [torch.__version__, machine_kind(), namespaces, model, model.config.to_json_string(),
              model.config._attn_implementation, places, sorted(fixed.items()),
              [(tuple(t.shape), t.stride(), t.dtype) for t in tensors],
              sorted((name, tuple(t.shape), t.dtype) for name, t in constants.items())]
@@ -381,8 +384,7 @@ class PackagedStep:
         step = ExportedStep(model, kwargs["past_key_values"], places, fixed)
         tensors = step_tensors(places, kwargs)
         example = (tuple(tensors[:len(places)]), tuple(tensors[len(places):]))
-        key = package_key(model, places, fixed, tensors, steps.constants, steps.namespaces(model))
-        self.path = package_folder() / f"{key}.pt2"
+        self.path = self.path_for(model, places, fixed, kwargs, steps)
         self.runner = None
         if self.path.is_file():
             logger.info(f"Loading {type(model).__name__}'s decoding step from {self.path} (compiled before).")
@@ -398,6 +400,12 @@ class PackagedStep:
             on_compile()
             self.runner = load_package(self.path)
         self.refresh(steps)
+
+    @staticmethod
+    def path_for(model: torch.nn.Module, places: tuple, fixed: dict, kwargs: dict, steps: PackagedSteps) -> Path:
+        """Where the package of `model`'s step for this call is (or will be)."""
+        tensors = step_tensors(places, kwargs)
+        return package_folder() / f"{package_key(model, places, fixed, tensors, steps.constants, steps.namespaces(model))}.pt2"
 
     def refresh(self, steps: PackagedSteps) -> None:
         """Hands the step the model's tensors of `steps.stamp` (the weights changed since it was loaded: packed
@@ -459,6 +467,31 @@ class PackagedSteps(dict):
         return [name for name in used if name]
 
 
+def new_step(model: torch.nn.Module, places: tuple, fixed: dict, kwargs: dict, steps: PackagedSteps,
+             on_compile: Callable[[], None], background: bool) -> PackagedStep | BackgroundBuild:
+    """The step for a call no step of `model` served yet: its package loaded, or compiled here, or (`background`,
+    where there is no package yet) compiled by another process (`lmblocks.background_build`)."""
+    if background:
+        path = PackagedStep.path_for(model, places, fixed, kwargs, steps)
+        if not path.is_file():
+            cache = kwargs["past_key_values"]
+            return BackgroundBuild(model, places, fixed, step_tensors(places, kwargs), cache.get_max_length(0),
+                                   path)
+    return PackagedStep(model, places, fixed, kwargs, steps, on_compile)
+
+
+def finished_build(build: BackgroundBuild, model: torch.nn.Module, places: tuple, fixed: dict, kwargs: dict,
+                   steps: PackagedSteps, on_compile: Callable[[], None]) -> PackagedStep:
+    """The step once its background build is over: its package loaded, or, where the build wrote none (its log
+    says why), compiled here."""
+    if build.succeeded():
+        on_compile()  # compiled, if not in this process
+    else:
+        logger.warning(f"The background compilation of {type(model).__name__}'s decoding step wrote no package "
+                       f"(see {build.log}); compiling it here.")
+    return PackagedStep(model, places, fixed, kwargs, steps, on_compile)
+
+
 def packaged_call(model: torch.nn.Module, backend: dict, stamp: object, fallback: Callable) -> Callable:
     """`model`'s decoding step for one generation: each call that a package can serve (`packable_call`) runs the
     model's packaged step for its signature (made or loaded on first use, its weights refreshed to `stamp`); any
@@ -487,12 +520,17 @@ def packaged_call(model: torch.nn.Module, backend: dict, stamp: object, fallback
         steps.follow(model, stamp)
         if key not in steps:
             try:
-                steps[key] = PackagedStep(model, places, fixed, kwargs, steps, compiling)
+                steps[key] = new_step(model, places, fixed, kwargs, steps, compiling, backend.get("background"))
             except Exception as error:  # noqa: BLE001 - any export or build failure: torch.compile's step instead
                 logger.warning(f"{type(model).__name__}'s decoding step could not be compiled ahead of time "
                                f"({type(error).__name__}: {error}); torch.compile's step runs instead.")
                 steps[key] = None
         step = steps[key]
+        if isinstance(step, BackgroundBuild):
+            if step.running():
+                with step.sharing_cores():
+                    return model(*args, **kwargs)  # eagerly, until the package is written
+            step = steps[key] = finished_build(step, model, places, fixed, kwargs, steps, compiling)
         if step is None:
             return fallback(*args, **kwargs)
         step.refresh(steps)

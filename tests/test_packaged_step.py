@@ -155,6 +155,52 @@ def test_aten_products_are_packaged_too(tmp_path):
     assert len(list((tmp_path / "lmblocks_packaged_steps").glob("*.pt2"))) == 2
 
 
+def test_a_step_compiled_in_the_background(cache_dir, caplog):
+    """`background=True`: the first generate decodes eagerly while a new process compiles the package (from a model
+    it rebuilds with random weights: the package holds no weights); the first call after the package is written
+    loads it. The build's files are gone after it; another model of the same kind loads the package directly."""
+    torch.manual_seed(0)
+    config = LLAMA.tiny_config(intermediate_size=192)
+    model = packaged(enable_compiled_decoding(LLAMA.causal_lm_class(config).eval(), weights="int8", background=True))
+    backend = model.generation_config.compile_config.backend
+    prompt = torch.randint(3, 99, (1, 5))
+    with caplog.at_level(logging.INFO, logger="lmblocks"):
+        eager, first = _both(model, prompt, 6)
+    assert torch.equal(first, eager) and backend.steps == 0, "the first generate waited for the build"
+    assert "Compiling LmbLlamaForCausalLM's decoding step in a background process" in caplog.text
+    (build,) = model._packaged_steps.values()
+    build.wait()
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False), eager)
+    assert backend.compilations == 1 and backend.steps == 5
+    assert [p.suffix for p in package_folder().iterdir()] == [".pt2"], list(package_folder().iterdir())
+
+    other = enable_compiled_decoding(LLAMA.causal_lm_class(config).eval(), weights="int8", background=True)
+    prompt = torch.randint(3, 99, (1, 5))
+    eager, compiled = _both(other, prompt, 6)
+    assert torch.equal(compiled, eager)
+    assert other.generation_config.compile_config.backend.steps == 5, "the package was not loaded directly"
+
+
+def test_a_model_the_background_process_cannot_rebuild_is_compiled_here(cache_dir, caplog):
+    """A model changed after it was made (an activation swapped: no weights, the same config) is another step than
+    the one a new process rebuilds from its class and config: that process says so and writes nothing, and the step
+    is compiled here, with the swapped activation."""
+    torch.manual_seed(0)
+    model = packaged(enable_compiled_decoding(LLAMA.causal_lm_class(LLAMA.tiny_config()).eval(), background=True))
+    for layer in model.model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()
+    prompt = torch.randint(3, 99, (1, 5))
+    eager, first = _both(model, prompt, 6)
+    (build,) = model._packaged_steps.values()
+    build.wait()
+    log = build.log.read_text()
+    assert "would compile another package" in log
+    with caplog.at_level(logging.WARNING, logger="lmblocks"):
+        assert torch.equal(model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False), eager)
+    assert f"wrote no package (see {build.log}); compiling it here" in caplog.text
+    assert model.generation_config.compile_config.backend.compilations == 1
+
+
 def test_a_package_that_fails_falls_back_to_torch_compile_and_leaves_no_file(cache_dir, monkeypatch, caplog):
     """An export or AOTInductor failure: no package (nor half of one) on disk, a warning that names the error, and
     decoding goes on with torch.compile's step, the same tokens."""
