@@ -9,9 +9,10 @@ needs a package starts a new Python process for it (`BackgroundBuild`) and decod
 after the package is written loads it (about a second) and decodes compiled from there on. The process is a session
 of its own: it finishes the package even if this one exits or is interrupted (Ctrl-C), for the next run; another
 process that needs the same package meanwhile waits for it instead of compiling it twice (`<key>.building`, which
-names the compiling process). Where the new process compiles another package than asked (a model it cannot rebuild:
-another class of layers, LoRA adapters, a model defined in `__main__`) or fails, the step is compiled here, as
-without `background`, and its log says why.
+names the compiling process). A model whose class is defined in `__main__`, or whose second copy would not fit in
+memory, is compiled here, as without `background` (`rebuildable`); so is one the new process builds differently
+(another class of layers, LoRA adapters: its package would have another key) or fails to build, and its log says
+why.
 """
 
 from __future__ import annotations
@@ -50,6 +51,20 @@ def rebuild_spec(model: torch.nn.Module, places: tuple, fixed: dict, tensors: li
                        for t in tensors[:len(places)]]}
 
 
+def rebuildable(model: torch.nn.Module) -> bool:
+    """Whether a new process can build `model` again for its package: its class importable by name (not defined in
+    `__main__`: a script or a notebook), and room in memory for a second copy of its tensors (Linux's MemAvailable:
+    the new process holds the model's weights, converted and packed, as this one does)."""
+    if type(model).__module__ == "__main__":
+        return False
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    try:
+        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return False
+    return int(line.split()[1]) * 1024 > 2 * size
+
+
 def build_from_spec(spec_file: str) -> int:
     """In the new process: builds the model `spec_file` describes (random weights), calls it once to lay out its
     static cache, and compiles its step's package; exit status 0 when written at the spec's path, 3 when this model's
@@ -71,6 +86,7 @@ def _build(spec: dict, path: Path) -> int:
 
     torch.set_num_threads(spec["threads"])  # before any kernel library loads (`lmblocks.cpu_kernels.library_build`)
     model_class = getattr(importlib.import_module(spec["module"]), spec["class"])
+    # Random weights: their values do not matter, the package reads the asking process's when it runs.
     model = model_class(model_class.config_class.from_dict(spec["config"])).eval()
     if spec["weights"]:
         convert_weights(model, spec["weights"])
@@ -169,4 +185,4 @@ class BackgroundBuild:
             time.sleep(0.5)
 
 
-__all__ = ["BackgroundBuild", "build_from_spec", "rebuild_spec"]
+__all__ = ["BackgroundBuild", "build_from_spec", "rebuild_spec", "rebuildable"]

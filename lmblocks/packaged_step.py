@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from .background_build import BackgroundBuild
+from .background_build import BackgroundBuild, rebuildable
 from .cpu_kernels import machine_kind
 from .huge_pages import block_of
 from .packed_matmul import PackedLinear
@@ -361,7 +361,11 @@ def export_and_package(step: ExportedStep, example: tuple, path: Path) -> None:
     written under a temporary name and renamed when complete."""
     import torch._inductor.config as config
 
-    settings = {"freezing": False, "aot_inductor.package_constants_in_so": False, **FAST_BUILD}
+    # Every tensor of the model a constant the package reads when it runs: inductor otherwise writes the values of
+    # 0-d and small 1-D ones (<= 8 elements: the rotary frequencies of a 16-wide head) into the code, which another
+    # model's weights, or these after an update, would not change.
+    settings = {"freezing": False, "aot_inductor.package_constants_in_so": False,
+                "always_keep_tensor_constants": True, **FAST_BUILD}
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
     try:
@@ -471,12 +475,15 @@ def new_step(model: torch.nn.Module, places: tuple, fixed: dict, kwargs: dict, s
              on_compile: Callable[[], None], background: bool) -> PackagedStep | BackgroundBuild:
     """The step for a call no step of `model` served yet: its package loaded, or compiled here, or (`background`,
     where there is no package yet) compiled by another process (`lmblocks.background_build`)."""
-    if background:
+    if background and rebuildable(model):
         path = PackagedStep.path_for(model, places, fixed, kwargs, steps)
         if not path.is_file():
-            cache = kwargs["past_key_values"]
-            return BackgroundBuild(model, places, fixed, step_tensors(places, kwargs), cache.get_max_length(0),
-                                   path)
+            try:
+                return BackgroundBuild(model, places, fixed, step_tensors(places, kwargs),
+                                       kwargs["past_key_values"].get_max_length(0), path)
+            except Exception as error:  # noqa: BLE001 - e.g. a config that JSON cannot hold: compiled here instead
+                logger.warning(f"{type(model).__name__}'s decoding step cannot be compiled in the background "
+                               f"({type(error).__name__}: {error}); compiling it here.")
     return PackagedStep(model, places, fixed, kwargs, steps, on_compile)
 
 

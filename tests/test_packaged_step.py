@@ -20,6 +20,7 @@ from transformers import DynamicCache
 
 from families import DECODERS
 from lmblocks import packaged_step
+from lmblocks.background_build import BackgroundBuild
 from lmblocks.decoding import enable_compiled_decoding
 from lmblocks.packaged_step import package_folder, packable_call, packaged_products
 
@@ -71,6 +72,28 @@ def test_packaged_step_matches_eager_compiles_once_and_follows_weight_updates(fa
     assert not torch.equal(eager_after, eager)
     assert torch.equal(compiled_after, eager_after)
     assert backend.compilations == 1
+
+
+def test_small_tensors_are_read_when_the_step_runs(cache_dir):
+    """Inductor writes the values of 0-d and small 1-D tensors into the code it generates; a package must read them
+    when it runs instead, as every other weight (another model's, or these after an update). The tiny LLaMA's
+    rotary frequencies (head size 16: 8 values) changed in place: the packaged step follows eager decoding."""
+    torch.manual_seed(0)
+    model = LLAMA.causal_lm_class(LLAMA.tiny_config()).eval()
+    for layer in model.model.layers:  # sharp attention, so that positions (the rotary frequencies) change tokens
+        for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+            projection.weight.data.mul_(40)
+    model = packaged(enable_compiled_decoding(model))
+    rotary = model.model.rotary_emb
+    assert rotary.inv_freq.numel() <= 8
+    prompt = torch.randint(3, 99, (1, 12))
+    before, compiled = _both(model, prompt, 12)
+    assert torch.equal(compiled, before)
+    rotary.inv_freq.copy_(torch.linspace(0.5, 3.0, rotary.inv_freq.numel()))
+    eager, compiled = _both(model, prompt, 12)
+    assert not torch.equal(eager, before), "the frequencies do not change these tokens: the test would prove nothing"
+    assert torch.equal(compiled, eager)
+    assert model.generation_config.compile_config.backend.compilations == 1
 
 
 _SECOND_PROCESS = """
@@ -158,7 +181,8 @@ def test_aten_products_are_packaged_too(tmp_path):
 def test_a_step_compiled_in_the_background(cache_dir, caplog):
     """`background=True`: the first generate decodes eagerly while a new process compiles the package (from a model
     it rebuilds with random weights: the package holds no weights); the first call after the package is written
-    loads it. The build's files are gone after it; another model of the same kind loads the package directly."""
+    loads it. Another model that needs the same package meanwhile waits for that build; the build's files are gone
+    after it."""
     torch.manual_seed(0)
     config = LLAMA.tiny_config(intermediate_size=192)
     model = packaged(enable_compiled_decoding(LLAMA.causal_lm_class(config).eval(), weights="int8", background=True))
@@ -169,16 +193,26 @@ def test_a_step_compiled_in_the_background(cache_dir, caplog):
     assert torch.equal(first, eager) and backend.steps == 0, "the first generate waited for the build"
     assert "Compiling LmbLlamaForCausalLM's decoding step in a background process" in caplog.text
     (build,) = model._packaged_steps.values()
+
+    # Another model that needs the same package meanwhile waits for that build instead of starting its own.
+    other = enable_compiled_decoding(LLAMA.causal_lm_class(config).eval(), weights="int8", background=True)
+    other_prompt = torch.randint(3, 99, (1, 5))
+    building = build.running()
+    other_eager, other_first = _both(other, other_prompt, 6)
+    assert torch.equal(other_first, other_eager)
+    (waiting,) = other._packaged_steps.values()
+    if building:  # (the build may be over already on a fast machine)
+        assert isinstance(waiting, BackgroundBuild) and waiting.process is None
+
     build.wait()
     assert torch.equal(model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False), eager)
     assert backend.compilations == 1 and backend.steps == 5
     assert [p.suffix for p in package_folder().iterdir()] == [".pt2"], list(package_folder().iterdir())
-
-    other = enable_compiled_decoding(LLAMA.causal_lm_class(config).eval(), weights="int8", background=True)
-    prompt = torch.randint(3, 99, (1, 5))
-    eager, compiled = _both(other, prompt, 6)
-    assert torch.equal(compiled, eager)
-    assert other.generation_config.compile_config.backend.steps == 5, "the package was not loaded directly"
+    if isinstance(waiting, BackgroundBuild):
+        waiting.wait()
+    assert torch.equal(other.generate(other_prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False), other_eager)
+    assert other.generation_config.compile_config.backend.steps == 5, "the other model did not load the package"
+    assert [p.suffix for p in package_folder().iterdir()] == [".pt2"], "one package, compiled once"
 
 
 def test_a_model_the_background_process_cannot_rebuild_is_compiled_here(cache_dir, caplog):
