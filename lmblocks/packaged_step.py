@@ -30,13 +30,13 @@ step's inputs, cache and constants, and the call's settings. It is written under
 complete (another process never loads half a package), in `<inductor cache dir>/lmblocks_packaged_steps`
 (`TORCHINDUCTOR_CACHE_DIR`, as torch.compile's caches).
 
-SmolLM2-135M-Instruct, one thread, AMD EPYC (AVX-512 BF16), 2026-12-07 (bench/llama_cpp_decode.py): compiled in
-31–35 s the first time into an empty cache (int8: export 3 s, inductor's tracing, lowering and code generation about
-14 s, the C++ compiler about 11 s, the wrapper built as `FAST_BUILD` says), 39 s on a machine that never compiled
-(lmblocks' kernels built too), then a new process's first `generate` in 0.6 s (int8), 1.3 (bf16), 2.1 (fp32, which
-packs its weights first); decoding at 7.3, 11.8 and 21.2 ms/token against llama.cpp's 9.2 (q8_0) and 23.3 (f32) in
-the same run (earlier that day, before the packed float weights lay in huge pages: 8.1, 14.9 and 26.3; torch.compile's
-frozen step: 9.8, 16.7, 27.9).
+SmolLM2-135M-Instruct, one thread, AMD EPYC (AVX-512 BF16), 2026-12-07 (bench/llama_cpp_decode.py, 14:03): compiled
+in 27–33 s the first time into an empty cache (int8, 27.3 s: export 3.0 s, inductor's tracing, passes, lowering and
+code generation about 13.5 s, the C++ compiler 8.8 s with the wrapper built as `FAST_BUILD`, `without_input_checks`
+and `wrapper_and_kernels_compiled_together` say), 35–37 s on a machine that never compiled (lmblocks' kernels built
+too) — or, with `background=True`, in another process while this one decodes (`lmblocks.background_build`); then a
+new process's first `generate` in 0.7 s (int8), 1.3 (bf16), 2.1 (fp32, which packs its weights first); decoding at
+7.4, 11.9 and 21.6 ms/token against llama.cpp's 9.2 (q8_0) and 23.5 (f32) in the same run.
 """
 
 from __future__ import annotations
