@@ -408,8 +408,8 @@ class PackagedStep:
     @staticmethod
     def path_for(model: torch.nn.Module, places: tuple, fixed: dict, kwargs: dict, steps: PackagedSteps) -> Path:
         """Where the package of `model`'s step for this call is (or will be)."""
-        tensors = step_tensors(places, kwargs)
-        return package_folder() / f"{package_key(model, places, fixed, tensors, steps.constants, steps.namespaces(model))}.pt2"
+        key = package_key(model, places, fixed, step_tensors(places, kwargs), steps.constants, steps.namespaces(model))
+        return package_folder() / f"{key}.pt2"
 
     def refresh(self, steps: PackagedSteps) -> None:
         """Hands the step the model's tensors of `steps.stamp` (the weights changed since it was loaded: packed
@@ -525,19 +525,23 @@ def packaged_call(model: torch.nn.Module, backend: dict, stamp: object, fallback
         tensors = gathered(places, kwargs) + cache_tensors  # read once per token: the key, then the step
         key = call_key(places, fixed, tensors)
         steps.follow(model, stamp)
-        if key not in steps:
+        def made(make: Callable[[], PackagedStep | BackgroundBuild]) -> PackagedStep | BackgroundBuild | None:
             try:
-                steps[key] = new_step(model, places, fixed, kwargs, steps, compiling, backend.get("background"))
+                return make()
             except Exception as error:  # noqa: BLE001 - any export or build failure: torch.compile's step instead
                 logger.warning(f"{type(model).__name__}'s decoding step could not be compiled ahead of time "
                                f"({type(error).__name__}: {error}); torch.compile's step runs instead.")
-                steps[key] = None
+                return None
+
+        if key not in steps:
+            steps[key] = made(lambda: new_step(model, places, fixed, kwargs, steps, compiling,
+                                               backend.get("background")))
         step = steps[key]
         if isinstance(step, BackgroundBuild):
             if step.running():
                 with step.sharing_cores():
                     return model(*args, **kwargs)  # eagerly, until the package is written
-            step = steps[key] = finished_build(step, model, places, fixed, kwargs, steps, compiling)
+            step = steps[key] = made(lambda: finished_build(step, model, places, fixed, kwargs, steps, compiling))
         if step is None:
             return fallback(*args, **kwargs)
         step.refresh(steps)

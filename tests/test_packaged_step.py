@@ -167,7 +167,8 @@ print(json.dumps(result))
 def test_aten_products_are_packaged_too(tmp_path):
     """Where lmblocks' float kernels do not run, the packaged step does ATen's products on the model's own weights
     (a new process loads it in about a second, not torch.compile's 14-16 s of tracing), float32 products on a
-    contiguous transposed copy of its wide weights (`TransposedLinear`); the same tokens as eager, in float32 and bf16."""
+    contiguous transposed copy of its wide weights (`TransposedLinear`); the same tokens as eager, in float32 and
+    bf16."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
     code = _WITHOUT_FLOAT_KERNELS.format(tests=os.path.dirname(__file__))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -210,7 +211,8 @@ def test_a_step_compiled_in_the_background(cache_dir, caplog):
     assert [p.suffix for p in package_folder().iterdir()] == [".pt2"], list(package_folder().iterdir())
     if isinstance(waiting, BackgroundBuild):
         waiting.wait()
-    assert torch.equal(other.generate(other_prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False), other_eager)
+    other_compiled = other.generate(other_prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(other_compiled, other_eager)
     assert other.generation_config.compile_config.backend.steps == 5, "the other model did not load the package"
     assert [p.suffix for p in package_folder().iterdir()] == [".pt2"], "one package, compiled once"
 
