@@ -3,6 +3,7 @@ lmblocks supports, where lmblocks is not installed: only the code the checkpoint
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 import pytest
@@ -46,3 +47,23 @@ def test_encoder_gives_the_same_embeddings(checkpoints, expected, encoder):
         cls = model(**batch).last_hidden_state[:, 0]
     torch.testing.assert_close(torch.nn.functional.normalize(cls, dim=-1),
                                torch.tensor(expected[encoder]["cls_embeddings"]), atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_decoding_in_the_background_from_the_checkpoints_own_code(checkpoints, tmp_path, monkeypatch):
+    """`enable_compiled_decoding(background=True)` from the code the checkpoint carries: the process that compiles
+    the package imports that code (`transformers_modules....background_build`), not lmblocks, and builds the same
+    package; the first generate decodes eagerly, the one after the build the package's tokens, the same."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = AutoModelForCausalLM.from_pretrained(checkpoints / "llama", trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules.")
+    decoding = importlib.import_module(type(model).__module__.rsplit(".", 1)[0] + ".decoding")
+    decoding.enable_compiled_decoding(model, background=True)
+    prompt = torch.randint(3, 50, (1, 5), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    eager = model.generate(prompt, disable_compile=True, cache_implementation="dynamic", **kwargs)
+    assert torch.equal(model.generate(prompt, **kwargs), eager)
+    (build,) = model._packaged_steps.values()
+    build.wait()
+    assert torch.equal(model.generate(prompt, **kwargs), eager)
+    backend = model.generation_config.compile_config.backend
+    assert (backend.compilations, backend.steps) == (1, 5), build.log.read_text() if build.log.exists() else ""
