@@ -32,19 +32,17 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FORMATS = {torch.float32: "fp32", torch.bfloat16: "bf16"}  # model dtype -> `convert_weights` format, but for int8
-
-
 def rebuild_spec(model: torch.nn.Module, places: tuple, fixed: dict, tensors: list[torch.Tensor],
                  max_cache_len: int, path: Path) -> dict:
     """What a new process needs to build `model`'s step for this call and compile its package at `path`: the
     model's class, config, attention and weight format, the cache's length, the call's inputs (shapes, strides and
     dtypes), this process's thread count, and the package's path."""
-    from .decoding import Int8Linear
+    from .decoding import WEIGHT_DTYPES, Int8Linear
 
     int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+    formats = {dtype: name for name, dtype in WEIGHT_DTYPES.items() if name != "int8"}  # `convert_weights`' names
     return {"module": type(model).__module__, "class": type(model).__qualname__, "config": model.config.to_dict(),
-            "attention": model.config._attn_implementation, "weights": "int8" if int8 else FORMATS.get(model.dtype),
+            "attention": model.config._attn_implementation, "weights": "int8" if int8 else formats.get(model.dtype),
             "max_cache_len": max_cache_len, "places": places, "fixed": fixed, "path": str(path),
             "threads": torch.get_num_threads(),  # lmblocks' kernel libraries are built per thread count
             "inputs": [(list(t.shape), list(t.stride()), str(t.dtype).removeprefix("torch."))
@@ -103,7 +101,7 @@ def _build(spec: dict, path: Path) -> int:
     if PackagedStep.path_for(model, places, spec["fixed"], kwargs, steps) != path:
         print(f"This process would compile another package than {path}: the model it rebuilt differs.", flush=True)
         return 3
-    PackagedStep(model, places, spec["fixed"], kwargs, steps, lambda: None)
+    PackagedStep(model, places, spec["fixed"], kwargs, steps, lambda: None, path)
     return 0
 
 

@@ -383,12 +383,12 @@ class PackagedStep:
     given the model's tensors and packed weights (`steps`: shared by the model's steps) as its constants."""
 
     def __init__(self, model: torch.nn.Module, places: tuple, fixed: dict, kwargs: dict, steps: PackagedSteps,
-                 on_compile: Callable[[], None]):
+                 on_compile: Callable[[], None], path: Path | None = None):
         self.stamp = None
         step = ExportedStep(model, kwargs["past_key_values"], places, fixed)
         tensors = step_tensors(places, kwargs)
         example = (tuple(tensors[:len(places)]), tuple(tensors[len(places):]))
-        self.path = self.path_for(model, places, fixed, kwargs, steps)
+        self.path = path or self.path_for(model, places, fixed, kwargs, steps)  # `path`: the caller's `path_for`
         self.runner = None
         if self.path.is_file():
             logger.info(f"Loading {type(model).__name__}'s decoding step from {self.path} (compiled before).")
@@ -475,16 +475,17 @@ def new_step(model: torch.nn.Module, places: tuple, fixed: dict, kwargs: dict, s
              on_compile: Callable[[], None], background: bool) -> PackagedStep | BackgroundBuild:
     """The step for a call no step of `model` served yet: its package loaded, or compiled here, or (`background`,
     where there is no package yet) compiled by another process (`lmblocks.background_build`)."""
-    if background and rebuildable(model):
-        path = PackagedStep.path_for(model, places, fixed, kwargs, steps)
-        if not path.is_file():
-            try:
-                return BackgroundBuild(model, places, fixed, step_tensors(places, kwargs),
-                                       kwargs["past_key_values"].get_max_length(0), path)
-            except Exception as error:  # noqa: BLE001 - e.g. a config that JSON cannot hold: compiled here instead
-                logger.warning(f"{type(model).__name__}'s decoding step cannot be compiled in the background "
-                               f"({type(error).__name__}: {error}); compiling it here.")
-    return PackagedStep(model, places, fixed, kwargs, steps, on_compile)
+    if not (background and rebuildable(model)):
+        return PackagedStep(model, places, fixed, kwargs, steps, on_compile)
+    path = PackagedStep.path_for(model, places, fixed, kwargs, steps)
+    if not path.is_file():
+        try:
+            return BackgroundBuild(model, places, fixed, step_tensors(places, kwargs),
+                                   kwargs["past_key_values"].get_max_length(0), path)
+        except Exception as error:  # noqa: BLE001 - e.g. a config that JSON cannot hold: compiled here instead
+            logger.warning(f"{type(model).__name__}'s decoding step cannot be compiled in the background "
+                           f"({type(error).__name__}: {error}); compiling it here.")
+    return PackagedStep(model, places, fixed, kwargs, steps, on_compile, path)
 
 
 def finished_build(build: BackgroundBuild, model: torch.nn.Module, places: tuple, fixed: dict, kwargs: dict,
@@ -496,7 +497,7 @@ def finished_build(build: BackgroundBuild, model: torch.nn.Module, places: tuple
     else:
         logger.warning(f"The background compilation of {type(model).__name__}'s decoding step wrote no package "
                        f"(see {build.log}); compiling it here.")
-    return PackagedStep(model, places, fixed, kwargs, steps, on_compile)
+    return PackagedStep(model, places, fixed, kwargs, steps, on_compile, build.path)
 
 
 def packaged_call(model: torch.nn.Module, backend: dict, stamp: object, fallback: Callable) -> Callable:
