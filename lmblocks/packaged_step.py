@@ -55,6 +55,7 @@ from .background_build import BackgroundBuild, rebuildable
 from .cpu_kernels import machine_kind
 from .huge_pages import block_of
 from .packed_matmul import PackedLinear
+from .step_parts import Part, Relay, part_files, running_part, side_by_side, step_parts
 
 logger = logging.getLogger(__name__)
 
@@ -210,31 +211,40 @@ class PackedLinears:
 
 
 class ExportedStep(torch.nn.Module):
-    """The step as `torch.export` takes it: (tensor inputs, cache tensors) -> logits, the cache updated in place. The
-    cache is rebuilt around its tensors on a copy of `cache` (the cache of the call being packaged keeps its own)."""
+    """The step as `torch.export` takes it: (tensor inputs, cache tensors, the hidden state from the part before, if
+    any) -> logits (or, for a part before the last, its hidden state: `lmblocks.step_parts`), the cache updated in
+    place. The cache is rebuilt around its tensors on a copy of `cache` (the cache of the call being packaged keeps
+    its own)."""
 
-    def __init__(self, model: torch.nn.Module, cache: object, places: tuple, fixed: dict):
+    def __init__(self, model: torch.nn.Module, cache: object, places: tuple, fixed: dict, part: Part | None = None):
         super().__init__()
         self.model, self.cache, self.places, self.fixed = model, cache, places, fixed
+        self.part, self.relay = part, Relay()
 
-    def forward(self, inputs: tuple[torch.Tensor, ...], cache_tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def forward(self, inputs: tuple[torch.Tensor, ...], cache_tensors: tuple[torch.Tensor, ...],
+                entry: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         cache = copy.copy(self.cache)
         cache.layers = [copy.copy(layer) for layer in self.cache.layers]
         n = len(cache.layers)
         for i, layer in enumerate(cache.layers):
             layer.keys, layer.values, layer.cumulative_length = cache_tensors[i::n]
-        return self.model(**scattered(self.places, inputs), past_key_values=cache, use_cache=True, **self.fixed).logits
+        if self.part is not None and not self.part.first:  # the skipped layers' lengths: this part's, not yet advanced
+            for layer in cache.layers[:self.part.start]:
+                layer.cumulative_length = cache.layers[self.part.start].cumulative_length
+        self.relay.entry, self.relay.exit = (entry[0] if entry else None), None
+        output = self.model(**scattered(self.places, inputs), past_key_values=cache, use_cache=True, **self.fixed)
+        return output.logits if self.part is None or self.part.last else self.relay.exit
 
 
 def package_key(model: torch.nn.Module, places: tuple, fixed: dict, tensors: list[torch.Tensor],
-                constants: dict[str, torch.Tensor], namespaces: list[str]) -> str:
+                constants: dict[str, torch.Tensor], namespaces: list[str], parts: tuple[Part, ...]) -> str:
     """The name of the package for this step: a hash of everything its compiled code depends on, the model's module
     tree among them (`repr(model)`: a layer swapped for another without weights, an activation say, is another
-    step)."""
+    step), and how it is split (`parts`)."""
     digest = hashlib.sha256()
     sources = sorted(Path(__file__).parent.glob("*.py"))  # lmblocks' sources (or a checkpoint's remote code)
     parts = [torch.__version__, machine_kind(), namespaces, model, model.config.to_json_string(),
-             model.config._attn_implementation, places, sorted(fixed.items()),
+             model.config._attn_implementation, places, sorted(fixed.items()), parts,
              [(tuple(t.shape), t.stride(), t.dtype) for t in tensors],
              sorted((name, tuple(t.shape), t.dtype) for name, t in constants.items())]
     for part in [*(path.read_bytes() for path in sources), *map(repr, parts)]:
@@ -272,7 +282,7 @@ def load_package(path: Path):
 # ms/token against 7.46 and 7.74; no precompiled headers, which inductor keeps outside its cache folder, per compiler
 # flags (150 MB each), and builds on first use: 9 s more on a machine's first compilation, 1 s saved on a later one.
 FAST_BUILD = {"aot_inductor.compile_wrapper_opt_level": "Og", "aot_inductor.enable_line_tables": False,
-              "aot_inductor.precompile_headers": False}
+              "aot_inductor.precompile_headers": True}
 
 
 @contextlib.contextmanager
@@ -356,6 +366,50 @@ def wrapper_and_kernels_compiled_together() -> Iterator[None]:
             thread.join()
 
 
+@contextlib.contextmanager
+def headers_compiled_ahead() -> Iterator[None]:
+    """Inductor's preparations for compiling C++ that do not depend on the step, made in a thread while the step is
+    traced: its probes of the CPU's vector instruction sets (a test library built and loaded per set, 1.0 s of
+    subprocesses in each process) and the precompiled headers of a package's wrapper and kernels (kept per machine
+    and compiler flags, outside inductor's cache folder: built once, 4.8 s of one core each; without them the
+    wrapper's compiler reads those headers again at every compilation, 3 s of its 7.8 for SmolLM2-135M). The
+    thread's subprocesses run on another core than this process's tracing. The thread asks for exactly what
+    AOTInductor asks for later (`AotCodeCompiler.compile`), so that call finds both ready (`_precompile_header`'s
+    cache); a call that differs, in a later torch, only builds them again there. Any failure here is left to
+    inductor's own call to meet and report."""
+    import contextvars
+    import threading
+
+    def prepare() -> None:
+        from torch._inductor import codecache
+        from torch._inductor.cpp_builder import CppBuilder, CppTorchDeviceOptions
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        isa = pick_vec_isa()
+        options = dict(aot_mode=True, device_type="cpu", use_mmap_weights=False, use_mmap_weights_external=False,
+                       use_relative_path=False, vec_isa=isa)
+        command = repr(CppBuilder(name="o", sources="i", BuildOption=CppTorchDeviceOptions(
+            vec_isa=isa, device_type="cpu", aot_mode=True)).get_command_line())
+        codecache._precompile_header(codecache._get_cpp_wrapper_header("cpu", aot_mode=True), command,
+                                     min_optimize=True, **options)
+        codecache._precompile_header(codecache._get_cpp_prefix_header("cpu"), command, **options)
+
+    def run() -> None:
+        try:
+            prepare()
+        except Exception as error:  # noqa: BLE001 - inductor's own call builds them, or says what fails
+            logger.debug(f"Precompiling inductor's headers ahead failed ({type(error).__name__}: {error}).")
+
+    # In this thread's context: inductor's settings are per thread (context variables), and these patched ones count.
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(run,), name="lmblocks-headers",
+                              daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()  # before the settings it read are undone
+
+
 def export_and_package(step: ExportedStep, example: tuple, path: Path) -> None:
     """Exports `step` on `example` and compiles it with AOTInductor into a package at `path`, without the weights,
     written under a temporary name and renamed when complete."""
@@ -370,7 +424,7 @@ def export_and_package(step: ExportedStep, example: tuple, path: Path) -> None:
     staged = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
     try:
         with (torch.no_grad(), config.patch(settings), vector_isa_trusted(), without_input_checks(),
-              wrapper_and_kernels_compiled_together()):
+              wrapper_and_kernels_compiled_together(), headers_compiled_ahead()):
             program = torch.export.export(step, example, strict=False)
             torch._inductor.aoti_compile_and_package(program, package_path=str(staged))
         staged.replace(path)
@@ -378,50 +432,83 @@ def export_and_package(step: ExportedStep, example: tuple, path: Path) -> None:
         staged.unlink(missing_ok=True)
 
 
+def package_parts(model: torch.nn.Module, cache: object, places: tuple, fixed: dict, kwargs: dict,
+                  parts: tuple[Part, ...], paths: list[Path]) -> None:
+    """Compiles the packages of the step's `parts` at `paths`, side by side (`lmblocks.step_parts`); the last one,
+    whose file says the step is complete, is put in place after the others."""
+    tensors = step_tensors(places, kwargs)
+    inputs = (tuple(tensors[:len(places)]), tuple(tensors[len(places):]))
+    with torch.no_grad():
+        hidden = (model.get_input_embeddings()(kwargs["input_ids"]),) if len(parts) > 1 else ()
+
+    def job(part: Part, path: Path) -> Callable[[], None]:
+        def compile_part() -> None:
+            step = ExportedStep(model, cache, places, fixed, part)
+            with running_part(model, part, step.relay):
+                export_and_package(step, inputs if part.first else (*inputs, hidden), path)
+        return compile_part
+
+    last = paths[-1].with_name(f"{paths[-1].stem}.{os.getpid()}.last.pt2")
+    last.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        side_by_side([job(part, path) for part, path in zip(parts, [*paths[:-1], last])],
+                     [path.with_suffix(".log") for path in paths[:-1]])
+        last.replace(paths[-1])
+    finally:
+        last.unlink(missing_ok=True)
+
+
 class PackagedStep:
-    """One model's decoding step for one call signature, loaded from its package (compiled first if there is none),
-    given the model's tensors and packed weights (`steps`: shared by the model's steps) as its constants."""
+    """One model's decoding step for one call signature, loaded from its packages (compiled first if there are none:
+    in parts, `lmblocks.step_parts`), given the model's tensors and packed weights (`steps`: shared by the model's
+    steps) as their constants."""
 
     def __init__(self, model: torch.nn.Module, places: tuple, fixed: dict, kwargs: dict, steps: PackagedSteps,
                  on_compile: Callable[[], None], path: Path | None = None):
         self.stamp = None
-        step = ExportedStep(model, kwargs["past_key_values"], places, fixed)
-        tensors = step_tensors(places, kwargs)
-        example = (tuple(tensors[:len(places)]), tuple(tensors[len(places):]))
+        parts = step_parts(model, places)
         self.path = path or self.path_for(model, places, fixed, kwargs, steps)  # `path`: the caller's `path_for`
-        self.runner = None
+        self.paths = part_files(self.path, parts)
+        self.runners = None
         if self.path.is_file():
             logger.info(f"Loading {type(model).__name__}'s decoding step from {self.path} (compiled before).")
             try:
-                self.runner = load_package(self.path)
+                self.runners = [load_package(path) for path in self.paths]
             except Exception as error:  # noqa: BLE001 - a damaged package (its writes are staged: not by lmblocks)
                 logger.warning(f"The package {self.path} could not be loaded ({type(error).__name__}: {error}); "
                                "compiling the step again in its place.")
-        if self.runner is None:
-            logger.info(f"Compiling {type(model).__name__}'s decoding step ahead of time into {self.path}.")
+        if self.runners is None:
+            logger.info(f"Compiling {type(model).__name__}'s decoding step ahead of time into {self.path}"
+                        + (f" in {len(parts)} parts, side by side." if len(parts) > 1 else "."))
             with steps.packed.swapped():
-                export_and_package(step, example, self.path)
+                package_parts(model, kwargs["past_key_values"], places, fixed, kwargs, parts, self.paths)
             on_compile()
-            self.runner = load_package(self.path)
+            self.runners = [load_package(path) for path in self.paths]
         self.refresh(steps)
 
     @staticmethod
     def path_for(model: torch.nn.Module, places: tuple, fixed: dict, kwargs: dict, steps: PackagedSteps) -> Path:
-        """Where the package of `model`'s step for this call is (or will be)."""
-        key = package_key(model, places, fixed, step_tensors(places, kwargs), steps.constants, steps.namespaces(model))
+        """Where the package of `model`'s step for this call is (or will be: its last part's)."""
+        key = package_key(model, places, fixed, step_tensors(places, kwargs), steps.constants, steps.namespaces(model),
+                          step_parts(model, places))
         return package_folder() / f"{key}.pt2"
 
     def refresh(self, steps: PackagedSteps) -> None:
         """Hands the step the model's tensors of `steps.stamp` (the weights changed since it was loaded: packed
         again there), read in place."""
         if self.stamp != steps.stamp:
-            self.held = {name: steps.constants[name] for name in self.runner.get_constant_fqns()}  # kept alive here
-            self.runner.load_constants(self.held, check_full_update=True, user_managed=True)
+            self.held = []  # kept alive here
+            for runner in self.runners:
+                self.held.append({name: steps.constants[name] for name in runner.get_constant_fqns()})
+                runner.load_constants(self.held[-1], check_full_update=True, user_managed=True)
             self.stamp = steps.stamp
 
     def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """The logits, for the call's tensors (`step_tensors`)."""
-        return self.runner.loader.boxed_run(tensors)[0]
+        """The logits, for the call's tensors (`step_tensors`): each part's output handed to the next."""
+        hidden = []
+        for runner in self.runners:
+            hidden = runner.loader.boxed_run([*tensors, *hidden])[:1]
+        return hidden[0]
 
 
 def step_tensors(places: tuple, kwargs: dict) -> list[torch.Tensor]:

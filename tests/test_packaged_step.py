@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from families import DECODERS
-from lmblocks import packaged_step
+from lmblocks import packaged_step, step_parts
 from lmblocks.background_build import BackgroundBuild
 from lmblocks.decoding import enable_compiled_decoding
 from lmblocks.packaged_step import package_folder, packable_call, packaged_products
@@ -301,3 +301,51 @@ def test_a_damaged_package_is_compiled_again_in_its_place(cache_dir, caplog):
     assert f"The package {package} could not be loaded" in caplog.text
     assert model.generation_config.compile_config.backend.compilations == 1
     assert package.stat().st_size > 1000
+
+
+@pytest.fixture
+def in_two_parts(monkeypatch):
+    """Steps compiled in two parts (`lmblocks.step_parts`) from the tiny models' two layers, on any machine."""
+    monkeypatch.setattr(step_parts, "MIN_LAYERS", 2)
+    monkeypatch.setattr(step_parts, "usable_cores", lambda: 2)
+
+
+@pytest.mark.parametrize("family", DECODERS, ids=lambda f: f.name)
+def test_a_step_compiled_in_two_parts_side_by_side(family, cache_dir, in_two_parts):
+    """A step compiled in two halves at once, one by a forked copy of this process: eager's tokens, one compilation,
+    two packages and nothing else left; the weights updated in place are followed by both parts."""
+    torch.manual_seed(0)
+    model = packaged(enable_compiled_decoding(family.causal_lm_class(family.tiny_config()).eval()))
+    prompt = torch.randint(3, 99, (1, 5))
+    eager, compiled = _both(model, prompt, 6)
+    assert torch.equal(compiled, eager)
+    backend = model.generation_config.compile_config.backend
+    assert backend.compilations == 1 and backend.steps == 5
+    (step,) = model._packaged_steps.values()
+    assert len(step.runners) == 2
+    files = sorted(path.name for path in package_folder().iterdir())
+    assert len(files) == 2 and files[0].endswith(".part0.pt2") and files[1] == files[0].replace(".part0", ""), files
+    for parameter in model.parameters():
+        parameter.data.add_(0.05 * torch.randn_like(parameter))
+    eager_after, compiled_after = _both(model, prompt, 6)
+    assert not torch.equal(eager_after, eager)
+    assert torch.equal(compiled_after, eager_after)
+    assert backend.compilations == 1
+
+
+def test_a_part_the_forked_copy_fails_to_compile_is_compiled_here(cache_dir, in_two_parts, monkeypatch, caplog):
+    """The forked copy's failure is reported with the last line of its log, and its part compiled by this process."""
+    parent, compile_part = os.getpid(), packaged_step.export_and_package
+
+    def failing_elsewhere(step, example, path):
+        if os.getpid() != parent:
+            raise RuntimeError("no room left on the device")
+        compile_part(step, example, path)
+
+    monkeypatch.setattr(packaged_step, "export_and_package", failing_elsewhere)
+    torch.manual_seed(0)
+    model = packaged(enable_compiled_decoding(LLAMA.causal_lm_class(LLAMA.tiny_config()).eval()))
+    with caplog.at_level(logging.WARNING, logger="lmblocks.step_parts"):
+        assert torch.equal(*_both(model, torch.randint(3, 99, (1, 5)), 4))
+    assert "forked process failed (RuntimeError: no room left on the device; its log:" in caplog.text
+    assert len(list(package_folder().glob("*.pt2"))) == 2 and not list(package_folder().glob("*.log"))
