@@ -1,16 +1,17 @@
 """A packaged decoding step compiled by another process while this one decodes eagerly
 (`enable_compiled_decoding(model, background=True)`).
 
-A package's first compilation takes 25–30 s of one core for SmolLM2-135M (`lmblocks.packaged_step`), longer than
+A package's first compilation takes 15–18 s of two cores for SmolLM2-135M (`lmblocks.packaged_step`), longer than
 eager decoding of 200 tokens. But a package holds code, not weights: a process that builds a model of the same
 class, config, weight format and attention from random weights, and calls it with a cache and inputs of the same
 shapes, compiles the very same package (`package_key` says so: it hashes all of that). So the first `generate` that
 needs a package starts a new Python process for it (`BackgroundBuild`) and decodes eagerly meanwhile; the first call
-after the package is written loads it (about a second) and decodes compiled from there on. The process is a session
-of its own: it finishes the package even if this one exits or is interrupted (Ctrl-C), for the next run; another
-process that needs the same package meanwhile waits for it instead of compiling it twice (`<key>.building`, which
-names the compiling process). A model whose class is defined in `__main__`, or whose second copy would not fit in
-memory, is compiled here, as without `background` (`rebuildable`); so is one the new process builds differently
+after the package is written loads it (about a second) and decodes compiled from there on (that process compiles in
+two parts side by side where the machine has the cores, as this one would: `lmblocks.step_parts`). The process is a
+session of its own: it finishes the package even if this one exits or is interrupted (Ctrl-C), for the next run;
+another process that needs the same package meanwhile waits for it instead of compiling it twice (`<key>.building`,
+which names the compiling process). A model whose class is defined in `__main__`, or whose second copy would not fit
+in memory, is compiled here, as without `background` (`rebuildable`); so is one the new process builds differently
 (another class of layers, LoRA adapters: its package would have another key) or fails to build, and its log says
 why.
 """

@@ -567,15 +567,16 @@ def enable_compiled_decoding(model: PreTrainedModel, weights: str | None = None,
     `weights`: None keeps the model's dtype; "fp32", "bf16" or "int8" convert it in place (`convert_weights`; int8
     is for inference: the model then holds `Int8Linear` layers). On a CPU the model switches from sdpa to lmblocks'
     decoding attention (`decoding_attention`), which reads only the cache positions written so far. The first
-    `generate` compiles (25–30 s on one CPU thread for SmolLM2-135M); every later generation that fits the same
-    cache bucket (`cache_bucket`: 256, 512, ... positions) reuses it. `ahead_of_time` (on a CPU): the step is
-    compiled into a package on disk (`lmblocks.packaged_step`), which a new process loads in about a second; False,
-    or elsewhere: torch.compile's step, which a new process takes from inductor's cache in 15–18 s (bf16 with
-    oneDNN's packed weights, where lmblocks' bf16 kernel does not run, compiles anew) — on CPUs without lmblocks'
-    float kernels (AVX2) it decodes 3–4 % faster than the package. `background` (with `ahead_of_time`): a package
-    not compiled before is compiled by a new process while `generate` decodes eagerly, and used from the first call
-    after it is written (`lmblocks.background_build`): no wait, and the next process finds it. Returns the model.
-    Only for models that declare static-cache compilation support (`_can_compile_fullgraph`)."""
+    `generate` compiles (15–18 s for SmolLM2-135M on two CPU cores, in two parts side by side; 23–24 s on one);
+    every later generation that fits the same cache bucket (`cache_bucket`: 256, 512, ... positions) reuses it.
+    `ahead_of_time` (on a CPU): the step is compiled into a package on disk (`lmblocks.packaged_step`), which a new
+    process loads in about a second; False, or elsewhere: torch.compile's step, which a new process takes from
+    inductor's cache in 15–18 s (bf16 with oneDNN's packed weights, where lmblocks' bf16 kernel does not run,
+    compiles anew) — on CPUs without lmblocks' float kernels (AVX2) it decodes 3–4 % faster than the package.
+    `background` (with `ahead_of_time`): a package not compiled before is compiled by a new process while `generate`
+    decodes eagerly, and used from the first call after it is written (`lmblocks.background_build`): no wait, and
+    the next process finds it. Returns the model. Only for models that declare static-cache compilation support
+    (`_can_compile_fullgraph`)."""
     if not getattr(model, "_can_compile_fullgraph", False):
         raise ValueError(f"{type(model).__name__} does not support a compiled static-cache decoding step.")
     build_kernels(model.device, model.dtype, weights)

@@ -30,13 +30,16 @@ step's inputs, cache and constants, and the call's settings. It is written under
 complete (another process never loads half a package), in `<inductor cache dir>/lmblocks_packaged_steps`
 (`TORCHINDUCTOR_CACHE_DIR`, as torch.compile's caches).
 
-SmolLM2-135M-Instruct, one thread, AMD EPYC (AVX-512 BF16), 2026-12-07 (bench/llama_cpp_decode.py, 14:03): compiled
-in 27–33 s the first time into an empty cache (int8, 27.3 s: export 3.0 s, inductor's tracing, passes, lowering and
-code generation about 13.5 s, the C++ compiler 8.8 s with the wrapper built as `FAST_BUILD`, `without_input_checks`
-and `wrapper_and_kernels_compiled_together` say), 35–37 s on a machine that never compiled (lmblocks' kernels built
-too) — or, with `background=True`, in another process while this one decodes (`lmblocks.background_build`); then a
-new process's first `generate` in 0.7 s (int8), 1.3 (bf16), 2.1 (fp32, which packs its weights first); decoding at
-7.4, 11.9 and 21.6 ms/token against llama.cpp's 9.2 (q8_0) and 23.5 (f32) in the same run.
+SmolLM2-135M-Instruct, AMD EPYC (AVX-512 BF16), two cores, 2026-12-07 (bench/llama_cpp_decode.py, 16:36, and by
+hand): a new process's first compilation into an empty cache takes 17–22 s (int8 17.8–17.9, bf16 17.3–20.0, fp32
+18.1–22.4), in two parts side by side (`lmblocks.step_parts`; 23–24 s in one piece, which was 27–33 s before
+inductor's preparations ran beside the tracing, `headers_compiled_ahead`); of one part's 15 s, `torch.export` 1.6
+s, inductor's tracing, passes, lowering and code generation about 8 s, the C++ compiler 4.5 s (the wrapper built as
+`FAST_BUILD`, `without_input_checks` and `wrapper_and_kernels_compiled_together` say); 31–33 s on a machine that
+never compiled (lmblocks' kernels and inductor's headers built too) — or, with `background=True`, in other
+processes while this one decodes (`lmblocks.background_build`); then a new process's first `generate` in 0.8 s
+(int8), 1.5 (bf16), 2.1 (fp32, which packs its weights first); decoding (one thread) at 6.7, 11.6 and 20.9 ms/token
+against llama.cpp's 9.3 (q8_0) and 23.7 (f32) in the same run.
 """
 
 from __future__ import annotations
@@ -279,8 +282,8 @@ def load_package(path: Path):
 # AOTInductor's build of a step's C++, made for a first compilation in seconds (SmolLM2-135M's int8 step, one
 # thread, measured in one process, 12 interleaved runs): its wrapper (one long function of kernel calls, 16,600
 # lines) at -Og without line tables: compiled in 31 s against 40 at inductor's -O1 and 28.5 at -O0, decoding 7.37
-# ms/token against 7.46 and 7.74; no precompiled headers, which inductor keeps outside its cache folder, per compiler
-# flags (150 MB each), and builds on first use: 9 s more on a machine's first compilation, 1 s saved on a later one.
+# ms/token against 7.46 and 7.74. Inductor's precompiled headers (per machine and compiler flags, 150 MB each, outside
+# its cache folder), built beside the tracing (`headers_compiled_ahead`): 3–4 s off every first compilation.
 FAST_BUILD = {"aot_inductor.compile_wrapper_opt_level": "Og", "aot_inductor.enable_line_tables": False,
               "aot_inductor.precompile_headers": True}
 

@@ -16,6 +16,7 @@ import zipfile
 
 import pytest
 import torch
+from torch._inductor import codecache
 from transformers import DynamicCache
 
 from families import DECODERS
@@ -51,9 +52,12 @@ def test_packaged_step_matches_eager_compiles_once_and_follows_weight_updates(fa
     model = packaged(enable_compiled_decoding(family.causal_lm_class(family.tiny_config()).eval()))
     backend = model.generation_config.compile_config.backend
     prompts = [torch.randint(3, 99, (1, 5)), torch.randint(3, 99, (1, 11), generator=torch.Generator().manual_seed(1))]
+    codecache._precompile_header.cache_clear()
     eager, compiled = _both(model, prompts[0], 6)
     assert torch.equal(compiled, eager)
     assert backend.compilations == 1 and backend.steps == 5, "generate did not run the packaged step"
+    headers = codecache._precompile_header.cache_info()  # made ahead (`headers_compiled_ahead`), then found by inductor
+    assert (headers.misses, headers.hits) == (2, 2), headers
     packages = list(package_folder().glob("*.pt2"))
     assert len(packages) == 1 and packages[0].stat().st_size < 2**25, "one package, without the weights"
     with zipfile.ZipFile(packages[0]) as package:  # built without the input checks (`without_input_checks`)
