@@ -71,10 +71,13 @@ def build_from_spec(spec_file: str) -> int:
     spec = json.loads(Path(spec_file).read_text())
     path = Path(spec["path"])
     try:
-        return _build(spec, path)
+        status = _build(spec, path)
     finally:  # this process's files, whether or not the process that asked is still there
         building(path).unlink(missing_ok=True)
         Path(spec_file).unlink(missing_ok=True)
+    if status == 0:  # its log (this process's output) is kept only where there is no package, also when the
+        path.with_suffix(".log").unlink(missing_ok=True)  # process that asked exited before the build's end
+    return status
 
 
 def _build(spec: dict, path: Path) -> int:

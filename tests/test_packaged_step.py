@@ -209,6 +209,8 @@ def test_a_step_compiled_in_the_background(cache_dir, caplog):
         assert waiting.process is None, "a second build of the same package started"
 
     build.wait()
+    # Its files gone with the build, before this process looks (a script may have exited before the build's end).
+    assert [p.suffix for p in package_folder().iterdir()] == [".pt2"], list(package_folder().iterdir())
     assert torch.equal(model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False), eager)
     assert backend.compilations == 1 and backend.steps == 5
     assert [p.suffix for p in package_folder().iterdir()] == [".pt2"], list(package_folder().iterdir())
