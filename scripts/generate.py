@@ -59,7 +59,7 @@ class GenerateArguments:
     compile: bool = field(default=False, metadata={
         "help": "Decode with a static cache and a compiled step (lmblocks.decoding). On a CPU the step is compiled "
                 "ahead of time into a package on disk: the first run decodes eagerly while a background process "
-                "compiles it (about 30 s for a 135M model on two cores; it names its log), and every later run "
+                "compiles it (about 20 s for a 135M model on two cores; it names its log), and every later run "
                 "loads it in about a second, for every prompt length and --max_new_tokens. Elsewhere the first call "
                 "compiles. Greedy or sampled decoding only (transformers does not compile beam search)."})
     weights: str | None = field(default=None, metadata={
