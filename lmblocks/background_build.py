@@ -1,7 +1,7 @@
 """A packaged decoding step compiled by another process while this one decodes eagerly
 (`enable_compiled_decoding(model, background=True)`).
 
-A package's first compilation takes 15–18 s of two cores for SmolLM2-135M (`lmblocks.packaged_step`), longer than
+A package's first compilation takes 17–22 s of two cores for SmolLM2-135M (`lmblocks.packaged_step`), longer than
 eager decoding of 200 tokens. But a package holds code, not weights: a process that builds a model of the same
 class, config, weight format and attention from random weights, and calls it with a cache and inputs of the same
 shapes, compiles the very same package (`package_key` says so: it hashes all of that). So the first `generate` that

@@ -567,7 +567,7 @@ def enable_compiled_decoding(model: PreTrainedModel, weights: str | None = None,
     `weights`: None keeps the model's dtype; "fp32", "bf16" or "int8" convert it in place (`convert_weights`; int8
     is for inference: the model then holds `Int8Linear` layers). On a CPU the model switches from sdpa to lmblocks'
     decoding attention (`decoding_attention`), which reads only the cache positions written so far. The first
-    `generate` compiles (15–18 s for SmolLM2-135M on two CPU cores, in two parts side by side; 23–24 s on one);
+    `generate` compiles (17–22 s for SmolLM2-135M on two CPU cores, in two parts side by side; 23–24 s on one);
     every later generation that fits the same cache bucket (`cache_bucket`: 256, 512, ... positions) reuses it.
     `ahead_of_time` (on a CPU): the step is compiled into a package on disk (`lmblocks.packaged_step`), which a new
     process loads in about a second; False, or elsewhere: torch.compile's step, which a new process takes from

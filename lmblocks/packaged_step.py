@@ -240,14 +240,14 @@ class ExportedStep(torch.nn.Module):
 
 
 def package_key(model: torch.nn.Module, places: tuple, fixed: dict, tensors: list[torch.Tensor],
-                constants: dict[str, torch.Tensor], namespaces: list[str], parts: tuple[Part, ...]) -> str:
+                constants: dict[str, torch.Tensor], namespaces: list[str], split: tuple[Part, ...]) -> str:
     """The name of the package for this step: a hash of everything its compiled code depends on, the model's module
     tree among them (`repr(model)`: a layer swapped for another without weights, an activation say, is another
-    step), and how it is split (`parts`)."""
+    step), and how it is split in parts (`split`: `lmblocks.step_parts`)."""
     digest = hashlib.sha256()
     sources = sorted(Path(__file__).parent.glob("*.py"))  # lmblocks' sources (or a checkpoint's remote code)
     parts = [torch.__version__, machine_kind(), namespaces, model, model.config.to_json_string(),
-             model.config._attn_implementation, places, sorted(fixed.items()), parts,
+             model.config._attn_implementation, places, sorted(fixed.items()), split,
              [(tuple(t.shape), t.stride(), t.dtype) for t in tensors],
              sorted((name, tuple(t.shape), t.dtype) for name, t in constants.items())]
     for part in [*(path.read_bytes() for path in sources), *map(repr, parts)]:

@@ -24,6 +24,7 @@ import os
 import signal
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 # set-up) leave nothing to gain below. SmolLM2-135M's shape cut to L layers, int8, two cores, first `generate` in one
 # piece / in two: L=8 10.3 / 10.1 s, 12 13.0 / 10.9, 16 14.9 / 12.2, 30 23.7 / 17.0 (2026-12-07).
 MIN_LAYERS = 12
+GRACE = 60.0  # seconds a forked copy gets, beyond twice this process's own part, before it is stopped
 
 
 class Part(NamedTuple):
@@ -141,10 +143,14 @@ def side_by_side(jobs: list[Callable[[], None]], logs: list[Path]) -> None:
     """Runs `jobs` at once: every job but the last in a forked copy of this process (its output in its `logs`
     entry), the last one here; then waits for the copies. A copy that fails (its log says why) has its job run here
     after. Forking copies the model and everything imported, but only this thread: the copies are made before this
-    process starts any thread of its own (`lmblocks.packaged_step.headers_compiled_ahead`), on one torch thread each."""
+    process starts any thread of its own (`lmblocks.packaged_step.headers_compiled_ahead`), and run on one torch
+    thread each (OpenMP's idle threads are not copied, and not needed); a copy stuck nonetheless (on a lock another
+    thread held at the fork) is stopped at its deadline (`finished`)."""
     children = []
     for job, log in zip(jobs[:-1], logs):
-        pid = os.fork()
+        with warnings.catch_warnings():  # Python 3.12 warns of forking with threads (OpenMP's, idle): see above
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
         if pid == 0:  # the copy: never returns into the caller
             status = 1
             try:
@@ -160,26 +166,29 @@ def side_by_side(jobs: list[Callable[[], None]], logs: list[Path]) -> None:
             finally:
                 os._exit(status)
         children.append((pid, job, log))
-    started = time.monotonic()
+    started, failed = time.monotonic(), []
     try:
         jobs[-1]()
     finally:
         waited = time.monotonic() - started
-        failed = [(job, log, why) for pid, job, log in children
-                  if (why := finished(pid, deadline=time.monotonic() + 60 + 2 * waited)) is not None]
+        for pid, job, log in children:
+            why = finished(pid, deadline=time.monotonic() + GRACE + 2 * waited)
+            if why is None:
+                log.unlink(missing_ok=True)
+            else:
+                failed.append((job, log, why))
     for job, log, why in failed:
         said = (log.read_text(errors="replace").strip().splitlines() if log.is_file() else []) or [why]
         logger.warning(f"Compiling a part of the decoding step in a forked process failed ({said[-1]}; its log: "
                        f"{log}); compiling it here.")
         job()  # its error, if it fails again, is this process's to raise
-    for log in logs:
         log.unlink(missing_ok=True)
 
 
 def finished(pid: int, deadline: float) -> str | None:
     """Waits for the forked process `pid`: None once it has exited successfully, else what went wrong. One still
-    running at `deadline` (as long again as this process's own part and a minute more: a copy stuck, say, on a lock
-    that another thread of this process held when it forked) is killed."""
+    running at `deadline` (`GRACE` after twice this process's own part: a copy stuck, say, on a lock that another
+    thread of this process held when it forked) is killed."""
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:

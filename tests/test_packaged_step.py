@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
@@ -354,4 +355,23 @@ def test_a_part_the_forked_copy_fails_to_compile_is_compiled_here(cache_dir, in_
     with caplog.at_level(logging.WARNING, logger="lmblocks.step_parts"):
         assert torch.equal(*_both(model, torch.randint(3, 99, (1, 5)), 4))
     assert "forked process failed (RuntimeError: no room left on the device; its log:" in caplog.text
+    assert len(list(package_folder().glob("*.pt2"))) == 2 and not list(package_folder().glob("*.log"))
+
+
+def test_a_forked_copy_that_hangs_is_stopped_and_its_part_compiled_here(cache_dir, in_two_parts, monkeypatch, caplog):
+    """A copy still running past its deadline (`step_parts.GRACE` after twice this process's own part) is killed."""
+    parent, compile_part = os.getpid(), packaged_step.export_and_package
+
+    def hanging_elsewhere(step, example, path):
+        while os.getpid() != parent:
+            time.sleep(1)
+        compile_part(step, example, path)
+
+    monkeypatch.setattr(packaged_step, "export_and_package", hanging_elsewhere)
+    monkeypatch.setattr(step_parts, "GRACE", 1.0)
+    torch.manual_seed(0)
+    model = packaged(enable_compiled_decoding(LLAMA.causal_lm_class(LLAMA.tiny_config()).eval()))
+    with caplog.at_level(logging.WARNING, logger="lmblocks.step_parts"):
+        assert torch.equal(*_both(model, torch.randint(3, 99, (1, 5)), 4))
+    assert "stopped: it did not finish in time" in caplog.text
     assert len(list(package_folder().glob("*.pt2"))) == 2 and not list(package_folder().glob("*.log"))
