@@ -14,8 +14,8 @@ prefetches 256 B–4 KiB ahead, 8 rows a tile, two tiles from far apart at once:
 They run where they were measured faster (`kernel_runs`): float32 on AVX-512 CPUs, bfloat16 on CPUs with AVX-512
 BF16; elsewhere inductor keeps MKL's and oneDNN's products. Plain C++ loops stand in on other builds
 (tests/test_packed_matmul.py compares the paths this machine can run). Built on first use (`lmblocks.cpu_kernels`),
-operators of their own: `torch.ops.<namespace>.linear` and `.pack`, which `lmblocks.decoding.packed_products`
-puts into a compiled decoding step.
+operators of their own: `torch.ops.<namespace>.linear`, `.pack` and `.pack_into`, which
+`lmblocks.decoding.packed_products` puts into a compiled decoding step.
 """
 
 from __future__ import annotations
@@ -137,13 +137,13 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
   return out;
 }
 
-// The (N, K) weight in `linear`'s layout (`pack_weight` in Python): inductor folds this into a constant of a
-// frozen graph, so it is an operator too.
-at::Tensor pack(const at::Tensor& weight) {
+// The (N, K) weight in `linear`'s layout (`pack_weight` in Python), written into `packed` (N, K, contiguous).
+void pack_into(const at::Tensor& weight, at::Tensor& packed) {
   check_weight(weight, "packed pack");
   const at::Tensor w = weight.contiguous();
+  TORCH_CHECK(packed.is_contiguous() && packed.sizes() == w.sizes() && packed.scalar_type() == w.scalar_type(),
+              "packed pack_into: the target must be a contiguous tensor of the weight's shape and dtype");
   const int64_t N = w.size(0), K = w.size(1), bytes = w.element_size(), block = BLOCK_BYTES / bytes;
-  at::Tensor packed = at::empty({N, K}, w.options());
   const auto* source = static_cast<const char*>(w.const_data_ptr());
   auto* target = static_cast<char*>(packed.data_ptr());
   for (int64_t n = 0; n < N; n += ROWS) {
@@ -153,6 +153,12 @@ at::Tensor pack(const at::Tensor& weight) {
         std::memcpy(target + (n * K + (b * count + r) * block) * bytes, source + ((n + r) * K + b * block) * bytes,
                     BLOCK_BYTES);
   }
+}
+
+// The same, as a new tensor: inductor folds this into a constant of a frozen graph, so it is an operator too.
+at::Tensor pack(const at::Tensor& weight) {
+  at::Tensor packed = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
+  pack_into(weight, packed);
   return packed;
 }
 
@@ -161,11 +167,13 @@ at::Tensor pack(const at::Tensor& weight) {
 TORCH_LIBRARY(LMBLOCKS_NAMESPACE, m) {
   m.def("linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
   m.def("pack(Tensor weight) -> Tensor");
+  m.def("pack_into(Tensor weight, Tensor(a!) packed) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(LMBLOCKS_NAMESPACE, CPU, m) {
   m.impl("linear", &linear);
   m.impl("pack", &pack);
+  m.impl("pack_into", &pack_into);
 }
 """
 
@@ -191,6 +199,10 @@ def operator(march: str = "native") -> torch._ops.OpOverloadPacket:
         def _(weight):
             return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
+        @torch.library.register_fake(f"{name}::pack_into")
+        def _(weight, packed):
+            return None
+
         _LOADED[march] = name
     return getattr(torch.ops, _LOADED[march])
 
@@ -204,8 +216,11 @@ class PackedLinear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, place: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        packed = operator().pack(linear.weight.detach())
-        self.register_buffer("weight", packed if place is None else place.copy_(packed), persistent=False)
+        weight = linear.weight.detach()
+        if place is None:
+            place = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        operator().pack_into(weight, place)  # in place: a 540 MB model's weights written once, not allocated twice
+        self.register_buffer("weight", place, persistent=False)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,9 @@ def test_every_path_computes_the_product(march, dtype):
         x, weight, bias = (torch.randn(*shape).to(dtype) for shape in ((m, k), (n, k), (n,)))
         packed = operator(march).pack(weight)
         assert torch.equal(packed, pack_weight(weight, block))
+        into = torch.full_like(packed, float("nan"))
+        operator(march).pack_into(weight, into)  # what PackedLinear writes into its block of huge pages
+        assert torch.equal(into, packed)
         for b in (bias, None):
             out = operator(march).linear(x, packed, b)
             assert out.dtype == dtype and out.shape == (m, n)
@@ -42,6 +45,8 @@ def test_bad_inputs_are_refused():
         operator().pack(torch.zeros(4, 48, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="input must be 2-D BFloat16"):
         operator().linear(torch.randn(1, 64), torch.zeros(4, 64, dtype=torch.bfloat16), None)
+    with pytest.raises(RuntimeError, match="the target must be a contiguous tensor of the weight's shape and dtype"):
+        operator().pack_into(torch.zeros(4, 64), torch.zeros(4, 32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
