@@ -30,16 +30,16 @@ step's inputs, cache and constants, and the call's settings. It is written under
 complete (another process never loads half a package), in `<inductor cache dir>/lmblocks_packaged_steps`
 (`TORCHINDUCTOR_CACHE_DIR`, as torch.compile's caches).
 
-SmolLM2-135M-Instruct, AMD EPYC (AVX-512 BF16), two cores, 2026-12-07 (bench/llama_cpp_decode.py, 16:36, and by
-hand): a new process's first compilation into an empty cache takes 17–22 s (int8 17.8–17.9, bf16 17.3–20.0, fp32
-18.1–22.4), in two parts side by side (`lmblocks.step_parts`; 23–24 s in one piece, which was 27–33 s before
-inductor's preparations ran beside the tracing, `headers_compiled_ahead`); of one part's 15 s, `torch.export` 1.6
-s, inductor's tracing, passes, lowering and code generation about 8 s, the C++ compiler 4.5 s (the wrapper built as
-`FAST_BUILD`, `without_input_checks` and `wrapper_and_kernels_compiled_together` say); 31–33 s on a machine that
-never compiled (lmblocks' kernels and inductor's headers built too) — or, with `background=True`, in other
-processes while this one decodes (`lmblocks.background_build`); then a new process's first `generate` in 0.8 s
-(int8), 1.5 (bf16), 2.1 (fp32, which packs its weights first); decoding (one thread) at 6.7, 11.6 and 20.9 ms/token
-against llama.cpp's 9.3 (q8_0) and 23.7 (f32) in the same run.
+SmolLM2-135M-Instruct, AMD EPYC (AVX-512 BF16), two cores, 2026-12-07 (bench/llama_cpp_decode.py, 16:36 and 17:17,
+and by hand): a new process's first compilation into an empty cache takes 17–22 s (int8 17.8–18.2, bf16
+17.3–20.0, fp32 16.6–22.4), in two parts side by side (`lmblocks.step_parts`; 23–24 s in one piece, which was
+27–33 s before inductor's preparations ran beside the tracing, `headers_compiled_ahead`); of one part's 15 s,
+`torch.export` 1.6 s, inductor's tracing, passes, lowering and code generation about 8 s, the C++ compiler 4.5 s
+(the wrapper built as `FAST_BUILD`, `without_input_checks` and `wrapper_and_kernels_compiled_together` say); 30–33
+s on a machine that never compiled (lmblocks' kernels and inductor's headers built too) — or, with
+`background=True`, in other processes while this one decodes (`lmblocks.background_build`); then a new process's
+first `generate` in 0.6 s (int8), 1.3 (bf16), 2.0 (fp32, which packs its weights first); decoding (one thread, 17:17)
+at 8.2, 12.5 and 23.2 ms/token against llama.cpp's 9.8 (q8_0) and 24.9 (f32) in the same run.
 """
 
 from __future__ import annotations
