@@ -340,38 +340,31 @@ def test_a_step_compiled_in_two_parts_side_by_side(family, cache_dir, in_two_par
     assert backend.compilations == 1
 
 
-def test_a_part_the_forked_copy_fails_to_compile_is_compiled_here(cache_dir, in_two_parts, monkeypatch, caplog):
-    """The forked copy's failure is reported with the last line of its log, and its part compiled by this process."""
+def _fail(step, example, path):
+    raise RuntimeError("no room left on the device")
+
+
+def _hang(step, example, path):
+    while True:
+        time.sleep(1)
+
+
+@pytest.mark.parametrize("trouble, said", [(_fail, "RuntimeError: no room left on the device; its log:"),
+                                           (_hang, "stopped: it did not finish in time")], ids=["fails", "hangs"])
+def test_a_part_the_forked_copy_does_not_compile_is_compiled_here(trouble, said, cache_dir, in_two_parts, monkeypatch,
+                                                                  caplog):
+    """A forked copy that fails (reported with the last line of its log) or is still running past its deadline
+    (`step_parts.GRACE` after twice this process's own part: killed): its part is compiled by this process."""
     parent, compile_part = os.getpid(), packaged_step.export_and_package
 
-    def failing_elsewhere(step, example, path):
-        if os.getpid() != parent:
-            raise RuntimeError("no room left on the device")
-        compile_part(step, example, path)
+    def in_the_copy_only(step, example, path):
+        (compile_part if os.getpid() == parent else trouble)(step, example, path)
 
-    monkeypatch.setattr(packaged_step, "export_and_package", failing_elsewhere)
-    torch.manual_seed(0)
-    model = packaged(enable_compiled_decoding(LLAMA.causal_lm_class(LLAMA.tiny_config()).eval()))
-    with caplog.at_level(logging.WARNING, logger="lmblocks.step_parts"):
-        assert torch.equal(*_both(model, torch.randint(3, 99, (1, 5)), 4))
-    assert "forked process failed (RuntimeError: no room left on the device; its log:" in caplog.text
-    assert len(list(package_folder().glob("*.pt2"))) == 2 and not list(package_folder().glob("*.log"))
-
-
-def test_a_forked_copy_that_hangs_is_stopped_and_its_part_compiled_here(cache_dir, in_two_parts, monkeypatch, caplog):
-    """A copy still running past its deadline (`step_parts.GRACE` after twice this process's own part) is killed."""
-    parent, compile_part = os.getpid(), packaged_step.export_and_package
-
-    def hanging_elsewhere(step, example, path):
-        while os.getpid() != parent:
-            time.sleep(1)
-        compile_part(step, example, path)
-
-    monkeypatch.setattr(packaged_step, "export_and_package", hanging_elsewhere)
+    monkeypatch.setattr(packaged_step, "export_and_package", in_the_copy_only)
     monkeypatch.setattr(step_parts, "GRACE", 1.0)
     torch.manual_seed(0)
     model = packaged(enable_compiled_decoding(LLAMA.causal_lm_class(LLAMA.tiny_config()).eval()))
     with caplog.at_level(logging.WARNING, logger="lmblocks.step_parts"):
         assert torch.equal(*_both(model, torch.randint(3, 99, (1, 5)), 4))
-    assert "stopped: it did not finish in time" in caplog.text
+    assert f"Compiling a part of the decoding step in a forked process failed ({said}" in caplog.text
     assert len(list(package_folder().glob("*.pt2"))) == 2 and not list(package_folder().glob("*.log"))
