@@ -57,8 +57,10 @@ def test_packaged_step_matches_eager_compiles_once_and_follows_weight_updates(fa
     eager, compiled = _both(model, prompts[0], 6)
     assert torch.equal(compiled, eager)
     assert backend.compilations == 1 and backend.steps == 5, "generate did not run the packaged step"
-    headers = codecache._precompile_header.cache_info()  # made ahead (`headers_compiled_ahead`), then found by inductor
-    assert (headers.misses, headers.hits) == (2, 2), headers
+    # Inductor asked for the very headers made ahead (`headers_compiled_ahead`): two calls each, two distinct ones
+    # (both calls are misses when inductor asks while the thread still builds them: it then waits on their file lock).
+    headers = codecache._precompile_header.cache_info()
+    assert headers.currsize == 2 and headers.hits + headers.misses == 4, headers
     packages = list(package_folder().glob("*.pt2"))
     assert len(packages) == 1 and packages[0].stat().st_size < 2**25, "one package, without the weights"
     with zipfile.ZipFile(packages[0]) as package:  # built without the input checks (`without_input_checks`)
