@@ -155,9 +155,10 @@ class BackgroundBuild:
 
     @contextlib.contextmanager
     def sharing_cores(self) -> Iterator[None]:
-        """One thread fewer for this process's products while the build runs (one core is the build's): OpenMP's
-        threads wait for each other at every product, and one that shares its core with the build stalls them all
-        (SmolLM2-135M int8, two cores, two threads: about 480 ms a token eagerly beside the build, measured)."""
+        """One thread fewer for this process's products while the build runs (a core is the build's; it takes two
+        while it compiles in parts, `lmblocks.step_parts`): OpenMP's threads wait for each other at every product, and
+        one that shares its core with the build stalls them all (SmolLM2-135M int8, two cores, two threads: about 480
+        ms a token eagerly beside the build, measured)."""
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads - 1))
         try:

@@ -30,8 +30,8 @@ kernel's layout), the step is compiled ahead of time instead (`lmblocks.packaged
 AOTInductor into a package on disk that holds the code, not the weights, which every later process loads in about
 a second and hands the model's own tensors; with `background=True` another process compiles it while the first
 `generate` decodes eagerly (`lmblocks.background_build`). SmolLM2-135M, `scripts/generate.py --compile --weights
-int8` (background), the chat prompt, 200 new tokens, two threads, the whole script, 2026-12-07: 11.5 s on a machine
-whose compile cache is empty, 8.4 s the next time, against 17.2 s eager fp32. Where a package cannot serve (another
+int8` (background), the chat prompt, 200 new tokens, two threads, the whole script, 2026-12-07: 12.0 s on a machine
+whose compile cache is empty, 7.2 s the next time, against 17.2 s eager fp32. Where a package cannot serve (another
 device, a call with other arguments, `ahead_of_time=False`), torch.compile's step runs, as follows.
 
 A new process reuses torch.compile's step from inductor's on-disk FX graph cache (`TORCHINDUCTOR_CACHE_DIR`, by

@@ -389,6 +389,7 @@ def headers_compiled_ahead() -> Iterator[None]:
         from torch._inductor.cpu_vec_isa import pick_vec_isa
 
         isa = pick_vec_isa()
+        # In AotCodeCompiler's order: `_precompile_header`'s cache tells keyword arguments apart by their order too.
         options = dict(aot_mode=True, device_type="cpu", use_mmap_weights=False, use_mmap_weights_external=False,
                        use_relative_path=False, vec_isa=isa)
         command = repr(CppBuilder(name="o", sources="i", BuildOption=CppTorchDeviceOptions(

@@ -218,8 +218,9 @@ class PackedLinear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         if place is None:
-            place = torch.empty_like(weight, memory_format=torch.contiguous_format)
-        operator().pack_into(weight, place)  # in place: a 540 MB model's weights written once, not allocated twice
+            place = operator().pack(weight)
+        else:  # written in place: a 540 MB model's weights not allocated a second time
+            operator().pack_into(weight, place)
         self.register_buffer("weight", place, persistent=False)
         self.bias = linear.bias
 
